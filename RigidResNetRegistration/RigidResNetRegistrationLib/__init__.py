@@ -1,0 +1,10 @@
+"""RigidResNetRegistration library: slice-wise deep rigid registration of brain MRI.
+
+Importable without Slicer. Modules: ``geometry`` (frames, transforms, RAS/LPS), ``resample``
+(the interpolator), ``similarity`` (NCC, MI), ``preprocess`` (volumes, normalisation, slice
+stacks), ``model`` (ResNet-34 regressor, model cards), ``engine`` (the registration flow),
+``io`` (files), ``report`` (summaries, overview figure), ``cli`` (command line), ``sample``
+(embedded sample and demo). Only ``slicer_nodes`` (Slicer adapter) imports ``slicer``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,203 @@
+"""Command line: ``rigid-resnet-register FIXED MOVING -o OUTDIR`` and ``rigid-resnet-register --demo``.
+
+Every failure ends with one line ``error: ...`` on stderr and a non-zero exit code, never a
+traceback (set ``RIGID_RESNET_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+from . import __version__
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A failure to report as ``error: <message>``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rigid-resnet-register",
+        description="Rigid registration of brain MRI with a slice-wise ResNet-34 regressor. "
+        "Registers MOVING to FIXED and writes registered.nii.gz, difference.nii.gz, transform.tfm "
+        "(ITK, LPS, fixed->moving points), slices.csv, report.json and overview.png to OUTDIR.",
+    )
+    p.add_argument("fixed", nargs="?", help="fixed image: NIfTI volume, or a 2D image (PNG/JPEG, single-slice NIfTI)")
+    p.add_argument("moving", nargs="?", help="moving image, same kinds")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (created if needed)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: CUDA if available)")
+    p.add_argument("--mode", default="volume", choices=["volume", "slices"],
+                   help="volume: one rigid transform for the volume (default); slices: one per slice (motion within a scan)")
+    p.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
+                   help="slice orientation (auto: the voxel axis closest to anatomical S)")
+    p.add_argument("--weights", metavar="PATH", help="model card (.json) or weights (.pt with a .json card beside it); default: bundled")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="slices per network batch (default 32)")
+    p.add_argument("--iterations", type=int, default=1, metavar="N", help="predict / re-warp passes (default 1)")
+    p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--demo", action="store_true",
+                   help="register the embedded sample against a copy moved by a known motion and print the error")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def resolve_card(weights: str | None) -> Path | None:
+    """``--weights`` -> model card path (None: the bundled default)."""
+    if weights is None:
+        return None
+    p = Path(weights)
+    if p.suffix.lower() == ".json":
+        return p
+    card = p.with_suffix(".json")
+    if not card.exists():
+        raise CliError(f"no model card {card.name} beside weights file {p} (a card names the input grid and sha256)")
+    return card
+
+
+def prepare_output(outdir: str | None) -> Path:
+    if not outdir:
+        raise CliError("an output folder is needed: -o OUTDIR")
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"output path exists and is not a folder: {out}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create output folder {out} ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CliError(f"output folder is not writable: {out}")
+    return out
+
+
+class _Progress:
+    """tqdm progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, unit="%", file=sys.stderr, leave=False, bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}]")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(message)
+            self.bar.n = round(100 * fraction)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Register, write every output, return the report dict."""
+    from .engine import RegistrationOptions, register_volumes
+    from .io import read_volume, write_csv, write_image_2d, write_json, write_tfm, write_volume
+    from .model import load_model
+    from .report import overview_figure, result_report
+
+    t0 = time.perf_counter()
+    out = prepare_output(args.output)
+    card_path = resolve_card(args.weights)
+    truth = None
+    if args.demo:
+        from .sample import apply_known_motion, load_sample
+
+        fixed = load_sample()
+        moving, truth = apply_known_motion(fixed)
+        write_volume(fixed, out / "fixed.nii.gz")
+        write_volume(moving, out / "moving.nii.gz")
+    else:
+        if not args.fixed or not args.moving:
+            raise CliError("give FIXED and MOVING images (or --demo)")
+        fixed = read_volume(args.fixed, f"fixed image {args.fixed}")
+        moving = read_volume(args.moving, f"moving image {args.moving}")
+    model = load_model(card_path, args.device)
+    options = RegistrationOptions(mode=args.mode, axis=args.axis, device=args.device, batch_size=args.batch_size,
+                                  iterations=args.iterations)
+    progress = _Progress(not args.quiet)
+    try:
+        result = register_volumes(fixed, moving, model, options, progress)
+    finally:
+        progress.close()
+    assert result.registered is not None and result.difference is not None
+    write_volume(result.registered, out / "registered.nii.gz")
+    write_volume(result.difference, out / "difference.nii.gz")
+    write_tfm(result.fixed_to_moving_ras, out / "transform.tfm")
+    write_csv(result.slice_table(), out / "slices.csv")
+    if fixed.shape[2] == 1 and result.frame.axis == 2:
+        write_image_2d(result.registered.array[:, :, 0].T, out / "registered.png")
+        write_image_2d(result.difference.array[:, :, 0].T, out / "difference.png")
+    if not args.no_overview:
+        overview_figure(fixed, moving, result, out / "overview.png")
+    report = result_report(result, model.card.name, model.card.sha256, model.card.trained)
+    report["inputs"] = {
+        "fixed": "embedded sample" if args.demo else str(args.fixed),
+        "moving": "embedded sample with known motion" if args.demo else str(args.moving),
+        "fixed_shape": list(fixed.shape), "fixed_spacing_mm": fixed.spacing.round(6).tolist(),
+        "moving_shape": list(moving.shape), "moving_spacing_mm": moving.spacing.round(6).tolist(),
+    }
+    if truth is not None:
+        from .geometry import rigid_error, volume_centre_ras
+
+        rot, trans = rigid_error(result.fixed_to_moving_ras, truth, volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
+        report["demo"] = {"true_fixed_to_moving_RAS": truth.tolist(), "rotation_error_deg": rot, "translation_error_mm": trans}
+    report["total_seconds"] = round(time.perf_counter() - t0, 3)
+    write_json(report, out / "report.json")
+    return report
+
+
+def summary(report: dict, out: Path) -> str:
+    s = report["similarity"]
+    lines = [
+        f"registered on {report['device']} in {report['seconds']:.2f} s (whole run {report['total_seconds']:.2f} s), "
+        f"mode {report['mode']}, {report['slices']['used']} of {report['slices']['total']} {report['slice_orientation']} slices used",
+        f"similarity NCC {s['ncc_before']:.3f} -> {s['ncc_after']:.3f}, MI {s['mi_before']:.3f} -> {s['mi_after']:.3f}",
+        "estimate: " + ", ".join(f"{k} {v:+.3f}" for k, v in report["parameters"].items()),
+    ]
+    if "demo" in report:
+        d = report["demo"]
+        lines.append(f"known motion recovered with rotation error {d['rotation_error_deg']:.3f} deg, "
+                     f"translation error {d['translation_error_mm']:.3f} mm")
+    if not report["model"]["trained"]:
+        lines.append("WARNING: the bundled model is UNTRAINED (identity placeholder): expect no correction.")
+    lines.append(f"outputs in {out.resolve()}: registered.nii.gz difference.nii.gz transform.tfm slices.csv report.json"
+                 + (" overview.png" if (out / "overview.png").exists() else ""))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo and not args.output:
+        args.output = "rigid-resnet-demo"
+    try:
+        report = run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # every failure becomes one line; RIGID_RESNET_DEBUG shows the traceback
+        if os.environ.get("RIGID_RESNET_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if isinstance(exc, MemoryError):
+            message = "out of memory (try --batch-size 8)"
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    if not args.quiet:
+        print(summary(report, Path(args.output)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""The network: torchvision ResNet-34 features + a 2-layer fully connected regressor.
+
+Input: ``(B, 2, H, W)``, channel 0 the fixed slice and channel 1 the moving slice, each
+normalised to ``[0, 1]`` (:func:`preprocess.normalise_slices`), on the network grid named in
+the model card (``input.size`` pixels at ``input.spacing_mm``). Output: ``(B, P)`` slice-frame
+parameters in the units of :mod:`geometry` (rigid: degrees, mm, mm; resampling direction,
+about the grid centre). The last layer starts at zero, so an untrained model predicts identity.
+
+Weights are plain ``state_dict`` files read with ``torch.load(weights_only=True)``; a JSON
+*model card* beside them names the file, its sha256, the input grid and the training facts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .geometry import N_PARAMS
+
+#: Folder of the bundled model cards and weights.
+MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+DEFAULT_CARD = MODELS_DIR / "rigid_resnet34.json"
+
+
+class ModelError(RuntimeError):
+    """A model card or weights file that cannot be used: the message is one clear line."""
+
+
+class ResNetRegressor(nn.Module):
+    """ResNet-34 feature extractor (2-channel input) + FC(512, hidden) - ReLU - FC(hidden, P)."""
+
+    def __init__(self, n_params: int = 3, hidden: int = 256, in_channels: int = 2) -> None:
+        super().__init__()
+        from torchvision.models import resnet34  # torchvision only needed when a model is built
+
+        backbone = resnet34(weights=None)
+        backbone.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        backbone.fc = nn.Identity()
+        self.features = backbone
+        self.regressor = nn.Sequential(nn.Linear(512, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_params))
+        nn.init.zeros_(self.regressor[2].weight)
+        nn.init.zeros_(self.regressor[2].bias)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        """``(B, 2, H, W)`` fixed/moving pairs -> ``(B, P)`` parameters."""
+        return self.regressor(self.features(pair))
+
+
+@dataclass
+class ModelCard:
+    """What a weights file is: parsed from the JSON model card (see ``Resources/Models``)."""
+
+    name: str
+    transform: str  # "rigid" | "affine"
+    input_size: tuple[int, int]
+    spacing_mm: float
+    hidden: int
+    weights: str | None  # file name inside the card's folder; None = untrained (identity) model
+    sha256: str | None
+    trained: bool
+    path: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        return N_PARAMS[self.transform]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> "ModelCard":
+        try:
+            transform = str(data["transform"])
+            if transform not in N_PARAMS:
+                raise ValueError(f"transform {transform!r}")
+            size = tuple(int(s) for s in data["input"]["size"])
+            spacing = float(data["input"]["spacing_mm"])
+            weights = data.get("weights", {}) or {}
+            file_name = weights.get("file")
+            sha = weights.get("sha256")
+            if len(size) != 2 or min(size) < 32 or not (0.1 <= spacing <= 10):
+                raise ValueError("input grid")
+        except (KeyError, TypeError, ValueError) as exc:
+            where = f" {path}" if path else ""
+            raise ModelError(f"model card{where} is invalid ({exc})") from None
+        if file_name is not None:
+            name = str(file_name)
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ModelError(f"model card names weights file {name!r} outside its folder")
+            if not isinstance(sha, str) or len(sha) != 64:
+                raise ModelError("model card has a weights file but no valid sha256")
+        return cls(
+            name=str(data.get("name", "unnamed")),
+            transform=transform,
+            input_size=(size[0], size[1]),
+            spacing_mm=spacing,
+            hidden=int(data.get("hidden", 256)),
+            weights=file_name,
+            sha256=sha,
+            trained=bool(data.get("trained", file_name is not None)),
+            path=path,
+            raw=dict(data),
+        )
+
+
+def read_model_card(path: str | Path) -> ModelCard:
+    """Read and validate a model card JSON file (never executes anything from it)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"model card not found: {p}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"model card {p} cannot be read ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"model card {p} is not a JSON object")
+    return ModelCard.from_dict(data, p.resolve())
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_path(card: ModelCard) -> Path | None:
+    """Absolute path of the card's weights file (always inside the card's folder), or None."""
+    if card.weights is None:
+        return None
+    folder = (card.path.parent if card.path else MODELS_DIR).resolve()
+    p = (folder / card.weights).resolve()
+    if p.parent != folder:
+        raise ModelError(f"weights file {card.weights!r} is outside the model folder")
+    return p
+
+
+def build_model(card: ModelCard) -> ResNetRegressor:
+    """An (untrained) network with the card's architecture."""
+    return ResNetRegressor(n_params=card.n_params, hidden=card.hidden)
+
+
+def load_state(card: ModelCard) -> dict[str, torch.Tensor] | None:
+    """The card's weights as a state dict, sha256-checked, loaded with ``weights_only=True``."""
+    p = weights_path(card)
+    if p is None:
+        return None
+    if not p.is_file():
+        raise ModelError(f"weights file missing: {p}")
+    digest = sha256_of(p)
+    if digest != card.sha256:
+        raise ModelError(f"weights file {p.name} does not match its model card (sha256 {digest[:12]}...)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file: torch raises many types
+        raise ModelError(f"weights file {p.name} cannot be loaded ({exc.__class__.__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"weights file {p.name} holds no state dict")
+    return state
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference, with its card and the device it lives on."""
+
+    network: ResNetRegressor
+    card: ModelCard
+    device: torch.device
+
+    @property
+    def sha256(self) -> str | None:
+        return self.card.sha256
+
+    def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
+        """``(B, 2, H, W)`` normalised pairs -> ``(B, P)`` float32 parameters on the CPU."""
+        with torch.inference_mode():
+            out = self.network(pairs.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+        return out.float().cpu()
+
+
+_CACHE: dict[tuple[str, str, str], LoadedModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` when CUDA is absent is an error."""
+    name = (device or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError("CUDA was requested but is not available (no CUDA GPU or a CPU-only PyTorch)")
+        return torch.device(name)
+    raise ModelError(f"device must be auto, cpu or cuda, not {device!r}")
+
+
+def load_model(card_path: str | Path | None = None, device: str = "auto") -> LoadedModel:
+    """Load (once, then from a cache) the model described by a card on a device."""
+    card = read_model_card(card_path or DEFAULT_CARD)
+    dev = resolve_device(device)
+    key = (str(card.path), str(card.sha256), str(dev))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        network = build_model(card)
+        state = load_state(card)
+        if state is not None:
+            try:
+                network.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+            except (RuntimeError, AttributeError) as exc:
+                raise ModelError(
+                    f"weights file {card.weights} does not fit the model card's architecture ({str(exc).splitlines()[0]})"
+                ) from None
+        network = network.to(dev).eval().to(memory_format=torch.channels_last)
+        loaded = LoadedModel(network, card, dev)
+        _CACHE[key] = loaded
+        return loaded
+
+
+def save_weights(network: nn.Module, path: str | Path, half: bool = True) -> str:
+    """Write a state dict (fp16 floats when ``half``) and return its sha256."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    p = Path(path)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(p)
+    return sha256_of(p)

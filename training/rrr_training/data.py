@@ -1,0 +1,191 @@
+"""Training data: subjects on disk -> random (fixed, moving) slice pairs with known motion.
+
+Every pixel is produced by the product's own code: volumes are read by
+``RigidResNetRegistrationLib.io.read_volume`` (header-aware, any orientation), slices are taken
+on the fixed volume's slice frame (``geometry.slice_frame``) on the network grid
+(``geometry.network_grid_points``), and the moving slice is the same (or another contrast's)
+slice sampled at points moved by a random in-plane transform embedded with
+``geometry.params_to_ras``, through ``resample.sample_volume_at_ras``: exactly how the engine
+sees a moving volume at inference time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from RigidResNetRegistrationLib import geometry as geo
+from RigidResNetRegistrationLib.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_volume
+from RigidResNetRegistrationLib.preprocess import foreground_threshold, normalise_slices
+from RigidResNetRegistrationLib.resample import sample_volume_at_ras
+
+#: File-name endings of each contrast: BraTS 2021 (_t1 _t1ce _t2 _flair), BraTS 2023
+#: (-t1n -t1c -t2w -t2f) and generic names (t1, t2, flair, pd, ...).
+CONTRAST_PATTERNS: dict[str, tuple[str, ...]] = {
+    "t1": ("t1", "t1n", "t1w", "mprage"),
+    "t1ce": ("t1ce", "t1c", "t1gd"),
+    "t2": ("t2", "t2w"),
+    "flair": ("flair", "t2f"),
+    "pd": ("pd", "pdw"),
+}
+
+
+def contrast_of(path: Path) -> str | None:
+    """Canonical contrast name of an image file from its name (last token), or None."""
+    name = path.name.lower()
+    for suffix in (*NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    token = re.split(r"[_\-.]", name)[-1]
+    token = {"avg152t1": "t1", "avg152t2": "t2", "avg152pd": "pd"}.get(name, token)
+    for contrast, endings in CONTRAST_PATTERNS.items():
+        if token in endings:
+            return contrast
+    return None
+
+
+@dataclass
+class Subject:
+    """One subject: co-registered images of one or more contrasts (``contrast -> path``)."""
+
+    name: str
+    images: dict[str, Path] = field(default_factory=dict)
+
+
+def find_subjects(root: str | Path) -> list[Subject]:
+    """Subjects under ``root``: each folder holding NIfTI files of known contrasts is a subject
+    (BraTS 2021/2023 and generic naming); a folder of 2D images gives one single-contrast
+    subject per image (contrast ``t1`` unless named)."""
+    root = Path(root)
+    subjects: list[Subject] = []
+    folders = sorted({p.parent for p in root.rglob("*") if p.is_file()})
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        nifti = [p for p in files if p.name.lower().endswith(NIFTI_SUFFIXES)]
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if nifti:
+            subject = Subject(folder.name)
+            for p in nifti:
+                c = contrast_of(p)
+                if c is not None and c not in subject.images:
+                    subject.images[c] = p
+            if subject.images:
+                subjects.append(subject)
+        for p in images:
+            subjects.append(Subject(f"{folder.name}/{p.stem}", {contrast_of(p) or "t1": p}))
+    return subjects
+
+
+@dataclass
+class LoadedSubject:
+    """Voxels (float32 tensors) of one subject's contrasts, its slice frame and usable slices."""
+
+    name: str
+    volumes: dict[str, torch.Tensor]
+    ijk_to_ras: dict[str, np.ndarray]
+    frame: geo.SliceFrame
+    slices: np.ndarray  # slice indices with enough brain signal on the network grid
+    thresholds: dict[str, float]
+
+
+def load_subject(
+    subject: Subject, size: tuple[int, int], spacing_mm: float, min_foreground: float = 0.15
+) -> LoadedSubject | None:
+    """Read a subject's volumes and find its axial slices with brain signal (None if none)."""
+    volumes, affines, thresholds = {}, {}, {}
+    for contrast, path in subject.images.items():
+        vol = read_volume(path)
+        volumes[contrast] = torch.from_numpy(np.asarray(vol.array, dtype=np.float32).copy())
+        affines[contrast] = vol.ijk_to_ras
+        thresholds[contrast] = foreground_threshold(volumes[contrast])
+    first = next(iter(subject.images))
+    frame = geo.slice_frame(affines[first], tuple(volumes[first].shape), "axial")
+    pts = geo.network_grid_points(frame, size, spacing_mm)
+    stack = sample_volume_at_ras(volumes[first], affines[first], pts)
+    fg = (stack > thresholds[first]).float().mean(dim=(1, 2)).numpy()
+    slices = np.flatnonzero(fg >= min_foreground)
+    if len(slices) == 0:
+        return None
+    return LoadedSubject(subject.name, volumes, affines, frame, slices, thresholds)
+
+
+@dataclass
+class PairBatch:
+    """A batch of training pairs. ``fixed``/``moving``: raw network-grid slices ``(B, H, W)``;
+    ``truth``: ``(B, P)`` parameters that register them (used for validation metrics only);
+    ``same_contrast``: ``(B,)`` bool."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    truth: torch.Tensor
+    same_contrast: torch.Tensor
+
+
+def random_motion(rng: np.random.Generator, n: int, kind: str, max_rotation_deg: float, max_translation_mm: float,
+                  max_affine: float = 0.05) -> np.ndarray:
+    """``(n, P)`` uniform random slice-frame parameters (rigid: +-deg, +-mm; affine adds +-max_affine)."""
+    rot = rng.uniform(-max_rotation_deg, max_rotation_deg, n)
+    tr = rng.uniform(-max_translation_mm, max_translation_mm, (n, 2))
+    if kind == "rigid":
+        return np.column_stack([rot, tr])
+    rig = geo.params_to_matrix_2d(np.column_stack([rot, tr]), "rigid")
+    extra = np.eye(3)[None].repeat(n, 0)
+    extra[:, :2, :2] += rng.uniform(-max_affine, max_affine, (n, 2, 2))
+    return geo.matrix_to_params_2d(rig @ extra, "affine")
+
+
+def sample_pairs(
+    subjects: list[LoadedSubject],
+    rng: np.random.Generator,
+    batch_size: int,
+    size: tuple[int, int],
+    spacing_mm: float,
+    kind: str = "rigid",
+    max_rotation_deg: float = 5.0,
+    max_translation_mm: float = 5.0,
+    cross_contrast: float = 0.5,
+) -> PairBatch:
+    """Draw a batch: random slice (all subjects' slices equally likely), contrast pair and motion."""
+    motion = random_motion(rng, batch_size, kind, max_rotation_deg, max_translation_mm)
+    fixed, moving, same = [], [], []
+    weights = np.array([len(s.slices) for s in subjects], dtype=np.float64)  # every slice equally likely
+    for b in range(batch_size):
+        subj = subjects[int(rng.choice(len(subjects), p=weights / weights.sum()))]
+        s = int(rng.choice(subj.slices))
+        contrasts = list(subj.volumes)
+        c_fixed = contrasts[int(rng.integers(len(contrasts)))]
+        c_moving = c_fixed
+        if len(contrasts) > 1 and rng.random() < cross_contrast:
+            c_moving = [c for c in contrasts if c != c_fixed][int(rng.integers(len(contrasts) - 1))]
+        pts = geo.network_grid_points(subj.frame, size, spacing_mm, np.array([s]))[0]
+        motion_ras = geo.params_to_ras(motion[b], subj.frame, kind, s)
+        fixed.append(sample_volume_at_ras(subj.volumes[c_fixed], subj.ijk_to_ras[c_fixed], pts))
+        moving.append(
+            sample_volume_at_ras(subj.volumes[c_moving], subj.ijk_to_ras[c_moving], geo.apply_to_points(motion_ras, pts))
+        )
+        same.append(c_fixed == c_moving)
+    # moving(x) = image(A x): the registering (resampling) transform is A^-1
+    truth = torch.as_tensor(geo.invert_params_2d(motion, kind), dtype=torch.float32)
+    return PairBatch(torch.stack(fixed), torch.stack(moving), truth, torch.tensor(same))
+
+
+def augment_intensity(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Random gamma, smooth multiplicative bias field and Gaussian noise on ``[0, 1]`` images
+    ``(B, H, W)``, renormalised to ``[0, 1]``; the network must not learn one scanner's contrast."""
+    b, h, w = images.shape
+    if strength <= 0:
+        return images
+    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    gamma = torch.exp((u(b, 1, 1) - 0.5) * 0.8 * strength)  # ~[0.67, 1.5]
+    out = images.clamp(0, 1) ** gamma
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    basis = torch.stack([xx, yy, xx * yy, xx**2, yy**2])  # (5, H, W)
+    coeffs = (u(b, 5) - 0.5) * 0.6 * strength
+    out = out * torch.exp(torch.einsum("bk,khw->bhw", coeffs, basis))
+    out = out + torch.randn(out.shape, generator=generator) * (u(b, 1, 1) * 0.03 * strength)
+    return normalise_slices(out)

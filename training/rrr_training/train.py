@@ -1,0 +1,291 @@
+"""Train the slice regressor without parameter labels, then export weights + model card.
+
+    rigid-resnet-train --data ../shared/data --holdout BraTS2021_90004 --out runs/rigid
+    rigid-resnet-train --resume runs/rigid ...            # continue from runs/rigid/last.pt
+    rigid-resnet-train export runs/rigid/best.pt          # -> RigidResNetRegistration/Resources/Models
+
+Defaults run on a laptop CPU (128x128 grid at 1.5 mm, batch 16); AMP is used on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from RigidResNetRegistrationLib import geometry as geo
+from RigidResNetRegistrationLib.model import MODELS_DIR, ModelCard, ResNetRegressor, save_weights
+from RigidResNetRegistrationLib.preprocess import normalise_slices
+
+from .data import LoadedSubject, PairBatch, augment_intensity, find_subjects, load_subject, sample_pairs
+from .losses import similarity_loss
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    holdout: list[str]
+    transform: str = "rigid"
+    size: int = 128
+    spacing_mm: float = 1.5
+    hidden: int = 256
+    batch_size: int = 16
+    steps: int = 20000
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_rotation_deg: float = 5.0
+    max_translation_mm: float = 5.0
+    cross_contrast: float = 0.5
+    augment: float = 1.0
+    val_every: int = 250
+    val_pairs: int = 128
+    patience: int = 20
+    seed: int = 0
+    threads: int = 0
+    device: str = "auto"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_subjects(cfg: TrainConfig) -> tuple[list[LoadedSubject], list[LoadedSubject]]:
+    """Load all subjects found under ``cfg.data``; those named in ``cfg.holdout`` validate."""
+    train, val = [], []
+    size = (cfg.size, cfg.size)
+    for root in cfg.data:
+        for subj in find_subjects(root):
+            loaded = load_subject(subj, size, cfg.spacing_mm)
+            if loaded is None:
+                continue
+            (val if any(h == subj.name for h in cfg.holdout) else train).append(loaded)
+    if not train:
+        raise SystemExit("error: no training subjects found under " + ", ".join(cfg.data))
+    if not val:
+        raise SystemExit("error: no validation subject: name one with --holdout (a subject folder name)")
+    return train, val
+
+
+def prepare_inputs(batch: PairBatch, generator: torch.Generator | None, augment: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalise a batch; returns (network input (B,2,H,W), clean fixed, clean moving)."""
+    f = normalise_slices(batch.fixed)
+    m = normalise_slices(batch.moving)
+    if generator is not None and augment > 0:
+        x = torch.stack([augment_intensity(f, generator, augment), augment_intensity(m, generator, augment)], 1)
+    else:
+        x = torch.stack([f, m], 1)
+    return x, f, m
+
+
+def evaluate_batch(model: torch.nn.Module, batch: PairBatch, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Validation metrics: loss, and median rotation/translation errors (same / cross contrast)."""
+    model.eval()
+    x, f, m = prepare_inputs(batch, None, 0.0)
+    with torch.inference_mode():
+        pred = torch.cat([model(x[i : i + 32].to(device)).float().cpu() for i in range(0, len(x), 32)])
+        loss, _ = similarity_loss(f, m, pred, batch.same_contrast, cfg.transform, cfg.spacing_mm)
+    rot, tr = geo.params_error_2d(pred.double().numpy(), batch.truth.double().numpy(), cfg.transform)
+    same = batch.same_contrast.numpy()
+    out = {"val_loss": float(loss)}
+    for name, sel in (("same", same), ("cross", ~same)):
+        out[f"rot_med_{name}"] = float(np.median(rot[sel])) if sel.any() else float("nan")
+        out[f"trans_med_{name}"] = float(np.median(tr[sel])) if sel.any() else float("nan")
+    out["score"] = float(np.median(rot) + np.median(tr))
+    model.train()
+    return out
+
+
+def plot_curves(log_path: Path, png_path: Path) -> None:
+    """PNG of the training/validation curves from the CSV log (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = list(csv.DictReader(open(log_path)))
+    if not rows:
+        return
+    step = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(step, [float(r["train_loss"]) for r in rows], label="train loss")
+    ax[0].plot(step, [float(r["val_loss"]) for r in rows], label="val loss")
+    ax[0].set_xlabel("step")
+    ax[0].legend()
+    for key in ("rot_med_same", "trans_med_same", "rot_med_cross", "trans_med_cross"):
+        ax[1].plot(step, [float(r[key]) for r in rows], label=key)
+    ax[1].set_yscale("log")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("median error (deg / mm)")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run training; returns the path of the best checkpoint."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else (cfg.device if cfg.device != "auto" else "cpu"))
+    train_subjects, val_subjects = load_subjects(cfg)
+    print(f"train subjects: {[s.name for s in train_subjects]}; validation: {[s.name for s in val_subjects]}", flush=True)
+    size = (cfg.size, cfg.size)
+    val_batch = sample_pairs(val_subjects, np.random.default_rng(12345), cfg.val_pairs, size, cfg.spacing_mm,
+                             cfg.transform, cfg.max_rotation_deg, cfg.max_translation_mm, 0.5)
+
+    model = ResNetRegressor(geo.N_PARAMS[cfg.transform], cfg.hidden).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, best, bad = 0, float("inf"), 0
+    last = out / "last.pt"
+    if resume and last.exists():
+        ck = torch.load(last, map_location="cpu", weights_only=False)  # our own checkpoint (rng state)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, best, bad = ck["step"], ck["best"], ck["bad"]
+        rng.bit_generator.state = ck["rng"]
+        gen.set_state(ck["gen"])
+        print(f"resumed from {last} at step {step}", flush=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log_path = out / "log.csv"
+    fields = ["step", "time_s", "lr", "train_loss", "train_ncc", "train_mi", "val_loss",
+              "rot_med_same", "trans_med_same", "rot_med_cross", "trans_med_cross", "score"]
+    if not (resume and log_path.exists()):
+        with open(log_path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+    t0 = time.time()
+    running: list[float] = []
+    ncc_run: list[float] = []
+    mi_run: list[float] = []
+    model.train()
+    while step < cfg.steps:
+        batch = sample_pairs(train_subjects, rng, cfg.batch_size, size, cfg.spacing_mm, cfg.transform,
+                             cfg.max_rotation_deg, cfg.max_translation_mm, cfg.cross_contrast)
+        x, f, m = prepare_inputs(batch, gen, cfg.augment)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(x.to(device))
+        loss, stats = similarity_loss(f.to(device), m.to(device), pred.float(), batch.same_contrast, cfg.transform, cfg.spacing_mm)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        step += 1
+        running.append(float(loss))
+        ncc_run.append(stats["ncc"])
+        mi_run.append(stats["mi"])
+        if step % 25 == 0:
+            print(f"step {step}/{cfg.steps} loss {np.mean(running[-25:]):.4f} {time.time() - t0:.0f}s", flush=True)
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            metrics = evaluate_batch(model, val_batch, cfg, device)
+            row = {"step": step, "time_s": round(time.time() - t0, 1), "lr": opt.param_groups[0]["lr"],
+                   "train_loss": float(np.mean(running)), "train_ncc": float(np.mean(ncc_run)),
+                   "train_mi": float(np.mean(mi_run)), **metrics}
+            running, ncc_run, mi_run = [], [], []
+            with open(log_path, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=fields).writerow({k: row[k] for k in fields})
+            print("val " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            if metrics["score"] < best:
+                best, bad = metrics["score"], 0
+                torch.save({"model": model.state_dict(), "config": asdict(cfg), "step": step, "metrics": metrics}, out / "best.pt")
+            else:
+                bad += 1
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "step": step, "best": best, "bad": bad, "rng": rng.bit_generator.state,
+                        "gen": gen.get_state(), "config": asdict(cfg)}, last)
+            plot_curves(log_path, out / "curves.png")
+            if bad >= cfg.patience:
+                print(f"early stop: no validation improvement in {bad} checks", flush=True)
+                break
+    return out / "best.pt"
+
+
+def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: str | None = None, extra: dict | None = None) -> Path:
+    """Write fp16 weights and the model card for a checkpoint into ``models_dir``."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = ck["config"]
+    name = name or f"{cfg['transform']}_resnet34"
+    model = ResNetRegressor(geo.N_PARAMS[cfg["transform"]], cfg["hidden"])
+    model.load_state_dict(ck["model"])
+    folder = Path(models_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    sha = save_weights(model, folder / f"{name}.pt", half=True)
+    names = ["theta_deg", "tx_mm", "ty_mm"] if cfg["transform"] == "rigid" else ["a11_minus_1", "a12", "a21", "a22_minus_1", "tx_mm", "ty_mm"]
+    card = {
+        "name": name,
+        "architecture": f"torchvision resnet34 (2-channel conv1) + Linear(512,{cfg['hidden']})-ReLU-Linear({cfg['hidden']},{len(names)})",
+        "transform": cfg["transform"],
+        "hidden": cfg["hidden"],
+        "trained": True,
+        "input": {"size": [cfg["size"], cfg["size"]], "spacing_mm": cfg["spacing_mm"], "channels": ["fixed", "moving"],
+                  "normalisation": "per slice: 1st/99th percentile -> [0, 1], clipped"},
+        "parameters": {"names": names,
+                       "direction": "resampling: fixed-slice point -> moving-slice point, about the grid centre",
+                       "frame": "slice frame of the fixed volume (ex ~ R, ey ~ A for axial slices), see geometry.py"},
+        "weights": {"file": f"{name}.pt", "sha256": sha, "dtype": "float16"},
+        "training": {"data": cfg["data"], "holdout": cfg["holdout"], "steps": ck["step"],
+                     "batch_size": cfg["batch_size"], "ranges": {"rotation_deg": cfg["max_rotation_deg"], "translation_mm": cfg["max_translation_mm"]},
+                     "cross_contrast_fraction": cfg["cross_contrast"], "losses": "1-NCC same contrast, -MI (Parzen, 32 bins) cross contrast",
+                     "validation_at_checkpoint": ck.get("metrics", {})},
+    }
+    if extra:
+        card.update(extra)
+    ModelCard.from_dict(card)  # the card we write must be one we can read
+    (folder / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    return folder / f"{name}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        p = argparse.ArgumentParser(prog="rigid-resnet-train export")
+        p.add_argument("checkpoint")
+        p.add_argument("--models-dir", default=str(MODELS_DIR))
+        p.add_argument("--name")
+        a = p.parse_args(argv[1:])
+        print(export(a.checkpoint, a.models_dir, a.name))
+        return 0
+    p = argparse.ArgumentParser(prog="rigid-resnet-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig(data=[], out="", holdout=[])
+    p.add_argument("--data", nargs="+", required=True, help="folders of subjects (BraTS 2021/2023 or generic naming)")
+    p.add_argument("--holdout", nargs="+", required=True, help="subject folder names kept out for validation")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, curves.png)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    for key in ("transform", "size", "spacing_mm", "hidden", "batch_size", "steps", "lr", "weight_decay", "max_rotation_deg",
+                "max_translation_mm", "cross_contrast", "augment", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
+        default = getattr(d, key)
+        p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, help=f"default {default}")
+    a = p.parse_args(argv)
+    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k != "resume"})
+    best = train(cfg, resume=a.resume)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

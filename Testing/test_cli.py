@@ -1,0 +1,166 @@
+"""The command line: outputs, the demo, 2D images, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import ROOT, moved_copy, phantom_volume
+from PIL import Image
+
+from RigidResNetRegistrationLib import geometry as geo
+from RigidResNetRegistrationLib.io import write_volume
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "RigidResNetRegistration"), str(ROOT / "training")])}
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the command line in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "RigidResNetRegistrationLib.cli", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    fixed = phantom_volume(shape=(44, 50, 30), codes="LPS")
+    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+    moving = moved_copy(fixed, geo.params_to_ras(np.array([3.0, 2.0, -1.0]), frame))
+    write_volume(fixed, d / "fixed.nii.gz")
+    write_volume(moving, d / "moving.nii.gz")
+    return d
+
+
+def test_demo_runs_end_to_end_and_reports_error_against_known_motion(tmp_path):
+    out = tmp_path / "demo"
+    r = cli("--demo", "-o", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    for name in ("registered.nii.gz", "difference.nii.gz", "transform.tfm", "slices.csv", "report.json", "overview.png",
+                 "fixed.nii.gz", "moving.nii.gz"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert "rotation error" in r.stdout and str(out.resolve()) in r.stdout
+    assert report["demo"]["rotation_error_deg"] >= 0
+    truth = np.array(report["demo"]["true_fixed_to_moving_RAS"])
+    rot, trans = geo.rigid_error(np.array(report["fixed_to_moving_RAS"]["matrix"]), truth, np.zeros(3) + np.array(
+        geo.volume_centre_ras(nib.load(out / "fixed.nii.gz").affine, nib.load(out / "fixed.nii.gz").shape)))
+    assert np.isclose(rot, report["demo"]["rotation_error_deg"], atol=1e-6)
+    assert np.isclose(trans, report["demo"]["translation_error_mm"], atol=1e-6)
+    if report["model"]["trained"]:
+        assert "UNTRAINED" not in r.stdout
+        assert report["similarity"]["ncc_after"] > report["similarity"]["ncc_before"]
+    else:
+        assert "UNTRAINED" in r.stdout
+
+
+def test_outputs_and_report_contents(tmp_path, pair, card_factory):
+    card = card_factory(bias=[2.0, 1.0, 0.5])
+    out = tmp_path / "o"
+    r = cli(str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz"), "-o", str(out), "--weights", str(card), "--device", "cpu",
+            "--mode", "slices", "--batch-size", "5")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    for key in ("device", "seconds", "mode", "similarity", "fixed_to_moving_RAS", "moving_to_fixed_RAS", "total_seconds"):
+        assert key in report
+    assert report["mode"] == "slices" and report["device"] == "cpu"
+    assert report["model"]["weights_sha256"] == json.loads(card.read_text())["weights"]["sha256"]
+    assert set(report["similarity"]) == {"ncc_before", "ncc_after", "mi_before", "mi_after"}
+    rows = list(csv.DictReader(open(out / "slices.csv")))
+    fixed_img = nib.load(pair / "fixed.nii.gz")
+    assert len(rows) == fixed_img.shape[2]
+    used = [r for r in rows if r["used"] == "True"]
+    assert used and all(abs(float(r["theta_deg"]) - 2.0) < 1e-4 for r in used)
+    reg = nib.load(out / "registered.nii.gz")
+    assert reg.shape == fixed_img.shape and np.allclose(reg.affine, fixed_img.affine, atol=1e-5)
+    diff = np.asanyarray(nib.load(out / "difference.nii.gz").dataobj)
+    assert diff.min() >= 0 and diff.max() <= 1
+
+
+def test_png_slices_are_registered_as_one_slice(tmp_path, card_factory):
+    card = card_factory(bias=[3.0, 2.0, -1.0])
+    vol = phantom_volume(shape=(60, 70, 1), codes="RAS", spacing=(1.5, 1.5, 1.5))
+    img = vol.array[:, :, 0].T[::-1]  # rows top-down = anterior first
+    for name in ("f.png", "m.png"):
+        Image.fromarray((255 * img / img.max()).astype(np.uint8)).save(tmp_path / name)
+    out = tmp_path / "o"
+    r = cli(str(tmp_path / "f.png"), str(tmp_path / "m.png"), "-o", str(out), "--weights", str(card), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert (out / "registered.png").exists() and (out / "difference.png").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["slices"]["total"] == 1 and report["slices"]["used"] == 1
+    assert np.isclose(report["parameters"]["theta_deg"], 3.0, atol=1e-3)
+
+
+def _write(path: Path, data: np.ndarray, affine=None) -> Path:
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing", "file not found"),
+    ("not_image", "not a readable NIfTI"),
+    ("four_d", "3D scalar volume is needed"),
+    ("constant", "constant"),
+    ("nan", "NaN"),
+    ("no_overlap", "do not overlap"),
+    ("bad_suffix", "unsupported file type"),
+    ("weights_missing", "model card not found"),
+    ("cuda", "CUDA was requested"),
+    ("no_output", "output folder"),
+])
+def test_bad_input_gives_one_error_line(tmp_path, pair, case, expect, monkeypatch):
+    fixed, moving = str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz")
+    extra: list[str] = []
+    if case == "missing":
+        moving = str(tmp_path / "nope.nii.gz")
+    elif case == "not_image":
+        (tmp_path / "x.nii.gz").write_bytes(b"this is not a NIfTI file at all")
+        moving = str(tmp_path / "x.nii.gz")
+    elif case == "four_d":
+        moving = str(_write(tmp_path / "4d.nii.gz", np.random.rand(8, 8, 8, 3).astype(np.float32)))
+    elif case == "constant":
+        moving = str(_write(tmp_path / "c.nii.gz", np.full((20, 20, 20), 7, np.int16)))
+    elif case == "nan":
+        a = np.random.rand(20, 20, 20).astype(np.float32)
+        a[1, 2, 3] = np.nan
+        moving = str(_write(tmp_path / "n.nii.gz", a))
+    elif case == "no_overlap":
+        img = nib.load(moving)
+        aff = img.affine.copy()
+        aff[:3, 3] += 9000
+        moving = str(_write(tmp_path / "far.nii.gz", np.asanyarray(img.dataobj), aff))
+    elif case == "bad_suffix":
+        (tmp_path / "x.txt").write_text("hello")
+        moving = str(tmp_path / "x.txt")
+    elif case == "weights_missing":
+        extra = ["--weights", str(tmp_path / "missing.json")]
+    elif case == "cuda":
+        extra = ["--device", "cuda"]
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    elif case == "no_output":
+        (tmp_path / "file").write_text("")
+        extra = ["-o", str(tmp_path / "file" / "sub")]
+    args = [fixed, moving, *(["-o", str(tmp_path / "out")] if case != "no_output" else []), *extra]
+    r = cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and expect in lines[0], lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_help_lists_the_documented_options():
+    r = cli("--help")
+    assert r.returncode == 0
+    for option in ("--device", "--mode", "--axis", "--weights", "--batch-size", "-o"):
+        assert option in r.stdout

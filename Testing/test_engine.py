@@ -1,0 +1,180 @@
+"""The registration engine: oracle recovery, batching, skipped slices, outliers, modes, devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ConstantPredictor, moved_copy, phantom_volume
+
+from RigidResNetRegistrationLib import geometry as geo
+from RigidResNetRegistrationLib.engine import (
+    RegistrationCancelled,
+    RegistrationOptions,
+    register_volumes,
+    robust_combine,
+)
+from RigidResNetRegistrationLib.model import ModelCard, ModelError, load_model, resolve_device
+from RigidResNetRegistrationLib.preprocess import InputError, Volume
+
+CARD = ModelCard.from_dict({"name": "oracle", "transform": "rigid", "input": {"size": [48, 48], "spacing_mm": 2.0}})
+TRUTH = np.array([4.0, 3.0, -2.0])
+
+
+def _case(**grid):
+    fixed = phantom_volume(shape=(44, 50, 30), **grid)
+    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+    truth = geo.params_to_ras(TRUTH, frame)
+    return fixed, moved_copy(fixed, truth), truth, frame
+
+
+@pytest.mark.parametrize("grid", [dict(codes="RAS"), dict(codes="LPS", spacing=(1.8, 2.2, 3.0)),
+                                  dict(codes="SRA", rotation_deg=(0, 5, 0))])
+def test_oracle_parameters_give_the_exact_transform_and_align_the_images(grid):
+    fixed, moving, truth, frame = _case(**grid)
+    fixed_before, moving_before = fixed.array.copy(), moving.array.copy()
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu"))
+    assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)
+    assert np.allclose(result.moving_to_fixed_ras @ truth, np.eye(4), atol=1e-9)
+    err_before = np.abs(moving.array - fixed.array).mean()
+    err_after = np.abs(result.registered.array - fixed.array).mean()
+    assert err_after < 0.15 * err_before
+    assert result.similarity["ncc_after"] > result.similarity["ncc_before"]
+    assert result.similarity["mi_after"] > result.similarity["mi_before"]
+    assert result.difference.array.mean() < np.abs(moving.array - fixed.array).mean() / fixed.array.max()
+    # inputs untouched
+    assert np.array_equal(fixed.array, fixed_before) and np.array_equal(moving.array, moving_before)
+
+
+def test_iterations_compose_in_the_right_order():
+    """Two passes whose estimates compose to the truth must give the truth: first pass returns
+    A, the second (seeing moving re-warped by A) returns D with A o D = truth."""
+    fixed, moving, truth, frame = _case()
+    first = np.array([1.5, 1.0, 0.5])
+    second = geo.compose_params_2d(TRUTH, geo.invert_params_2d(first))  # D = A^-1 o truth -> A o D = truth
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, first), RegistrationOptions(device="cpu")).used.sum()
+    params = np.vstack([np.repeat(first[None], n_used, 0), np.repeat(second[None], n_used, 0)])
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=2))
+    assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)
+
+
+def test_batching_gives_the_same_result_as_one_slice_at_a_time(card_factory):
+    model = load_model(card_factory(seed=3), "cpu")
+    fixed, moving, _, _ = _case()
+    one = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", batch_size=1, compute_registered=False))
+    many = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", batch_size=13, compute_registered=False))
+    assert np.abs(one.slice_params).max() > 0.01  # a real, input-dependent prediction
+    assert np.allclose(one.slice_params, many.slice_params, atol=1e-4)
+    assert np.allclose(one.fixed_to_moving_ras, many.fixed_to_moving_ras, atol=1e-5)
+
+
+def test_empty_slices_are_skipped_and_never_predicted():
+    fixed, moving, _, frame = _case()
+    arr = fixed.array.copy()
+    arr[..., :6] = 0.0  # no signal in the first 6 axial slices (axis 2 for RAS)
+    arr[..., -4:] = 0.0
+    fixed = Volume(arr, fixed.ijk_to_ras, "fixed")
+    oracle = ConstantPredictor(CARD, TRUTH)
+    result = register_volumes(fixed, moving, oracle, RegistrationOptions(device="cpu"))
+    assert frame.axis == 2
+    assert not result.used[:6].any() and not result.used[-4:].any()
+    assert oracle.seen == result.used.sum() < fixed.shape[2] - 10 + 1
+    assert np.isnan(result.similarity_slices["ncc_after"][0])
+
+
+def test_volume_mode_rejects_outlier_slices():
+    fixed, moving, truth, _ = _case()
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu")).used.sum()
+    params = np.repeat(TRUTH[None], n_used, 0) + np.random.default_rng(0).normal(0, 0.02, (n_used, 3))
+    bad = [2, 7, 11]
+    params[bad] = [[25.0, -30.0, 12.0], [-40.0, 9.0, 9.0], [4.0, 3.0, 30.0]]
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu"))
+    used_idx = np.flatnonzero(result.used)
+    assert not result.inlier[used_idx[bad]].any()
+    assert result.inlier.sum() == n_used - 3
+    rot, trans = geo.rigid_error(result.fixed_to_moving_ras, truth, geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
+    assert rot < 0.05 and trans < 0.05
+    # a plain mean would have been pulled far off
+    assert abs(params[:, 0].mean() - TRUTH[0]) > 0.2
+
+
+def test_robust_combine_all_outliers_falls_back_to_all():
+    p = np.array([[0.0, 0, 0], [10.0, 0, 0]])
+    combined, inlier = robust_combine(p, floor=0.1)
+    assert inlier.all() and np.allclose(combined, [5.0, 0, 0])
+
+
+def test_slices_mode_keeps_one_transform_per_slice():
+    fixed, moving, truth, frame = _case()
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu")).used.sum()
+    params = np.repeat(TRUTH[None], n_used, 0)
+    params[:, 0] += np.linspace(-2, 2, n_used)  # motion varying through the scan
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", mode="slices"))
+    assert np.allclose(result.slice_params[result.used], params)
+    # skipped slices take the robust volume estimate
+    assert np.allclose(result.slice_params[~result.used], result.params)
+    # each registered slice was resampled with its own transform
+    s = int(np.flatnonzero(result.used)[0])
+    ref = register_volumes(fixed, moving, ConstantPredictor(CARD, params[0]), RegistrationOptions(device="cpu"))
+    assert np.allclose(result.registered.array[..., s], ref.registered.array[..., s], atol=1e-4)
+    assert not np.allclose(result.registered.array[..., -s - 1], ref.registered.array[..., -s - 1], atol=1e-2)
+
+
+def test_cancel_raises_and_progress_reports():
+    fixed, moving, _, _ = _case()
+    seen = []
+    register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu"),
+                     progress=lambda f, m: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    with pytest.raises(RegistrationCancelled):
+        register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu"), cancel=lambda: True)
+
+
+def test_bad_options_and_inputs_raise_clear_errors():
+    fixed, moving, _, _ = _case()
+    oracle = ConstantPredictor(CARD, TRUTH)
+    with pytest.raises(InputError, match="mode must be"):
+        register_volumes(fixed, moving, oracle, RegistrationOptions(mode="slab"))
+    with pytest.raises(InputError, match="batch size"):
+        register_volumes(fixed, moving, oracle, RegistrationOptions(batch_size=0))
+    with pytest.raises(InputError, match="moving.*NaN"):
+        bad = moving.array.copy()
+        bad[3, 3, 3] = np.nan
+        register_volumes(fixed, Volume(bad, moving.ijk_to_ras, "moving"), oracle)
+    with pytest.raises(InputError, match="fixed.*constant"):
+        register_volumes(Volume(np.ones(fixed.shape, np.float32), fixed.ijk_to_ras, "fixed"), moving, oracle)
+    with pytest.raises(InputError, match="3D scalar"):
+        register_volumes(Volume(np.zeros((4, 4, 4, 3), np.float32), fixed.ijk_to_ras, "fixed"), moving, oracle)
+    far = moving.ijk_to_ras.copy()
+    far[:3, 3] += 5000.0
+    with pytest.raises(InputError, match="do not overlap"):
+        register_volumes(fixed, Volume(moving.array, far, "moving"), oracle)
+
+
+def test_device_selection(monkeypatch):
+    assert resolve_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ModelError, match="CUDA was requested but is not available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+    with pytest.raises(ModelError, match="device must be"):
+        resolve_device("tpu")
+
+
+def test_cuda_requested_without_cuda_is_an_input_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fixed, moving, _, _ = _case()
+    with pytest.raises(InputError, match="CUDA"):
+        register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu(card_factory):  # pragma: no cover - runs only where a GPU exists
+    card = card_factory(seed=3)
+    fixed, moving, _, _ = _case()
+    cpu = register_volumes(fixed, moving, load_model(card, "cpu"), RegistrationOptions(device="cpu"))
+    gpu = register_volumes(fixed, moving, load_model(card, "cuda"), RegistrationOptions(device="cuda"))
+    assert gpu.device.startswith("cuda")
+    assert np.allclose(cpu.fixed_to_moving_ras, gpu.fixed_to_moving_ras, atol=1e-3)

@@ -1,0 +1,116 @@
+"""Geometry conventions: RAS/LPS, directions, slice frames, 2D <-> 3D embedding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_affine
+
+from RigidResNetRegistrationLib import geometry as geo
+
+RNG = np.random.default_rng(7)
+
+
+def random_rigid() -> np.ndarray:
+    return geo.rigid_matrix_3d(tuple(RNG.uniform(-20, 20, 3)), tuple(RNG.uniform(-10, 10, 3)), RNG.uniform(-50, 50, 3))
+
+
+def test_ras_lps_round_trip_and_point_meaning():
+    m = random_rigid()
+    assert np.allclose(geo.lps_to_ras(geo.ras_to_lps(m)), m)
+    # the LPS matrix applied to an LPS point gives the LPS image of the RAS result
+    p_ras = np.array([10.0, -20.0, 30.0])
+    flip = np.array([-1.0, -1.0, 1.0])
+    assert np.allclose(geo.apply_to_points(geo.ras_to_lps(m), p_ras * flip), geo.apply_to_points(m, p_ras) * flip)
+
+
+def test_inverse_and_composition_order():
+    a, b = random_rigid(), random_rigid()
+    p = RNG.uniform(-50, 50, 3)
+    assert np.allclose(geo.apply_to_points(geo.compose(a, b), p), geo.apply_to_points(a, geo.apply_to_points(b, p)))
+    assert np.allclose(geo.compose(a, geo.invert(a)), np.eye(4))
+
+
+@pytest.mark.parametrize("kind", ["rigid", "affine"])
+def test_params_matrix_round_trip_inverse_compose(kind):
+    p = RNG.uniform(-5, 5, (10, geo.N_PARAMS[kind]))
+    if kind == "affine":
+        p[:, :4] *= 0.01
+    assert np.allclose(geo.matrix_to_params_2d(geo.params_to_matrix_2d(p, kind), kind), p)
+    inv = geo.invert_params_2d(p, kind)
+    assert np.allclose(geo.compose_params_2d(p, inv, kind), 0.0, atol=1e-9)
+    q = RNG.uniform(-5, 5, p.shape) * (0.01 if kind == "affine" else 1)
+    direct = geo.params_to_matrix_2d(q, kind) @ geo.params_to_matrix_2d(p, kind)
+    assert np.allclose(geo.params_to_matrix_2d(geo.compose_params_2d(p, q, kind), kind), direct)
+
+
+def test_rigid_param_meaning():
+    # +90 deg sends the +x axis to +y (counter-clockwise), then translates
+    m = geo.params_to_matrix_2d(np.array([90.0, 1.0, 2.0]))
+    assert np.allclose(m @ [1.0, 0.0, 1.0], [1.0, 3.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "codes,orientation,axis",
+    [("RAS", "auto", 2), ("LPS", "auto", 2), ("RPS", "auto", 2), ("SRA", "auto", 0), ("ASR", "auto", 1),
+     ("RAS", "sagittal", 0), ("RAS", "coronal", 1), ("LSA", "auto", 1)],
+)
+def test_slice_axis_follows_anatomy_not_array_order(codes, orientation, axis):
+    assert geo.slice_axis(make_affine(codes=codes), orientation) == axis
+
+
+def test_slice_axis_rejects_unknown_orientation():
+    with pytest.raises(ValueError, match="axis must be"):
+        geo.slice_axis(np.eye(4), "oblique")
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "LAS", "RPS", "PIR", "SLA"])
+@pytest.mark.parametrize("orientation", ["auto", "coronal", "sagittal"])
+def test_slice_frame_is_right_handed_and_anatomical(codes, orientation):
+    aff = make_affine(codes=codes, rotation_deg=(7, -5, 12), spacing=(1.0, 1.5, 2.5))
+    f = geo.slice_frame(aff, (40, 50, 30), orientation)
+    e = f.basis
+    assert np.allclose(e.T @ e, np.eye(3), atol=1e-12)
+    assert np.isclose(np.linalg.det(e), 1.0)
+    name = "axial" if orientation == "auto" else orientation
+    _, x_name, y_name = geo.ORIENTATION_AXES[name]
+    assert f.ex @ geo.ANATOMICAL_DIRECTIONS[x_name] > 0.7
+    assert f.ey @ geo.ANATOMICAL_DIRECTIONS[y_name] > 0.7
+    # slice centres are the voxel planes' centres: on the normal through the volume centre
+    mid = geo.apply_to_points(aff, (np.array([40, 50, 30]) - 1) / 2.0)
+    assert np.allclose(f.centre, mid)
+    last = np.array([19.5, 24.5, 14.5])
+    last[f.axis] = [40, 50, 30][f.axis] - 1
+    assert np.allclose(f.slice_centre(-1), geo.apply_to_points(aff, last))
+
+
+def test_embedding_is_the_same_3d_transform_for_every_slice():
+    aff = make_affine(codes="LPS", rotation_deg=(3, 4, 5))
+    f = geo.slice_frame(aff, (48, 56, 40))
+    p = np.array([4.0, 3.0, -2.0])
+    whole = geo.params_to_ras(p, f)
+    for s in (0, 13, 39):
+        assert np.allclose(geo.params_to_ras(p, f, slice_index=s), whole)
+    # rotation about the slice normal through the centre: the centre moves by the in-plane translation only
+    assert np.allclose(geo.apply_to_points(whole, f.centre), f.centre + 3.0 * f.ex - 2.0 * f.ey)
+    assert np.allclose(whole[:3, :3] @ f.n, f.n)
+    assert np.allclose(geo.ras_to_params(whole, f), p)
+
+
+def test_network_grid_points_geometry():
+    f = geo.slice_frame(make_affine(codes="RAS"), (48, 56, 40))
+    pts = geo.network_grid_points(f, (8, 10), 2.0, np.array([0, 5]))
+    assert pts.shape == (2, 8, 10, 3)
+    assert np.allclose(pts[0, 0, 1] - pts[0, 0, 0], 2.0 * f.ex)  # columns along ex
+    assert np.allclose(pts[0, 1, 0] - pts[0, 0, 0], 2.0 * f.ey)  # rows along ey
+    assert np.allclose(pts[1].mean(axis=(0, 1)), f.slice_centre(5))
+
+
+def test_rigid_error_measures_rotation_and_translation():
+    c = np.array([1.0, 2.0, 3.0])
+    a = geo.rigid_matrix_3d((0, 0, 10), (1, 0, 0), c)
+    b = geo.rigid_matrix_3d((0, 0, 7), (1, 4, 0), c)
+    rot, trans = geo.rigid_error(a, b, c)
+    assert np.isclose(rot, 3.0) and np.isclose(trans, 4.0)
+    rot2, trans2 = geo.params_error_2d(np.array([10.0, 1, 0]), np.array([7.0, 1, 4]))
+    assert np.isclose(rot2, 3.0) and np.isclose(trans2, 4.0)

@@ -124,6 +124,17 @@ class PairBatch:
     moving: torch.Tensor
     truth: torch.Tensor
     same_contrast: torch.Tensor
+    sources: list[tuple[LoadedSubject, int, str, np.ndarray]] = field(default_factory=list)
+
+    def resample_moving(self, estimates: np.ndarray, kind: str, size: tuple[int, int], spacing_mm: float) -> torch.Tensor:
+        """Moving slices re-sampled from their volumes after applying the current estimates
+        ``(B, P)``: ``image(A(T(x)))``, for iterative (warp, re-predict, compose) evaluation."""
+        out = []
+        for (subj, s, contrast, motion), est in zip(self.sources, estimates):
+            pts = geo.network_grid_points(subj.frame, size, spacing_mm, np.array([s]))[0]
+            both = geo.params_to_ras(motion, subj.frame, kind, s) @ geo.params_to_ras(est, subj.frame, kind, s)
+            out.append(sample_volume_at_ras(subj.volumes[contrast], subj.ijk_to_ras[contrast], geo.apply_to_points(both, pts)))
+        return torch.stack(out)
 
 
 def random_motion(rng: np.random.Generator, n: int, kind: str, max_rotation_deg: float, max_translation_mm: float,
@@ -149,19 +160,26 @@ def sample_pairs(
     max_rotation_deg: float = 5.0,
     max_translation_mm: float = 5.0,
     cross_contrast: float = 0.5,
+    fixed_contrast: str | None = None,
+    moving_contrasts: list[str] | None = None,
 ) -> PairBatch:
     """Draw a batch: random slice (all subjects' slices equally likely), contrast pair and motion."""
     motion = random_motion(rng, batch_size, kind, max_rotation_deg, max_translation_mm)
-    fixed, moving, same = [], [], []
+    fixed, moving, same, sources = [], [], [], []
     weights = np.array([len(s.slices) for s in subjects], dtype=np.float64)  # every slice equally likely
     for b in range(batch_size):
         subj = subjects[int(rng.choice(len(subjects), p=weights / weights.sum()))]
         s = int(rng.choice(subj.slices))
         contrasts = list(subj.volumes)
-        c_fixed = contrasts[int(rng.integers(len(contrasts)))]
-        c_moving = c_fixed
-        if len(contrasts) > 1 and rng.random() < cross_contrast:
-            c_moving = [c for c in contrasts if c != c_fixed][int(rng.integers(len(contrasts) - 1))]
+        if fixed_contrast is not None:  # evaluation: roles given
+            c_fixed = fixed_contrast
+            options = [c for c in (moving_contrasts or [fixed_contrast]) if c in subj.volumes]
+            c_moving = options[int(rng.integers(len(options)))]
+        else:
+            c_fixed = contrasts[int(rng.integers(len(contrasts)))]
+            c_moving = c_fixed
+            if len(contrasts) > 1 and rng.random() < cross_contrast:
+                c_moving = [c for c in contrasts if c != c_fixed][int(rng.integers(len(contrasts) - 1))]
         pts = geo.network_grid_points(subj.frame, size, spacing_mm, np.array([s]))[0]
         motion_ras = geo.params_to_ras(motion[b], subj.frame, kind, s)
         fixed.append(sample_volume_at_ras(subj.volumes[c_fixed], subj.ijk_to_ras[c_fixed], pts))
@@ -169,9 +187,10 @@ def sample_pairs(
             sample_volume_at_ras(subj.volumes[c_moving], subj.ijk_to_ras[c_moving], geo.apply_to_points(motion_ras, pts))
         )
         same.append(c_fixed == c_moving)
+        sources.append((subj, s, c_moving, motion[b]))
     # moving(x) = image(A x): the registering (resampling) transform is A^-1
     truth = torch.as_tensor(geo.invert_params_2d(motion, kind), dtype=torch.float32)
-    return PairBatch(torch.stack(fixed), torch.stack(moving), truth, torch.tensor(same))
+    return PairBatch(torch.stack(fixed), torch.stack(moving), truth, torch.tensor(same), sources)
 
 
 def augment_intensity(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:

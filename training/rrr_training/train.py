@@ -137,8 +137,9 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run training; returns the path of the best checkpoint."""
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Run training; returns the path of the best checkpoint. ``stop_after`` ends this run after
+    that many steps (as an interruption would; ``--resume`` continues)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -180,7 +181,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     ncc_run: list[float] = []
     mi_run: list[float] = []
     model.train()
-    while step < cfg.steps:
+    stop_at = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    while step < stop_at:
         batch = sample_pairs(train_subjects, rng, cfg.batch_size, size, cfg.spacing_mm, cfg.transform,
                              cfg.max_rotation_deg, cfg.max_translation_mm, cfg.cross_contrast)
         x, f, m = prepare_inputs(batch, gen, cfg.augment)
@@ -195,7 +197,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         scaler.update()
         sched.step()
         step += 1
-        running.append(float(loss))
+        running.append(loss.item())
         ncc_run.append(stats["ncc"])
         mi_run.append(stats["mi"])
         if step % 25 == 0:

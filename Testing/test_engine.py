@@ -145,6 +145,9 @@ def test_bad_options_and_inputs_raise_clear_errors():
         register_volumes(Volume(np.ones(fixed.shape, np.float32), fixed.ijk_to_ras, "fixed"), moving, oracle)
     with pytest.raises(InputError, match="3D scalar"):
         register_volumes(Volume(np.zeros((4, 4, 4, 3), np.float32), fixed.ijk_to_ras, "fixed"), moving, oracle)
+    tiny = phantom_volume(shape=(8, 8, 6), spacing=(1.0, 1.0, 1.0))
+    with pytest.raises(InputError, match="too small for the network grid"):
+        register_volumes(Volume(tiny.array, tiny.ijk_to_ras, "fixed"), moving, oracle)
     far = moving.ijk_to_ras.copy()
     far[:3, 3] += 5000.0
     with pytest.raises(InputError, match="do not overlap"):
@@ -178,3 +181,21 @@ def test_cuda_matches_cpu(card_factory):  # pragma: no cover - runs only where a
     gpu = register_volumes(fixed, moving, load_model(card, "cuda"), RegistrationOptions(device="cuda"))
     assert gpu.device.startswith("cuda")
     assert np.allclose(cpu.fixed_to_moving_ras, gpu.fixed_to_moving_ras, atol=1e-3)
+
+
+def test_two_runs_give_identical_transforms(card_factory):
+    model = load_model(card_factory(seed=4), "cpu")
+    fixed, moving, _, _ = _case()
+    a = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", compute_registered=False))
+    b = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", compute_registered=False))
+    assert np.array_equal(a.fixed_to_moving_ras, b.fixed_to_moving_ras)
+
+
+def test_integer_voxel_types_do_not_overflow():
+    fixed, moving, truth, _ = _case()
+    scale = 60000.0 / fixed.array.max()
+    f16 = Volume((fixed.array * scale).astype(np.uint16), fixed.ijk_to_ras, "fixed")
+    m64 = Volume((moving.array * scale).astype(np.int64) * 10**9, moving.ijk_to_ras, "moving")
+    result = register_volumes(f16, m64, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu"))
+    assert np.allclose(result.fixed_to_moving_ras, truth)
+    assert result.similarity["ncc_after"] > result.similarity["ncc_before"] > 0

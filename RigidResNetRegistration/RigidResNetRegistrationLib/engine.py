@@ -31,6 +31,7 @@ from .preprocess import (
     SliceStacks,
     Volume,
     as_float_tensor,
+    check_field_of_view,
     check_overlap,
     intensity_range,
     normalise_slices,
@@ -251,6 +252,7 @@ def register_volumes(
     f_t = as_float_tensor(fixed, device)
     m_t = as_float_tensor(moving, device)
     frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape, opts.axis)
+    check_field_of_view(fixed if fixed.name != "volume" else replace(fixed, name="fixed volume"), frame, size, spacing)
     stacks: SliceStacks = prepare_slice_stacks(
         f_t, fixed.ijk_to_ras, m_t, moving.ijk_to_ras, frame, size, spacing, min_foreground=opts.min_foreground
     )

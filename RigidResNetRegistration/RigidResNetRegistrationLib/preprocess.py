@@ -149,6 +149,19 @@ def prepare_slice_stacks(
     return SliceStacks(frame, fixed_stack, moving_stack, ffg, mfg, informative, mt, ft)
 
 
+def check_field_of_view(volume: Volume, frame: SliceFrame, size: tuple[int, int], spacing_mm: float) -> None:
+    """Raise :class:`InputError` when the volume's in-plane field of view is too small for the
+    network grid (under a quarter of its side, or under 16 grid pixels)."""
+    in_plane = [a for a in range(3) if a != frame.axis]
+    extent = np.asarray(volume.shape, dtype=float)[in_plane] * volume.spacing[in_plane]
+    need = max(0.25 * min(size) * spacing_mm, 16 * spacing_mm)
+    if extent.min() < need:
+        raise InputError(
+            f"{volume.name}: in-plane field of view {extent[0]:.0f} x {extent[1]:.0f} mm is too small for the "
+            f"network grid ({size[1] * spacing_mm:.0f} x {size[0] * spacing_mm:.0f} mm); at least {need:.0f} mm is needed"
+        )
+
+
 def check_overlap(stacks: SliceStacks) -> None:
     """Raise :class:`InputError` when no slice has signal in both volumes (no spatial overlap)."""
     if not stacks.informative.any():

@@ -99,10 +99,10 @@ def test_checkpoint_resumes_to_the_same_state_and_export_round_trips(tiny_data, 
     train(_cfg(tiny_data, straight))
     interrupted = tmp_path / "interrupted"
     train(_cfg(tiny_data, interrupted), stop_after=4)
-    assert torch.load(interrupted / "last.pt", weights_only=False)["step"] == 4
+    assert torch.load(interrupted / "last.pt", weights_only=True)["step"] == 4
     train(_cfg(tiny_data, interrupted), resume=True)
-    a = torch.load(straight / "last.pt", weights_only=False)["model"]
-    b = torch.load(interrupted / "last.pt", weights_only=False)["model"]
+    a = torch.load(straight / "last.pt", weights_only=True)["model"]
+    b = torch.load(interrupted / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     assert len(list(open(interrupted / "log.csv"))) == 1 + 3  # header + validations at 2, 4, 6
     assert (straight / "curves.png").stat().st_size > 0
@@ -112,6 +112,6 @@ def test_checkpoint_resumes_to_the_same_state_and_export_round_trips(tiny_data, 
     assert card["trained"] and card["input"] == {**card["input"], "size": [32, 32], "spacing_mm": 2.5}
     model = load_model(card_path, "cpu")
     ref = ResNetRegressor(3)
-    ref.load_state_dict(torch.load(straight / "best.pt", weights_only=False)["model"])
+    ref.load_state_dict(torch.load(straight / "best.pt", weights_only=True)["model"])
     x = torch.rand(3, 2, 32, 32)
     assert torch.allclose(model(x), ref.eval()(x), atol=2e-2 + 2e-2 * ref(x).abs().max().item())  # fp16 weights

@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     step, best, bad = 0, float("inf"), 0
     last = out / "last.pt"
     if resume and last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)  # our own checkpoint (rng state)
+        ck = torch.load(last, map_location="cpu", weights_only=True)  # tensors, numbers, dicts only: no code
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
 
 def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: str | None = None, extra: dict | None = None) -> Path:
     """Write fp16 weights and the model card for a checkpoint into ``models_dir``."""
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = ck["config"]
     name = name or f"{cfg['transform']}_resnet34"
     model = ResNetRegressor(geo.N_PARAMS[cfg["transform"]], cfg["hidden"])

@@ -130,7 +130,7 @@ class RigidResNetRegistrationParameterNode:
     mode: Annotated[str, Choice(list(slicer_nodes.MODES))] = "volume"
     model: Annotated[str, Choice(MODEL_KEYS)] = DEFAULT_MODEL_KEY
     axis: Annotated[str, Choice(list(slicer_nodes.AXES))] = "auto"
-    iterations: Annotated[int, WithinRange(1, 10)] = 1
+    iterations: Annotated[int, WithinRange(1, 10)] = 2
     batchSize: Annotated[int, WithinRange(1, 512)] = 32
     outputTransform: vtkMRMLLinearTransformNode
     applyTransform: bool = True
@@ -449,7 +449,7 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         mode: str = "volume",
         model: Optional[str] = None,
         axis: str = "auto",
-        iterations: int = 1,
+        iterations: int = 2,
         batchSize: int = 32,
         transformNode: Optional[vtkMRMLLinearTransformNode] = None,
         registeredVolume: Union[bool, vtkMRMLScalarVolumeNode, None] = True,

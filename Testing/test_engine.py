@@ -33,7 +33,7 @@ def _case(**grid):
 def test_oracle_parameters_give_the_exact_transform_and_align_the_images(grid):
     fixed, moving, truth, frame = _case(**grid)
     fixed_before, moving_before = fixed.array.copy(), moving.array.copy()
-    result = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu"))
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1))
     assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)
     assert np.allclose(result.moving_to_fixed_ras @ truth, np.eye(4), atol=1e-9)
     err_before = np.abs(moving.array - fixed.array).mean()
@@ -52,7 +52,7 @@ def test_iterations_compose_in_the_right_order():
     fixed, moving, truth, frame = _case()
     first = np.array([1.5, 1.0, 0.5])
     second = geo.compose_params_2d(TRUTH, geo.invert_params_2d(first))  # D = A^-1 o truth -> A o D = truth
-    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, first), RegistrationOptions(device="cpu")).used.sum()
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, first), RegistrationOptions(device="cpu", iterations=1)).used.sum()
     params = np.vstack([np.repeat(first[None], n_used, 0), np.repeat(second[None], n_used, 0)])
     result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=2))
     assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)
@@ -61,8 +61,8 @@ def test_iterations_compose_in_the_right_order():
 def test_batching_gives_the_same_result_as_one_slice_at_a_time(card_factory):
     model = load_model(card_factory(seed=3), "cpu")
     fixed, moving, _, _ = _case()
-    one = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", batch_size=1, compute_registered=False))
-    many = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", batch_size=13, compute_registered=False))
+    one = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, batch_size=1, compute_registered=False))
+    many = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, batch_size=13, compute_registered=False))
     assert np.abs(one.slice_params).max() > 0.01  # a real, input-dependent prediction
     assert np.allclose(one.slice_params, many.slice_params, atol=1e-4)
     assert np.allclose(one.fixed_to_moving_ras, many.fixed_to_moving_ras, atol=1e-5)
@@ -75,7 +75,7 @@ def test_empty_slices_are_skipped_and_never_predicted():
     arr[..., -4:] = 0.0
     fixed = Volume(arr, fixed.ijk_to_ras, "fixed")
     oracle = ConstantPredictor(CARD, TRUTH)
-    result = register_volumes(fixed, moving, oracle, RegistrationOptions(device="cpu"))
+    result = register_volumes(fixed, moving, oracle, RegistrationOptions(device="cpu", iterations=1))
     assert frame.axis == 2
     assert not result.used[:6].any() and not result.used[-4:].any()
     assert oracle.seen == result.used.sum() < fixed.shape[2] - 10 + 1
@@ -84,11 +84,11 @@ def test_empty_slices_are_skipped_and_never_predicted():
 
 def test_volume_mode_rejects_outlier_slices():
     fixed, moving, truth, _ = _case()
-    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu")).used.sum()
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1)).used.sum()
     params = np.repeat(TRUTH[None], n_used, 0) + np.random.default_rng(0).normal(0, 0.02, (n_used, 3))
     bad = [2, 7, 11]
     params[bad] = [[25.0, -30.0, 12.0], [-40.0, 9.0, 9.0], [4.0, 3.0, 30.0]]
-    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu"))
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=1))
     used_idx = np.flatnonzero(result.used)
     assert not result.inlier[used_idx[bad]].any()
     assert result.inlier.sum() == n_used - 3
@@ -106,16 +106,16 @@ def test_robust_combine_all_outliers_falls_back_to_all():
 
 def test_slices_mode_keeps_one_transform_per_slice():
     fixed, moving, truth, frame = _case()
-    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu")).used.sum()
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1)).used.sum()
     params = np.repeat(TRUTH[None], n_used, 0)
     params[:, 0] += np.linspace(-2, 2, n_used)  # motion varying through the scan
-    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", mode="slices"))
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=1, mode="slices"))
     assert np.allclose(result.slice_params[result.used], params)
     # skipped slices take the robust volume estimate
     assert np.allclose(result.slice_params[~result.used], result.params)
     # each registered slice was resampled with its own transform
     s = int(np.flatnonzero(result.used)[0])
-    ref = register_volumes(fixed, moving, ConstantPredictor(CARD, params[0]), RegistrationOptions(device="cpu"))
+    ref = register_volumes(fixed, moving, ConstantPredictor(CARD, params[0]), RegistrationOptions(device="cpu", iterations=1))
     assert np.allclose(result.registered.array[..., s], ref.registered.array[..., s], atol=1e-4)
     assert not np.allclose(result.registered.array[..., -s - 1], ref.registered.array[..., -s - 1], atol=1e-2)
 
@@ -123,18 +123,18 @@ def test_slices_mode_keeps_one_transform_per_slice():
 def test_cancel_raises_and_progress_reports():
     fixed, moving, _, _ = _case()
     seen = []
-    register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu"),
+    register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1),
                      progress=lambda f, m: seen.append(f))
     assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
     with pytest.raises(RegistrationCancelled):
-        register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu"), cancel=lambda: True)
+        register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1), cancel=lambda: True)
 
 
 def test_bad_options_and_inputs_raise_clear_errors():
     fixed, moving, _, _ = _case()
     oracle = ConstantPredictor(CARD, TRUTH)
     with pytest.raises(InputError, match="mode must be"):
-        register_volumes(fixed, moving, oracle, RegistrationOptions(mode="slab"))
+        register_volumes(fixed, moving, oracle, RegistrationOptions(mode="slab", iterations=1))
     with pytest.raises(InputError, match="batch size"):
         register_volumes(fixed, moving, oracle, RegistrationOptions(batch_size=0))
     with pytest.raises(InputError, match="moving.*NaN"):
@@ -177,7 +177,7 @@ def test_cuda_requested_without_cuda_is_an_input_error(monkeypatch):
 def test_cuda_matches_cpu(card_factory):  # pragma: no cover - runs only where a GPU exists
     card = card_factory(seed=3)
     fixed, moving, _, _ = _case()
-    cpu = register_volumes(fixed, moving, load_model(card, "cpu"), RegistrationOptions(device="cpu"))
+    cpu = register_volumes(fixed, moving, load_model(card, "cpu"), RegistrationOptions(device="cpu", iterations=1))
     gpu = register_volumes(fixed, moving, load_model(card, "cuda"), RegistrationOptions(device="cuda"))
     assert gpu.device.startswith("cuda")
     assert np.allclose(cpu.fixed_to_moving_ras, gpu.fixed_to_moving_ras, atol=1e-3)
@@ -186,8 +186,8 @@ def test_cuda_matches_cpu(card_factory):  # pragma: no cover - runs only where a
 def test_two_runs_give_identical_transforms(card_factory):
     model = load_model(card_factory(seed=4), "cpu")
     fixed, moving, _, _ = _case()
-    a = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", compute_registered=False))
-    b = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", compute_registered=False))
+    a = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, compute_registered=False))
+    b = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, compute_registered=False))
     assert np.array_equal(a.fixed_to_moving_ras, b.fixed_to_moving_ras)
 
 
@@ -196,6 +196,6 @@ def test_integer_voxel_types_do_not_overflow():
     scale = 60000.0 / fixed.array.max()
     f16 = Volume((fixed.array * scale).astype(np.uint16), fixed.ijk_to_ras, "fixed")
     m64 = Volume((moving.array * scale).astype(np.int64) * 10**9, moving.ijk_to_ras, "moving")
-    result = register_volumes(f16, m64, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu"))
+    result = register_volumes(f16, m64, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1))
     assert np.allclose(result.fixed_to_moving_ras, truth)
     assert result.similarity["ncc_after"] > result.similarity["ncc_before"] > 0

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slice orientation (auto: the voxel axis closest to anatomical S)")
     p.add_argument("--weights", metavar="PATH", help="model card (.json) or weights (.pt with a .json card beside it); default: bundled")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="slices per network batch (default 32)")
-    p.add_argument("--iterations", type=int, default=1, metavar="N", help="predict / re-warp passes (default 1)")
+    p.add_argument("--iterations", type=int, default=2, metavar="N",
+                   help="predict, re-warp the moving slices, predict again and compose: passes (default 2)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--demo", action="store_true",

@@ -70,7 +70,7 @@ class RegistrationOptions:
     axis: str = "auto"
     device: str = "auto"
     batch_size: int = 32
-    iterations: int = 1
+    iterations: int = 2
     min_foreground: float = 0.05
     outlier_floor: float = 0.5
     compute_registered: bool = True

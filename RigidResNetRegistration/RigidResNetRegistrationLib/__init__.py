@@ -2,7 +2,7 @@
 
 Importable without Slicer. Modules: ``geometry`` (frames, transforms, RAS/LPS), ``resample``
 (the interpolator), ``similarity`` (NCC, MI), ``preprocess`` (volumes, normalisation, slice
-stacks), ``model`` (ResNet-34 regressor, model cards), ``engine`` (the registration flow),
+stacks), ``model_card`` (model cards, no torch), ``model`` (ResNet-34 regressor, loading), ``engine`` (the registration flow),
 ``io`` (files), ``report`` (summaries, overview figure), ``cli`` (command line), ``sample``
 (embedded sample and demo). Only ``slicer_nodes`` (Slicer adapter) imports ``slicer``.
 """

@@ -152,9 +152,6 @@ def rigid_error(
 
 # --------------------------------------------------------------------------- slice axis & frame
 
-Orientation = Literal["axial", "coronal", "sagittal"]
-
-
 def slice_axis(ijk_to_ras: np.ndarray, orientation: str = "auto") -> int:
     """Array axis (0, 1 or 2 of ``array[i, j, k]``) along which slices are taken.
 
@@ -356,15 +353,6 @@ def network_grid_points(
     plane = ys[:, None, None] * frame.ey + xs[None, :, None] * frame.ex  # (H, W, 3)
     centres = frame.centre + frame.offsets[idx][:, None] * frame.n  # (S, 3)
     return centres[:, None, None, :] + plane[None]
-
-
-def grid_coordinates_mm(size: tuple[int, int], spacing_mm: float) -> np.ndarray:
-    """Centred in-plane mm coordinates ``(x, y)`` of each network pixel, shape ``(H, W, 2)``."""
-    h, w = size
-    xs = (np.arange(w) - (w - 1) / 2.0) * spacing_mm
-    ys = (np.arange(h) - (h - 1) / 2.0) * spacing_mm
-    gx, gy = np.meshgrid(xs, ys)
-    return np.stack([gx, gy], axis=-1)
 
 
 def params_error_2d(estimated: np.ndarray, truth: np.ndarray, kind: TransformKind = "rigid") -> tuple[np.ndarray, np.ndarray]:

@@ -118,8 +118,6 @@ class SliceStacks:
     fixed_fg: torch.Tensor
     moving_fg: torch.Tensor
     informative: np.ndarray
-    moving_threshold: float
-    fixed_threshold: float
 
 
 def prepare_slice_stacks(
@@ -146,7 +144,7 @@ def prepare_slice_stacks(
     ffg = (fixed_stack > ft).float().mean(dim=(1, 2))
     mfg = (moving_stack > mt).float().mean(dim=(1, 2))
     informative = ((ffg >= min_foreground) & (mfg >= min_foreground)).cpu().numpy()
-    return SliceStacks(frame, fixed_stack, moving_stack, ffg, mfg, informative, mt, ft)
+    return SliceStacks(frame, fixed_stack, moving_stack, ffg, mfg, informative)
 
 
 def check_field_of_view(volume: Volume, frame: SliceFrame, size: tuple[int, int], spacing_mm: float) -> None:

@@ -96,7 +96,7 @@ def sample_slice_stack(
     size: tuple[int, int],
     spacing_mm: float,
     slices: np.ndarray | None = None,
-    fixed_to_moving_ras: np.ndarray | np.ndarray | None = None,
+    fixed_to_moving_ras: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Network-grid slices ``(S, H, W)`` of a volume, sampled on the fixed volume's slice frame.
 

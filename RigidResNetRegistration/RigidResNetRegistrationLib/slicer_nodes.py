@@ -43,12 +43,12 @@ import slicer
 import slicer.util
 import vtk
 
+from .model_card import MODELS_DIR, ModelError, read_model_card  # torch-free
+
 if TYPE_CHECKING:  # only for type hints: these modules import torch
     from .engine import Predictor, RegistrationOptions, RegistrationResult
     from .preprocess import Volume
 
-#: Folder of the bundled model cards (same as ``model.MODELS_DIR``, without importing torch).
-MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 DEFAULT_MODEL = "rigid_resnet34"
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("volume", "slices")
@@ -86,17 +86,11 @@ def list_model_cards(folder: Union[str, Path] = MODELS_DIR) -> list[ModelCardInf
     cards = []
     for path in sorted(Path(folder).glob("*.json")):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            card = read_model_card(path)
+        except ModelError:
             continue
-        if not isinstance(data, dict) or "transform" not in data:
-            continue
-        weights = data.get("weights") or {}
-        trained = bool(data.get("trained", bool(weights.get("file"))))
-        cards.append(
-            ModelCardInfo(path.stem, path.resolve(), str(data.get("name", path.stem)), str(data["transform"]),
-                          trained, str(data.get("notes", "")))
-        )
+        cards.append(ModelCardInfo(path.stem, path.resolve(), card.name, card.transform, card.trained,
+                                   str(card.raw.get("notes", ""))))
     return sorted(cards, key=lambda c: (c.transform != "rigid", c.key))
 
 

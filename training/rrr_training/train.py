@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from RigidResNetRegistrationLib import geometry as geo
-from RigidResNetRegistrationLib.model import MODELS_DIR, ModelCard, ResNetRegressor, save_weights
+from RigidResNetRegistrationLib.model import MODELS_DIR, ModelCard, ResNetRegressor, resolve_device, save_weights
 from RigidResNetRegistrationLib.preprocess import normalise_slices
 
 from .data import LoadedSubject, PairBatch, augment_intensity, find_subjects, load_subject, sample_pairs
@@ -145,7 +145,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else (cfg.device if cfg.device != "auto" else "cpu"))
+    device = resolve_device(cfg.device)
     train_subjects, val_subjects = load_subjects(cfg)
     print(f"train subjects: {[s.name for s in train_subjects]}; validation: {[s.name for s in val_subjects]}", flush=True)
     size = (cfg.size, cfg.size)

@@ -106,7 +106,7 @@ def test_robust_combine_all_outliers_falls_back_to_all():
 
 def test_slices_mode_keeps_one_transform_per_slice():
     fixed, moving, truth, frame = _case()
-    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1)).used.sum()
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1)).informative.sum()
     params = np.repeat(TRUTH[None], n_used, 0)
     params[:, 0] += np.linspace(-2, 2, n_used)  # motion varying through the scan
     result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=1, mode="slices"))
@@ -199,3 +199,87 @@ def test_integer_voxel_types_do_not_overflow():
     result = register_volumes(f16, m64, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1))
     assert np.allclose(result.fixed_to_moving_ras, truth)
     assert result.similarity["ncc_after"] > result.similarity["ncc_before"] > 0
+
+
+# --------------------------------------------------------------------------- speed paths
+
+
+def test_volume_mode_registers_max_slices_spread_over_the_brain():
+    fixed, moving, truth, frame = _case()
+    counter = ConstantPredictor(CARD, TRUTH)
+    result = register_volumes(fixed, moving, counter, RegistrationOptions(device="cpu", iterations=2, max_slices=5))
+    used = np.flatnonzero(result.used)
+    informative = np.flatnonzero(result.informative)
+    assert len(used) == 5 and counter.seen == 10  # 5 slices, 2 passes
+    assert set(used) <= set(informative)
+    # spread: the picks span most of the informative range, not one end of it
+    assert used.max() - used.min() >= 0.5 * (informative.max() - informative.min())
+    every = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, max_slices=0))
+    assert np.array_equal(every.used, every.informative) and every.used.sum() > 5
+    # slices mode ignores max_slices: every informative slice gets its own transform
+    per_slice = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, mode="slices", max_slices=3))
+    assert np.array_equal(per_slice.used, per_slice.informative)
+
+
+def test_select_slices_prefers_the_bulk_of_the_brain():
+    from RigidResNetRegistrationLib.preprocess import SliceSurvey, select_slices
+
+    fg = np.r_[np.zeros(5), np.linspace(0.06, 0.6, 10), np.full(20, 0.6), np.linspace(0.6, 0.06, 10), np.zeros(5)]
+    survey = SliceSurvey(None, fg, fg, fg >= 0.05)
+    picks = select_slices(survey, 6)
+    assert len(picks) == 6 and np.all(np.diff(picks) > 0)
+    assert np.all(fg[picks] >= 0.3)  # bulk: at least half the largest overlap
+    assert np.array_equal(select_slices(survey, 0), np.flatnonzero(fg >= 0.05))
+
+
+def test_bf16_precision_stays_close_to_fp32(card_factory):
+    fixed, moving, truth, frame = _case()
+    model = load_model(card_factory(seed=3), "cpu")
+    runs = {p: register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, precision=p)) for p in ("fp32", "bf16")}
+    assert runs["bf16"].precision == "bf16" and runs["fp32"].precision == "fp32"
+    assert not np.array_equal(runs["bf16"].slice_params, runs["fp32"].slice_params)  # really computed in bf16
+    assert np.allclose(runs["bf16"].params, runs["fp32"].params, atol=0.05)
+    with pytest.raises(InputError, match="precision must be"):
+        register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", precision="fp8"))
+
+
+class _MemoryHungry(ConstantPredictor):
+    """Raises out-of-memory for batches larger than ``limit`` (``limit`` 0: always)."""
+
+    def __init__(self, card, params, limit):
+        super().__init__(card, params)
+        self.limit, self.sizes = limit, []
+
+    def __call__(self, pairs):
+        self.sizes.append(pairs.shape[0])
+        if pairs.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().__call__(pairs)
+
+
+def test_out_of_memory_retries_with_smaller_batches_then_says_so():
+    fixed, moving, truth, frame = _case()
+    messages = []
+    hungry = _MemoryHungry(CARD, TRUTH, limit=3)
+    opts = RegistrationOptions(device="cpu", iterations=1, batch_size=16, max_slices=0)
+    result = register_volumes(fixed, moving, hungry, opts, progress=lambda f, m: messages.append(m))
+    assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)
+    assert max(s for s in hungry.sizes if s <= 3) == 2 and hungry.sizes[:3] == [16, 8, 4]
+    assert any("retrying with 8 slices per batch" in m for m in messages)
+    with pytest.raises(RuntimeError, match="even with one slice per batch"):
+        register_volumes(fixed, moving, _MemoryHungry(CARD, TRUTH, limit=0), opts)
+
+
+def test_passes_stop_once_a_correction_is_below_the_tolerance():
+    fixed, moving, truth, frame = _case()
+    n = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1)).used.sum()
+    corrections = [TRUTH, [0.5, 0.0, 0.3], [0.15, 0.1, -0.1], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    queue = np.vstack([np.repeat(np.asarray(c, dtype=float)[None], n, 0) for c in corrections])
+    stopped = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=6, tolerance=0.2))
+    assert stopped.passes == 3  # the third correction (0.15 deg, 0.14 mm) is below 0.2
+    expected = geo.compose_params_2d(np.array(corrections[2]), geo.compose_params_2d(np.array(corrections[1]), TRUTH))
+    assert np.allclose(stopped.params, expected, atol=1e-9)
+    every = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=6, tolerance=0.0))
+    assert every.passes == 6 and np.allclose(every.params, expected, atol=1e-9)  # later passes corrected nothing
+    capped = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=2, tolerance=0.2))
+    assert capped.passes == 2

@@ -390,7 +390,7 @@ def test_slices_mode_fills_the_table_with_per_slice_motion(module):
     fixed_node, moving_node, _ = case(scene, "RAS")
     first = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, predictor=ConstantPredictor(ORACLE, MOTION),
                                                            registeredVolume=False, differenceVolume=False, applyTransform=False)
-    n_used = int(first.result.used.sum())
+    n_used = int(first.result.informative.sum())  # slices mode registers every informative slice
     per_slice = np.tile(MOTION, (n_used, 1)) + np.linspace(-1, 1, n_used)[:, None] * [1.0, 0.5, 0.0]
     out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, mode="slices", predictor=ConstantPredictor(ORACLE, per_slice))
     table = out.table_node.GetTable()

@@ -3,10 +3,11 @@
 Steps (one implementation shared by the Slicer Logic, the command line and the benchmarks):
 
 1. validate both volumes; choose the fixed volume's slice frame (:func:`geometry.slice_frame`);
-2. sample fixed and moving on the network grid of every fixed slice, through their own headers
-   (which resamples the moving volume onto the fixed grid); find slices with brain signal;
-3. predict slice-frame parameters for all informative slices in batches (optionally again on
-   the re-warped moving slices, composing the estimates: ``iterations``);
+2. survey every fixed slice on a coarse copy of the network grid to find the slices with brain
+   signal in both volumes; in ``volume`` mode keep ``max_slices`` of them spread over the brain;
+3. sample fixed and moving on the network grid of those slices, through their own headers (which
+   resamples the moving volume onto the fixed grid), and predict slice-frame parameters in
+   batches (again on the re-warped moving slices, composing the estimates: ``iterations``);
 4. ``volume`` mode: combine the per-slice estimates robustly (median/MAD outlier rejection, mean
    of the inliers) into one transform; ``slices`` mode: keep one transform per slice;
 5. resample the moving volume onto the fixed grid, compute |fixed - registered| and the
@@ -28,20 +29,22 @@ from . import geometry as geo
 from .model import ModelCard, resolve_device
 from .preprocess import (
     InputError,
-    SliceStacks,
     Volume,
     as_float_tensor,
     check_field_of_view,
+    check_in_plane_resolution,
     check_overlap,
     intensity_range,
     normalise_slices,
-    prepare_slice_stacks,
+    select_slices,
+    survey_slices,
     validate_volume,
 )
-from .resample import resample_volume, sample_slice_stack
+from .resample import resample_per_slice, resample_volume, sample_slice_stack
 from .similarity import mutual_information, ncc
 
 MODES = ("volume", "slices")
+PRECISIONS = ("auto", "fp32", "bf16")
 ProgressCallback = Callable[[float, str], None]
 
 
@@ -62,15 +65,23 @@ class Predictor(Protocol):
 class RegistrationOptions:
     """How to register. ``mode``: ``volume`` (one transform) or ``slices`` (one per slice);
     ``axis``: ``auto`` (closest to S) or ``axial``/``coronal``/``sagittal``; ``iterations``:
-    predict/warp/compose passes; ``min_foreground``: fraction of a slice's pixels that must be
-    signal in both volumes for it to be used; ``outlier_floor``: smallest deviation from the
-    median (per parameter, model units) that counts as an outlier in ``volume`` mode."""
+    at most this many predict/warp/compose passes, stopping early once a pass corrects by less
+    than ``tolerance`` (degrees and mm; 0 = always make every pass); ``max_slices``: in ``volume`` mode, how many informative slices
+    are registered (spread over the brain; 0 = all; ``slices`` mode always uses all);
+    ``precision``: network arithmetic, ``fp32``, ``bf16`` or ``auto`` (bf16 where the device
+    computes it natively: recent NVIDIA GPUs, CPUs with AVX-512 BF16/AMX; fp32 elsewhere);
+    ``min_foreground``: fraction of a slice's pixels that must be signal in both volumes for it
+    to be used; ``outlier_floor``: smallest deviation from the median (per parameter, model
+    units) that counts as an outlier in ``volume`` mode."""
 
     mode: str = "volume"
     axis: str = "auto"
     device: str = "auto"
     batch_size: int = 32
-    iterations: int = 2
+    iterations: int = 6
+    tolerance: float = 0.2
+    max_slices: int = 12
+    precision: str = "auto"
     min_foreground: float = 0.05
     outlier_floor: float = 0.5
     compute_registered: bool = True
@@ -83,8 +94,14 @@ class RegistrationOptions:
             raise InputError(f"axis must be auto, axial, coronal or sagittal, not {self.axis!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InputError(f"batch size must be a positive integer, not {self.batch_size!r}")
-        if not isinstance(self.iterations, int) or not 1 <= self.iterations <= 10:
-            raise InputError(f"iterations must be an integer from 1 to 10, not {self.iterations!r}")
+        if not isinstance(self.iterations, int) or not 1 <= self.iterations <= 20:
+            raise InputError(f"iterations must be an integer from 1 to 20, not {self.iterations!r}")
+        if not (isinstance(self.tolerance, (int, float)) and 0.0 <= self.tolerance < 10.0):
+            raise InputError(f"tolerance must be a number of degrees/mm in [0, 10), not {self.tolerance!r}")
+        if not isinstance(self.max_slices, int) or self.max_slices < 0:
+            raise InputError(f"max_slices must be 0 (all) or a positive integer, not {self.max_slices!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if not 0.0 <= self.min_foreground < 1.0:
             raise InputError(f"min_foreground must be in [0, 1), not {self.min_foreground!r}")
 
@@ -98,7 +115,7 @@ class RegistrationResult:
     fixed_to_moving_ras: np.ndarray
     params: np.ndarray  # volume-level slice-frame parameters (model units)
     slice_params: np.ndarray  # (S, P) per fixed slice: the parameters used to resample that slice
-    used: np.ndarray  # (S,) bool: slice had signal and was predicted
+    used: np.ndarray  # (S,) bool: slice was predicted
     inlier: np.ndarray  # (S,) bool: used and kept by the robust combination
     similarity_slices: dict[str, np.ndarray]  # ncc/mi before/after per slice (NaN if unused)
     frame: geo.SliceFrame
@@ -109,6 +126,9 @@ class RegistrationResult:
     registered: Volume | None = None
     difference: Volume | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    informative: np.ndarray | None = None  # (S,) bool: slice had signal in both volumes
+    precision: str = "fp32"
+    passes: int = 0  # predict/warp/compose passes made
 
     @property
     def moving_to_fixed_ras(self) -> np.ndarray:
@@ -157,6 +177,26 @@ def robust_combine(params: np.ndarray, floor: np.ndarray | float = 0.5) -> tuple
     return p[inlier].mean(axis=0), inlier
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` for a device: ``auto`` is bf16 where the device computes it natively
+    (CUDA GPUs with bf16 support; CPUs whose oneDNN build has bf16 kernels, i.e. AVX-512 BF16 or
+    AMX), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):  # private oneDNN probe missing in this build
+            return "fp32"
+    return "fp32"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 def predict_parameters(
     predictor: Predictor,
     fixed_slices: torch.Tensor,
@@ -164,25 +204,57 @@ def predict_parameters(
     batch_size: int,
     progress: Callable[[int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    precision: str = "fp32",
+    notice: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Normalise fixed/moving network-grid slices ``(S, H, W)`` and predict ``(S, P)`` parameters
-    in batches of ``batch_size`` (results do not depend on the batch size)."""
+    in batches of ``batch_size`` (results do not depend on the batch size).
+
+    ``precision``: ``fp32`` or ``bf16`` (autocast on the predictor's device). When the device runs
+    out of memory the batch is halved and retried (``notice`` is told); at one slice per batch the
+    error is raised as a :class:`RuntimeError` that says what to do.
+    """
     out = []
     n = fixed_slices.shape[0]
-    for start in range(0, n, batch_size):
+    device = getattr(predictor, "device", fixed_slices.device)
+    device_type = torch.device(device).type
+    start, size = 0, max(1, int(batch_size))
+    while start < n:
         if cancel is not None and cancel():
             raise RegistrationCancelled("registration cancelled")
-        f = normalise_slices(fixed_slices[start : start + batch_size])
-        m = normalise_slices(moving_slices[start : start + batch_size])
-        out.append(predictor(torch.stack([f, m], dim=1)).double().numpy())
+        f = normalise_slices(fixed_slices[start : start + size])
+        m = normalise_slices(moving_slices[start : start + size])
+        try:
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                params = predictor(torch.stack([f, m], dim=1))
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            if device_type == "cuda":
+                torch.cuda.empty_cache()
+            if size == 1:
+                raise RuntimeError(
+                    f"out of memory on {device} even with one slice per batch: free memory on it or use the CPU (device cpu)"
+                ) from None
+            size = max(1, size // 2)
+            if notice is not None:
+                notice(f"out of memory on {device}: retrying with {size} slices per batch")
+            continue
+        out.append(params.double().cpu().numpy())
+        start += f.shape[0]
         if progress is not None:
-            progress(min(n, start + batch_size))
+            progress(start)
     return np.concatenate(out, axis=0) if out else np.zeros((0, predictor.card.n_params))
 
 
-def slice_similarity(fixed_slices: torch.Tensor, moving_slices: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice NCC and MI (nats) of normalised network-grid slices ``(S, H, W)``."""
+def slice_similarity(
+    fixed_slices: torch.Tensor, moving_slices: torch.Tensor, reduce: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice NCC and MI (nats) of normalised network-grid slices ``(S, H, W)``, measured on
+    the grid averaged over ``reduce`` x ``reduce`` pixels (a quality figure, 4x cheaper for 2)."""
     f, m = normalise_slices(fixed_slices), normalise_slices(moving_slices)
+    if reduce > 1 and min(f.shape[1:]) >= 8 * reduce:
+        f, m = (torch.nn.functional.avg_pool2d(x[:, None], reduce)[:, 0] for x in (f, m))
     return ncc(f, m).double().cpu().numpy(), mutual_information(f, m).double().cpu().numpy()
 
 
@@ -190,31 +262,6 @@ def normalise_volume(volume: torch.Tensor, reference: torch.Tensor | None = None
     """Map a volume to ``[0, 1]`` by the 1st/99th percentiles of ``reference`` (itself if None)."""
     lo, hi = intensity_range(volume if reference is None else reference, 0.01, 0.99)
     return ((volume - lo) / (hi - lo if hi > lo else 1.0)).clamp(0.0, 1.0)
-
-
-def resample_per_slice(
-    moving: torch.Tensor,
-    moving_ijk_to_ras: np.ndarray,
-    fixed: Volume,
-    frame: geo.SliceFrame,
-    transforms: np.ndarray,
-) -> torch.Tensor:
-    """Resample the moving volume onto the fixed grid with one RAS resampling transform per fixed
-    slice along ``frame.axis`` (``transforms``: ``(S, 4, 4)``)."""
-    shape = list(fixed.shape)
-    axis = frame.axis
-    out = torch.empty(fixed.shape, dtype=torch.float32, device=moving.device)
-    one = shape.copy()
-    one[axis] = 1
-    for s in range(shape[axis]):
-        shift = np.eye(4)
-        shift[axis, 3] = s
-        ref = fixed.ijk_to_ras @ shift
-        piece = resample_volume(moving, moving_ijk_to_ras, tuple(one), ref, transforms[s])
-        index = [slice(None)] * 3
-        index[axis] = slice(s, s + 1)
-        out[tuple(index)] = piece
-    return out
 
 
 # --------------------------------------------------------------------------- the flow
@@ -248,40 +295,56 @@ def register_volumes(
     kind = card.transform
     size, spacing = card.input_size, card.spacing_mm
 
+    precision = resolve_precision(opts.precision, torch.device(getattr(predictor, "device", device)))
+
     report(0.0, "preparing slices")
     f_t = as_float_tensor(fixed, device)
     m_t = as_float_tensor(moving, device)
     frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape, opts.axis)
-    check_field_of_view(fixed if fixed.name != "volume" else replace(fixed, name="fixed volume"), frame, size, spacing)
-    stacks: SliceStacks = prepare_slice_stacks(
+    named = [v if v.name != "volume" else replace(v, name=f"{role} volume") for v, role in ((fixed, "fixed"), (moving, "moving"))]
+    check_field_of_view(named[0], frame, size, spacing)
+    for volume in named:
+        check_in_plane_resolution(volume, frame, spacing)
+    survey = survey_slices(
         f_t, fixed.ijk_to_ras, m_t, moving.ijk_to_ras, frame, size, spacing, min_foreground=opts.min_foreground
     )
-    check_overlap(stacks)
-    used = stacks.informative.copy()
-    idx = np.flatnonzero(used)
+    check_overlap(survey)
+    idx = select_slices(survey, opts.max_slices if opts.mode == "volume" else 0)
+    used = np.zeros(len(frame.offsets), dtype=bool)
+    used[idx] = True
     n_slices = len(frame.offsets)
+    fixed_sel = sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx)
+    moving_start = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx)
     timings["prepare"] = time.perf_counter() - t0
 
     # ---- predict, (optionally) re-warp and predict again, composing in the slice frame
     t1 = time.perf_counter()
     current = np.zeros((len(idx), card.n_params))
-    fixed_sel = stacks.fixed[idx]
-    moving_sel = stacks.moving[idx]
+    moving_sel = moving_start
     total = len(idx) * opts.iterations
+    passes = 0
     for it in range(opts.iterations):
         if it > 0:
             transforms = np.stack([geo.params_to_ras(p, frame, kind, int(s)) for p, s in zip(current, idx)])
             moving_sel = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx, transforms)
 
         def on_batch(done: int, it: int = it) -> None:
-            report(0.05 + 0.75 * (it * len(idx) + done) / max(total, 1), f"predicting slice {done}/{len(idx)}")
+            report(0.05 + 0.75 * min(1.0, (it * len(idx) + done) / max(total, 1)), f"pass {it + 1}: slice {done}/{len(idx)}")
 
-        delta = predict_parameters(predictor, fixed_sel, moving_sel, opts.batch_size, on_batch, cancel)
+        delta = predict_parameters(
+            predictor, fixed_sel, moving_sel, opts.batch_size, on_batch, cancel, precision,
+            notice=lambda message: report(0.05, message),
+        )
+        passes += 1
         # registered(x) = moving(T(D(x))): apply the new estimate D first, then the current T
         current = geo.compose_params_2d(delta, current, kind) if it > 0 else delta
-        if opts.mode == "volume":
+        converged = it > 0 and _step_is_small(delta, kind, opts.tolerance)
+        last = converged or it == opts.iterations - 1
+        if opts.mode == "volume" and not last:
             combined, _ = robust_combine(current, _floor(kind, opts.outlier_floor))
-            current = np.broadcast_to(combined, current.shape).copy() if it < opts.iterations - 1 else current
+            current = np.broadcast_to(combined, current.shape).copy()
+        if last:
+            break
     timings["predict"] = time.perf_counter() - t1
 
     # ---- combine
@@ -296,16 +359,18 @@ def register_volumes(
     if cancel is not None and cancel():
         raise RegistrationCancelled("registration cancelled")
 
-    # ---- quality figures on the network grid
+    # ---- quality figures on the network grid of the registered slices
     report(0.82, "measuring similarity")
+    t_q = time.perf_counter()
     after_moving = sample_slice_stack(
         m_t, moving.ijk_to_ras, frame, size, spacing, idx, per_slice_t[idx] if opts.mode == "slices" else volume_t
     )
     sims = {k: np.full(n_slices, np.nan) for k in ("ncc_before", "ncc_after", "mi_before", "mi_after")}
-    nb, mb = slice_similarity(fixed_sel, stacks.moving[idx])
+    nb, mb = slice_similarity(fixed_sel, moving_start)
     na, ma = slice_similarity(fixed_sel, after_moving)
     sims["ncc_before"][idx], sims["mi_before"][idx] = nb, mb
     sims["ncc_after"][idx], sims["mi_after"][idx] = na, ma
+    timings["quality"] = time.perf_counter() - t_q
 
     # ---- output images on the fixed grid
     registered = difference = None
@@ -313,7 +378,7 @@ def register_volumes(
     if opts.compute_registered or opts.compute_difference:
         report(0.9, "resampling the moving volume")
         if opts.mode == "slices":
-            reg_t = resample_per_slice(m_t, moving.ijk_to_ras, fixed, frame, per_slice_t)
+            reg_t = resample_per_slice(m_t, moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, frame.axis, per_slice_t)
         else:
             reg_t = resample_volume(m_t, moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, volume_t)
         if opts.compute_registered:
@@ -338,7 +403,19 @@ def register_volumes(
         registered=registered,
         difference=difference,
         timings=timings,
+        informative=survey.informative.copy(),
+        precision=precision,
+        passes=passes,
     )
+
+
+def _step_is_small(delta: np.ndarray, kind: str, tolerance: float) -> bool:
+    """True when a pass's correction (median over the slices) is below ``tolerance`` in degrees
+    (or, for affine matrix terms, ``tolerance`` / 57.3 per term) and in mm of translation."""
+    step = np.median(np.asarray(delta, dtype=np.float64), axis=0)
+    if kind == "rigid":
+        return abs(step[0]) < tolerance and float(np.hypot(step[1], step[2])) < tolerance
+    return bool(np.all(np.abs(step[:4]) < np.deg2rad(tolerance))) and float(np.hypot(step[4], step[5])) < tolerance
 
 
 def _floor(kind: str, floor: float) -> np.ndarray:

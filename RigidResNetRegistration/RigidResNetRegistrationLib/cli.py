@@ -41,8 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slice orientation (auto: the voxel axis closest to anatomical S)")
     p.add_argument("--weights", metavar="PATH", help="model card (.json) or weights (.pt with a .json card beside it); default: bundled")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="slices per network batch (default 32)")
-    p.add_argument("--iterations", type=int, default=2, metavar="N",
-                   help="predict, re-warp the moving slices, predict again and compose: passes (default 2)")
+    p.add_argument("--iterations", type=int, default=6, metavar="N",
+                   help="at most N passes of predict, re-warp the moving slices, predict again and compose; "
+                   "stops once a pass corrects less than --tolerance (default 6)")
+    p.add_argument("--tolerance", type=float, default=0.2, metavar="DEG_MM",
+                   help="stop the passes once one corrects less than this many degrees and mm (default 0.2; 0: make all N)")
+    p.add_argument("--max-slices", type=int, default=12, metavar="N",
+                   help="volume mode: register N informative slices spread over the brain (0: all; default 12)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="network arithmetic (auto: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--demo", action="store_true",
@@ -101,60 +108,74 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Register, write every output, return the report dict."""
+    """Register, write every output, return the report dict.
+
+    Every input is checked before the model is loaded; the outputs are written into a private
+    folder inside OUTDIR and moved into place only when all of them were written, so a failed or
+    interrupted run leaves OUTDIR as it was (no partial outputs, no temporary files). The input
+    files are only read.
+    """
     from .engine import RegistrationOptions, register_volumes
-    from .io import read_volume, write_csv, write_image_2d, write_json, write_tfm, write_volume
-    from .model import load_model
+    from .io import read_volume, staged_outputs, write_csv, write_image_2d, write_json, write_tfm, write_volume
+    from .model import DEFAULT_CARD, load_model, read_model_card, resolve_device
+    from .preprocess import check_before_registration
     from .report import overview_figure, result_report
 
     t0 = time.perf_counter()
     out = prepare_output(args.output)
     card_path = resolve_card(args.weights)
+    card = read_model_card(card_path or DEFAULT_CARD)  # JSON only: the grid the inputs are checked against
+    options = RegistrationOptions(mode=args.mode, axis=args.axis, device=args.device, batch_size=args.batch_size,
+                                  iterations=args.iterations, tolerance=args.tolerance, max_slices=args.max_slices,
+                                  precision=args.precision)
+    options.validate()
+    resolve_device(args.device)  # CUDA asked for but absent: say so before reading anything
     truth = None
     if args.demo:
         from .sample import apply_known_motion, load_sample
 
         fixed = load_sample()
         moving, truth = apply_known_motion(fixed)
-        write_volume(fixed, out / "fixed.nii.gz")
-        write_volume(moving, out / "moving.nii.gz")
     else:
         if not args.fixed or not args.moving:
             raise CliError("give FIXED and MOVING images (or --demo)")
         fixed = read_volume(args.fixed, f"fixed image {args.fixed}")
         moving = read_volume(args.moving, f"moving image {args.moving}")
-    model = load_model(card_path, args.device)
-    options = RegistrationOptions(mode=args.mode, axis=args.axis, device=args.device, batch_size=args.batch_size,
-                                  iterations=args.iterations)
-    progress = _Progress(not args.quiet)
-    try:
-        result = register_volumes(fixed, moving, model, options, progress)
-    finally:
-        progress.close()
-    assert result.registered is not None and result.difference is not None
-    write_volume(result.registered, out / "registered.nii.gz")
-    write_volume(result.difference, out / "difference.nii.gz")
-    write_tfm(result.fixed_to_moving_ras, out / "transform.tfm")
-    write_csv(result.slice_table(), out / "slices.csv")
-    if fixed.shape[2] == 1 and result.frame.axis == 2:
-        write_image_2d(result.registered.array[:, :, 0].T, out / "registered.png")
-        write_image_2d(result.difference.array[:, :, 0].T, out / "difference.png")
-    if not args.no_overview:
-        overview_figure(fixed, moving, result, out / "overview.png")
-    report = result_report(result, model.card.name, model.card.sha256, model.card.trained)
-    report["inputs"] = {
-        "fixed": "embedded sample" if args.demo else str(args.fixed),
-        "moving": "embedded sample with known motion" if args.demo else str(args.moving),
-        "fixed_shape": list(fixed.shape), "fixed_spacing_mm": fixed.spacing.round(6).tolist(),
-        "moving_shape": list(moving.shape), "moving_spacing_mm": moving.spacing.round(6).tolist(),
-    }
-    if truth is not None:
-        from .geometry import rigid_error, volume_centre_ras
+    check_before_registration(fixed, moving, options.axis, card.input_size, card.spacing_mm)
+    with staged_outputs(out) as stage:  # probes that OUTDIR is writable before the heavy work
+        model = load_model(card_path, args.device)
+        progress = _Progress(not args.quiet)
+        try:
+            result = register_volumes(fixed, moving, model, options, progress)
+        finally:
+            progress.close()
+        assert result.registered is not None and result.difference is not None
+        if args.demo:
+            write_volume(fixed, stage / "fixed.nii.gz")
+            write_volume(moving, stage / "moving.nii.gz")
+        write_volume(result.registered, stage / "registered.nii.gz")
+        write_volume(result.difference, stage / "difference.nii.gz")
+        write_tfm(result.fixed_to_moving_ras, stage / "transform.tfm")
+        write_csv(result.slice_table(), stage / "slices.csv")
+        if fixed.shape[2] == 1 and result.frame.axis == 2:
+            write_image_2d(result.registered.array[:, :, 0].T, stage / "registered.png")
+            write_image_2d(result.difference.array[:, :, 0].T, stage / "difference.png")
+        if not args.no_overview:
+            overview_figure(fixed, moving, result, stage / "overview.png")
+        report = result_report(result, model.card.name, model.card.sha256, model.card.trained)
+        report["inputs"] = {
+            "fixed": "embedded sample" if args.demo else str(args.fixed),
+            "moving": "embedded sample with known motion" if args.demo else str(args.moving),
+            "fixed_shape": list(fixed.shape), "fixed_spacing_mm": fixed.spacing.round(6).tolist(),
+            "moving_shape": list(moving.shape), "moving_spacing_mm": moving.spacing.round(6).tolist(),
+        }
+        if truth is not None:
+            from .geometry import rigid_error, volume_centre_ras
 
-        rot, trans = rigid_error(result.fixed_to_moving_ras, truth, volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
-        report["demo"] = {"true_fixed_to_moving_RAS": truth.tolist(), "rotation_error_deg": rot, "translation_error_mm": trans}
-    report["total_seconds"] = round(time.perf_counter() - t0, 3)
-    write_json(report, out / "report.json")
+            rot, trans = rigid_error(result.fixed_to_moving_ras, truth, volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
+            report["demo"] = {"true_fixed_to_moving_RAS": truth.tolist(), "rotation_error_deg": rot, "translation_error_mm": trans}
+        report["total_seconds"] = round(time.perf_counter() - t0, 3)
+        write_json(report, stage / "report.json")
     return report
 
 

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -41,6 +42,8 @@ def read_volume(path: str | Path, name: str | None = None) -> Volume:
         raise InputError(f"{label}: file not found: {p}")
     if p.is_dir():
         raise InputError(f"{label}: is a folder, not an image file: {p}")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{label}: file is not readable (permission denied): {p}")
     suffix = _suffix(p)
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(p, label)
@@ -100,6 +103,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def staged_outputs(outdir: str | Path) -> Iterator[Path]:
+    """Yield a new private folder inside ``outdir`` to write a run's outputs into.
+
+    When the block succeeds, every file in it is moved into ``outdir`` (``os.replace``: same file
+    system, each file appears whole); when it fails or is interrupted (any exception, including
+    ``KeyboardInterrupt``), the folder and everything in it are removed. So ``outdir`` gets all of
+    a run's outputs or none of them, and never a half-written file. A folder that cannot be
+    written to is an :class:`InputError` raised before any work.
+    """
+    out = Path(outdir)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=".rigid-resnet-", suffix=".tmp", dir=out))
+    except OSError as exc:
+        raise InputError(f"output folder is not writable: {out} ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_volume(volume: Volume, path: str | Path, dtype: Any = np.float32) -> None:

@@ -99,7 +99,7 @@ def load_subject(
     """Read a subject's volumes and find its axial slices with brain signal (None if none)."""
     volumes, affines, thresholds = {}, {}, {}
     for contrast, path in subject.images.items():
-        vol = read_volume(path)
+        vol = read_volume(path, str(path))  # errors name the whole path
         volumes[contrast] = torch.from_numpy(np.asarray(vol.array, dtype=np.float32).copy())
         affines[contrast] = vol.ijk_to_ras
         thresholds[contrast] = foreground_threshold(volumes[contrast])

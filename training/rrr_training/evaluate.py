@@ -6,6 +6,8 @@
 Prints a markdown table: rotation error (deg) and translation error (mm) medians and 90th
 percentiles, success rate (< 1 deg and < 1 mm) and network time per slice pair, for same-contrast
 (T1 -> T1) and cross-contrast (T1 -> T2 / FLAIR) pairs. The motions are drawn with a fixed seed.
+Bad input ends with one line ``error: ...`` on stderr and exit code 2 (``RIGID_RESNET_DEBUG=1``
+shows the traceback).
 """
 
 from __future__ import annotations
@@ -115,6 +117,17 @@ def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, mo
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``rigid-resnet-evaluate``: every failure ends with one line ``error: ...`` and exit code 2."""
+    from .train import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from RigidResNetRegistrationLib.model import DEFAULT_CARD, read_model_card, resolve_device
+
+    from .train import TrainError, check_data_folders
+
     p = argparse.ArgumentParser(prog="rigid-resnet-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", required=True, help="held-out subject folders (or folders of subjects)")
     p.add_argument("--weights", help="model card (.json); default: the bundled model")
@@ -128,10 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--volumes", type=int, default=0, metavar="N",
                    help="also register N whole volumes per contrast pairing (volume mode, engine) and report those errors")
     a = p.parse_args(argv)
+    for name, value, least in (("--pairs", a.pairs, 1), ("--threads", a.threads, 0), ("--volumes", a.volumes, 0)):
+        if value < least:
+            raise TrainError(f"{name} must be at least {least}, not {value}")
+    if any(not 1 <= it <= 10 for it in a.iterations):
+        raise TrainError(f"--iterations must be from 1 to 10, not {' '.join(map(str, a.iterations))}")
+    if not (a.max_rotation_deg >= 0 and a.max_translation_mm >= 0):
+        raise TrainError("--max-rotation-deg and --max-translation-mm must be at least 0")
+    check_data_folders(a.data)
+    resolve_device(a.device)  # CUDA asked for but absent: say so first
     if a.threads:
         torch.set_num_threads(a.threads)
-    model = load_model(a.weights, a.device)
-    card = model.card
+    card = read_model_card(a.weights or DEFAULT_CARD)  # the grid; the network is loaded once subjects are found
     subjects = []
     for root in a.data:
         for subj in find_subjects(Path(root)):
@@ -139,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             if loaded is not None:
                 subjects.append(loaded)
     if not subjects:
-        print("error: no subjects found", file=sys.stderr)
-        return 2
+        raise TrainError("no subjects with brain signal found under " + ", ".join(a.data)
+                         + ": a subject is a folder of NIfTI volumes named by contrast (e.g. name_t1.nii.gz)")
+    model = load_model(a.weights, a.device)
+    card = model.card
     print(f"model {card.name} (sha256 {str(card.sha256)[:12]}, trained={card.trained}), device {model.device}, "
           f"subjects {[s.name for s in subjects]}, motions +-{a.max_rotation_deg} deg / +-{a.max_translation_mm} mm",
           flush=True)

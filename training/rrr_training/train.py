@@ -5,6 +5,9 @@
     rigid-resnet-train export runs/rigid/best.pt          # -> RigidResNetRegistration/Resources/Models
 
 Defaults run on a laptop CPU (128x128 grid at 1.5 mm, batch 16); AMP is used on CUDA.
+Bad input (missing data folder, no subjects, a corrupt image, bad numbers, CUDA asked for but
+absent, an output folder that cannot be written) ends with one line ``error: ...`` on stderr and
+exit code 2, no traceback (set ``RIGID_RESNET_DEBUG=1`` to see one).
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ from RigidResNetRegistrationLib.preprocess import normalise_slices
 
 from .data import LoadedSubject, PairBatch, augment_intensity, find_subjects, load_subject, sample_pairs
 from .losses import similarity_loss
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class TrainError(ValueError):
+    """Bad trainer input: the message is one clear line, shown as ``error: <message>``."""
 
 
 @dataclass
@@ -55,6 +65,53 @@ class TrainConfig:
     threads: int = 0
     device: str = "auto"
 
+    def validate(self) -> None:
+        """Raise :class:`TrainError` for values training cannot run with (one line per problem)."""
+        if self.transform not in geo.N_PARAMS:
+            raise TrainError(f"--transform must be rigid or affine, not {self.transform!r}")
+        positive_int = {"size": 32, "hidden": 1, "batch_size": 2, "steps": 1, "val_every": 1, "val_pairs": 1, "patience": 1}
+        for key, least in positive_int.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < least:
+                raise TrainError(f"--{key.replace('_', '-')} must be an integer of at least {least}, not {value!r}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise TrainError(f"--threads must be 0 (all cores) or a positive integer, not {self.threads!r}")
+        ranges = {"spacing_mm": (0.1, 10.0), "lr": (0.0, 1.0), "weight_decay": (0.0, 1.0), "max_rotation_deg": (0.0, 45.0),
+                  "max_translation_mm": (0.0, 100.0), "cross_contrast": (0.0, 1.0), "augment": (0.0, 10.0)}
+        for key, (lo, hi) in ranges.items():
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) or (key == "lr" and value == 0):
+                raise TrainError(f"--{key.replace('_', '-')} must be a number in [{lo:g}, {hi:g}]"
+                                 f"{' above 0' if key == 'lr' else ''}, not {value!r}")
+        if not self.data:
+            raise TrainError("give at least one data folder: --data FOLDER")
+
+
+def check_data_folders(folders: list[str]) -> None:
+    """Every ``--data`` entry must be an existing folder."""
+    for folder in folders:
+        p = Path(folder)
+        if not p.exists():
+            raise TrainError(f"data folder not found: {p}")
+        if not p.is_dir():
+            raise TrainError(f"data path is not a folder: {p}")
+
+
+def prepare_run_folder(out: str | Path) -> Path:
+    """Create the run folder and check that files can be written in it (before any heavy work)."""
+    import tempfile
+
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise TrainError(f"output path exists and is not a folder: {p}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise TrainError(f"output folder is not writable: {p} ({exc.strerror or exc.__class__.__name__})") from None
+    return p
+
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
@@ -66,16 +123,24 @@ def load_subjects(cfg: TrainConfig) -> tuple[list[LoadedSubject], list[LoadedSub
     """Load all subjects found under ``cfg.data``; those named in ``cfg.holdout`` validate."""
     train, val = [], []
     size = (cfg.size, cfg.size)
+    found = 0
     for root in cfg.data:
         for subj in find_subjects(root):
-            loaded = load_subject(subj, size, cfg.spacing_mm)
+            found += 1
+            loaded = load_subject(subj, size, cfg.spacing_mm)  # a corrupt image: InputError naming the file
             if loaded is None:
                 continue
             (val if any(h == subj.name for h in cfg.holdout) else train).append(loaded)
+    if not found:
+        raise TrainError(
+            "no subjects found under " + ", ".join(cfg.data) + ": a subject is a folder of NIfTI volumes named by "
+            "contrast (e.g. name_t1.nii.gz, name-t2w.nii.gz, sub-01_T1w.nii.gz) or a folder of 2D images"
+        )
     if not train:
-        raise SystemExit("error: no training subjects found under " + ", ".join(cfg.data))
+        raise TrainError("no training subjects with brain signal found under " + ", ".join(cfg.data)
+                         + " (every subject found is held out or has no slice with signal)")
     if not val:
-        raise SystemExit("error: no validation subject: name one with --holdout (a subject folder name)")
+        raise TrainError("no validation subject: name one with --holdout (a subject folder name)")
     return train, val
 
 
@@ -140,12 +205,13 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
     """Run training; returns the path of the best checkpoint. ``stop_after`` ends this run after
     that many steps (as an interruption would; ``--resume`` continues)."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg.validate()
+    check_data_folders(cfg.data)
+    device = resolve_device(cfg.device)
+    out = prepare_run_folder(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
     train_subjects, val_subjects = load_subjects(cfg)
     print(f"train subjects: {[s.name for s in train_subjects]}; validation: {[s.name for s in val_subjects]}", flush=True)
     size = (cfg.size, cfg.size)
@@ -262,6 +328,32 @@ def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: st
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``rigid-resnet-train``: every failure ends with one line ``error: ...`` and exit code 2."""
+    return run_main(_main, argv)
+
+
+def run_main(entry, argv: list[str] | None) -> int:
+    """Call ``entry(argv)``; turn any failure into one ``error:`` line on stderr (no traceback
+    unless ``RIGID_RESNET_DEBUG`` is set) and exit code 2 (130 when interrupted)."""
+    try:
+        return entry(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("RIGID_RESNET_DEBUG"):
+            raise
+        text = str(exc).strip()
+        message = text.splitlines()[0] if text else exc.__class__.__name__
+        if isinstance(exc, MemoryError):
+            message = "out of memory (try a smaller --batch-size)"
+        elif isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)) and exc.filename:
+            message = f"{exc.strerror or exc.__class__.__name__}: {exc.filename}"
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "export":
         p = argparse.ArgumentParser(prog="rigid-resnet-train export")

@@ -1,0 +1,230 @@
+"""The benchmark command (benchmarks/rrr_benchmarks): conventions of the ITK bridge against
+SimpleITK reading our files, the classical peers on known motions, the report, a quick run."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, moved_copy, phantom_ras, phantom_volume
+
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from RigidResNetRegistrationLib import geometry as geo  # noqa: E402
+from RigidResNetRegistrationLib.io import write_volume  # noqa: E402
+from RigidResNetRegistrationLib.resample import resample_volume, warp_images_2d  # noqa: E402
+
+sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is a test dependency: pip install SimpleITK")
+
+from rrr_benchmarks import itk_bridge as bridge  # noqa: E402
+from rrr_benchmarks import cases, methods, report  # noqa: E402
+from rrr_benchmarks.run import main  # noqa: E402
+
+GRIDS = {
+    "LPS anisotropic": dict(codes="LPS", spacing=(1.7, 2.1, 3.0)),
+    "oblique": dict(codes="LAS", spacing=(2.2, 1.9, 2.5), rotation_deg=(8.0, -6.0, 15.0)),
+    "sagittal": dict(codes="SRA", spacing=(1.8, 2.4, 2.0), rotation_deg=(0.0, 3.0, 0.0)),
+}
+
+
+def _header(img) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.array(img.GetOrigin()), np.array(img.GetSpacing()), np.array(img.GetDirection()).reshape(3, 3)
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_volume_to_sitk_equals_sitk_reading_our_nifti(tmp_path, grid):
+    vol = phantom_volume(shape=(20, 22, 18), **GRIDS[grid])
+    write_volume(vol, tmp_path / "v.nii.gz")
+    ref = sitk.ReadImage(str(tmp_path / "v.nii.gz"), sitk.sitkFloat32)
+    ours = bridge.volume_to_sitk(vol)
+    for a, b in zip(_header(ours), _header(ref)):
+        assert np.allclose(a, b, atol=1e-4)
+    assert ours.GetSize() == ref.GetSize() == vol.shape
+    assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(ref))
+    assert np.array_equal(bridge.sitk_to_array(ref), vol.array)
+    assert np.allclose(bridge.sitk_ijk_to_ras(ref), vol.ijk_to_ras, atol=1e-4)
+
+
+def test_ras_transform_through_sitk_resample_equals_our_resampler():
+    fixed = phantom_volume(shape=(40, 44, 36), **GRIDS["oblique"])
+    moving = phantom_volume(shape=(42, 38, 34), seed=1, **GRIDS["LPS anisotropic"])
+    t = geo.rigid_matrix_3d((4.0, -3.0, 6.0), (2.5, -1.5, 3.0), geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
+    tfm = bridge.ras_to_sitk_affine(t)
+    assert np.allclose(bridge.sitk_transform_to_ras(tfm), t, atol=1e-9)
+    ref = bridge.sitk_to_array(sitk.Resample(bridge.volume_to_sitk(moving), bridge.volume_to_sitk(fixed), tfm,
+                                             sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    ours = resample_volume(torch.from_numpy(moving.array), moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, t).numpy()
+    scale = float(np.abs(moving.array).max())
+    assert np.count_nonzero(ours) > 0.3 * ours.size
+    assert np.mean(np.abs(ours - ref)) < 1e-3 * scale
+    # a centred Euler transform (what registration returns) converts the same way
+    centre_lps = np.array([10.0, -20.0, 5.0])
+    e = sitk.Euler3DTransform(tuple(centre_lps), 0.1, -0.05, 0.2, (3.0, -2.0, 1.0))
+    p_lps = np.array([7.0, 3.0, -11.0])
+    ras = bridge.sitk_transform_to_ras(e)
+    assert np.allclose(geo.apply_to_points(ras, p_lps * [-1, -1, 1]) * [-1, -1, 1], e.TransformPoint(tuple(p_lps)))
+
+
+@pytest.mark.parametrize("zyx", [False, True])
+def test_elastix_euler_parameters_match_itk_euler3d(zyx):
+    angles, trans, centre = np.array([0.12, -0.21, 0.33]), np.array([4.0, -6.0, 2.5]), np.array([-20.0, 35.0, 12.0])
+    e = sitk.Euler3DTransform(tuple(centre), *angles, tuple(trans))
+    e.SetComputeZYX(zyx)
+    m_lps = bridge.matrix_offset(np.array(e.GetMatrix()).reshape(3, 3), np.array(e.GetTranslation()), np.array(e.GetCenter()))
+    assert np.allclose(bridge.euler_rotation(angles, zyx), np.array(e.GetMatrix()).reshape(3, 3), atol=1e-12)
+    assert np.allclose(bridge.elastix_euler_to_ras(np.r_[angles, trans], centre, zyx), geo.lps_to_ras(m_lps), atol=1e-9)
+
+
+def test_ants_bridge_matches_ants_reading_our_nifti(tmp_path):
+    ants = pytest.importorskip("ants", reason="ANTsPy (antspyx) not installed")
+    vol = phantom_volume(shape=(20, 22, 18), **GRIDS["oblique"])
+    write_volume(vol, tmp_path / "v.nii.gz")
+    ref = ants.image_read(str(tmp_path / "v.nii.gz"))
+    ours = bridge.volume_to_ants(vol)
+    assert np.allclose(ours.origin, ref.origin, atol=1e-4)
+    assert np.allclose(ours.spacing, ref.spacing, atol=1e-5)
+    assert np.allclose(ours.direction, ref.direction, atol=1e-5)
+    assert np.array_equal(bridge.ants_to_array(ours), bridge.ants_to_array(ref))
+    # a centred affine ANTs transform -> RAS matrix, checked point by point in LPS
+    a = geo.rigid_matrix_3d((5.0, -3.0, 8.0))[:3, :3]
+    tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3, matrix=a,
+                                    translation=(2.0, -1.0, 4.0), center=(10.0, 5.0, -7.0))
+    p = np.array([3.0, -8.0, 21.0])
+    ras = bridge.ants_transform_to_ras(tx)
+    assert np.allclose(geo.apply_to_points(ras, p * [-1, -1, 1]) * [-1, -1, 1], tx.apply_to_point(tuple(p)), atol=1e-4)
+
+
+def test_sitk_peer_recovers_a_known_motion_on_the_phantom():
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
+    fixed = phantom_volume(shape=(48, 56, 40))
+    centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
+    truth = geo.rigid_matrix_3d((2.0, -1.5, 4.0), (2.5, -2.0, 1.5), centre)
+    moving = moved_copy(fixed, truth)
+    out = methods.sitk_rigid_3d(fixed, moving)
+    rot, trans = geo.rigid_error(out.fixed_to_moving_ras, truth, centre)
+    assert rot < 0.5 and trans < 0.5, (rot, trans)
+    # its registered volume is the moving volume resampled with the transform it returned
+    ours = resample_volume(torch.from_numpy(moving.array), moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras,
+                           out.fixed_to_moving_ras).numpy()
+    assert out.registered.shape == fixed.shape
+    assert np.mean(np.abs(out.registered - ours)) < 1e-3 * float(np.abs(moving.array).max())
+
+
+@pytest.mark.parametrize("motion", [(6.0, 4.0, -2.5), (-3.0, -5.0, 3.0)])
+def test_sitk_2d_peer_speaks_the_slice_frame_convention(motion):
+    """A known motion applied with the product's 2D warp (centred mm, x = columns, y = rows,
+    resampling direction) is recovered by the SimpleITK slice-pair method in our parameters."""
+    n, s = 128, 1.5
+    xs = (np.arange(n) - (n - 1) / 2.0) * s
+    gy, gx = np.meshgrid(xs, xs, indexing="ij")
+    image = phantom_ras(np.stack([gx, gy, np.full_like(gx, 3.0)], axis=-1) * 0.45).astype(np.float32)
+    warp = geo.params_to_matrix_2d(np.array(motion))  # moving(p) = image(warp p)
+    moving = warp_images_2d(torch.from_numpy(image)[None, None], torch.from_numpy(warp)[None].float(), s)[0, 0].numpy()
+    truth = geo.invert_params_2d(np.array(motion))  # registered(p) = moving(A p) = image(p)
+    est = methods.sitk_rigid_2d(image, moving, s)
+    rot, trans = geo.params_error_2d(est, truth)
+    assert rot < 0.2 and trans < 0.2, (est, truth)
+
+
+@pytest.mark.parametrize("kind", list(cases.MOTIONS))
+def test_motion_kinds_move_the_volume_as_their_truth_says(kind):
+    """Each motion kind's moving volume, resampled with its true transform, is the fixed volume
+    again; in-plane kinds are the demo's ``apply_known_motion`` (rotation about the slice normal)."""
+    motion = cases.MOTIONS[kind]
+    fixed = phantom_volume(shape=(48, 56, 40))
+    params = cases.draw_motion(motion, cases.stable_rng(7, kind))
+    assert len(params) == (3 if motion.in_plane else 6)
+    assert np.all(np.abs(params[: 1 if motion.in_plane else 3]) <= motion.max_rotation_deg)
+    moving, truth = cases.apply_motion(fixed, motion, params)
+    assert moving.shape == fixed.shape and not np.allclose(moving.array, fixed.array)
+    inner = (slice(8, -8), slice(8, -8), slice(6, -6))
+
+    def residual(transform):  # relative mean |moving resampled with transform - fixed| inside
+        back = resample_volume(torch.from_numpy(moving.array), moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, transform)
+        return np.mean(np.abs(back.numpy()[inner] - fixed.array[inner])) / np.mean(np.abs(fixed.array[inner]))
+
+    # the truth registers (up to two linear interpolations on a 2 mm grid); doing nothing or the
+    # inverse direction does not
+    assert residual(truth) < 0.07
+    assert residual(truth) < 0.3 * min(residual(np.eye(4)), residual(geo.invert(truth)))
+    if motion.in_plane:  # the true transform rotates about the axial normal only
+        frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+        assert np.allclose(geo.ras_to_params(truth, frame), params, atol=1e-9)
+    # seeds are per (motion, pairing): another kind's draws do not shift these
+    assert np.allclose(cases.draw_motion(motion, cases.stable_rng(7, kind)), params)
+
+
+def _rows():
+    rows = []
+    for method, errs in (("ours", [(0.1, 0.2), (0.3, 0.1), (2.0, 0.5)]), ("sitk", [(0.01, 0.02), (float("nan"), float("nan"))])):
+        for i, (r, t) in enumerate(errs):
+            err = None if r == r else "RuntimeError: diverged"
+            rows.append({"dimension": "3d", "method": method, "motion": "normal", "pairing": "T1 -> T1", "case": f"c{i}",
+                         "rot_err_deg": r, "trans_err_mm": t, "success": err is None and r < 1 and t < 1,
+                         "seconds": 2.0 + i, "error": err})
+    rows.append({"dimension": "2d", "method": "ours", "motion": "hard", "pairing": "T1 -> T2 / FLAIR", "case": "p0",
+                 "rot_err_deg": 0.5, "trans_err_mm": 0.4, "success": True, "seconds": 0.012, "error": None})
+    return rows
+
+
+def test_markdown_report_has_the_expected_columns_and_rows():
+    workers = [{"method": "ours", "kind": "3d", "peak_rss_mb": 1234.0, "rows": [], "setup_s": 1.0, "first_call_s": 3.0},
+               {"method": "sitk", "kind": "3d", "peak_rss_mb": 321.0, "rows": [], "setup_s": 0.1, "first_call_s": 9.0}]
+    text = report.markdown_report({"date": "today", "command": "rigid-resnet-benchmark --quick"}, _rows(), workers)
+    lines = text.splitlines()
+    head_3d = "| " + " | ".join(report.COLUMNS_3D) + " |"
+    head_2d = "| " + " | ".join(report.COLUMNS_2D) + " |"
+    assert head_3d in lines and head_2d in lines
+    assert "seconds / volume (median)" in head_3d and "ms / slice pair (median)" in head_2d and "peak RSS (MB)" in head_3d
+    ours = next(x for x in lines if x.startswith("| ours") and "T1 -> T1" in x).split(" | ")
+    assert ours[2] == "3" and ours[3] == "0.300" and ours[7] == "67%" and ours[8] == "3.00" and ours[9].startswith("1234")
+    sitk_row = next(x for x in lines if x.startswith("| SimpleITK")).split(" | ")
+    assert sitk_row[2] == "2 (1 failed)" and sitk_row[3] == "0.010" and sitk_row[7] == "50%"
+    row_2d = next(x for x in lines if "T2 / FLAIR" in x).split(" | ")
+    assert row_2d[8] == "12.0"  # ms per slice pair
+    assert "Python interpreter" in text and "`normal`" in text and "`hard`" in text
+
+
+def _write_brats_like(folder):
+    folder.mkdir(parents=True)
+    t1 = phantom_volume(shape=(48, 56, 40))
+    brain = t1.array > 5
+    contrasts = {"t1": t1.array, "t1ce": t1.array * 1.1, "t2": np.where(brain, 260.0 - t1.array, 0.0),
+                 "flair": np.where(brain, np.sqrt(np.abs(t1.array)) * 12.0, 0.0)}
+    for name, arr in contrasts.items():
+        write_volume(type(t1)(arr.astype(np.float32), t1.ijk_to_ras, name), folder / f"BraTS2021_00000_{name}.nii.gz")
+
+
+def test_quick_run_writes_the_report(tmp_path, card_factory):
+    data = tmp_path / "BraTS2021_00000"
+    _write_brats_like(data)
+    card = card_factory(size=48, spacing=2.0)
+    out = tmp_path / "out"
+    code = main(["--data", str(data), "-o", str(out), "--quick", "--methods", "ours", "sitk", "--motions", "normal", "--pairings", "same",
+                 "--weights", str(card), "--threads", "1"])
+    assert code == 0
+    text = (out / "benchmark.md").read_text()
+    table_3d = text.split("### Whole volumes (3D), motion `normal`")[1].split("###")[0]
+    table_2d = text.split("### Slice pairs (2D, 128 x 128 network grid), motion `normal`")[1].split("###")[0]
+    for table in (table_3d, table_2d):
+        body = [x for x in table.splitlines() if x.startswith("| ") and not x.startswith(("| method", "| ---"))]
+        assert len(body) == 2, table  # one row per method
+        assert sum(x.startswith("| ours") for x in body) == 1 and sum(x.startswith("| SimpleITK") for x in body) == 1
+    assert "slices` mode" in text and "rigid-resnet-register" in text
+    raw = json.loads((out / "benchmark.json").read_text())
+    assert {r["method"] for r in raw["rows"]} == {"ours", "sitk"}
+    sitk_3d = [r for r in raw["rows"] if r["method"] == "sitk" and r["dimension"] == "3d"]
+    assert len(sitk_3d) == 1 and all(r["success"] for r in sitk_3d), sitk_3d  # the peer works on the phantom
+    assert all(w["peak_rss_mb"] > 10 for w in raw["workers"] if w["kind"] in ("3d", "2d"))
+    for png in ("errors_3d.png", "errors_2d.png", "time.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_missing_data_folder_is_one_line_error(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data folder not found") and "\n" not in err

@@ -131,6 +131,7 @@ class RigidResNetRegistrationParameterNode:
     model: Annotated[str, Choice(MODEL_KEYS)] = DEFAULT_MODEL_KEY
     axis: Annotated[str, Choice(list(slicer_nodes.AXES))] = "auto"
     iterations: Annotated[int, WithinRange(1, 20)] = 6
+    refine: bool = True
     batchSize: Annotated[int, WithinRange(1, 512)] = 32
     outputTransform: vtkMRMLLinearTransformNode
     applyTransform: bool = True
@@ -339,6 +340,7 @@ class RigidResNetRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
                         model=p.model,
                         axis=p.axis,
                         iterations=p.iterations,
+                        refine=p.refine,
                         batchSize=p.batchSize,
                         transformNode=p.outputTransform,
                         registeredVolume=registered,
@@ -451,6 +453,7 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         axis: str = "auto",
         iterations: int = 6,
         batchSize: int = 32,
+        refine: bool = True,
         transformNode: Optional[vtkMRMLLinearTransformNode] = None,
         registeredVolume: Union[bool, vtkMRMLScalarVolumeNode, None] = True,
         differenceVolume: Union[bool, vtkMRMLScalarVolumeNode, None] = True,
@@ -471,6 +474,8 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         :param iterations: at most this many predict / re-warp / predict passes (1-20); they stop
             once a pass corrects less than 0.2 deg and 0.2 mm.
         :param batchSize: slices per network batch (lower it if memory is short).
+        :param refine: ``volume`` mode: refine the network's transform on image similarity over all
+            six rigid parameters (NCC for same-contrast pairs, MI otherwise): a full 3D rigid result.
         :param transformNode: linear transform node to write into; None creates one.
         :param registeredVolume: moving volume resampled on the fixed grid: a node to write into,
             True (create one) or False (not computed). Same for ``differenceVolume``
@@ -500,7 +505,8 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
             if progress:
                 progress(0.0, _("loading the model"))
             predictor = load_model(cardPath, device)
-        options = RegistrationOptions(mode=mode, axis=axis, device=device, batch_size=batchSize, iterations=iterations)
+        options = RegistrationOptions(mode=mode, axis=axis, device=device, batch_size=batchSize, iterations=iterations,
+                                      refine=refine)
         out = slicer_nodes.register_nodes(
             fixedVolume,
             movingVolume,

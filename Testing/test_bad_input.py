@@ -137,7 +137,7 @@ def models(tmp_path_factory):
 
 def cli_args(data: Path, models: Path, out: Path, fixed: Path | None = None, moving: Path | None = None, *extra: str) -> list[str]:
     return [str(fixed or data / "fixed.nii.gz"), str(moving or data / "moving.nii.gz"), "-o", str(out), "--weights", str(models),
-            "--iterations", "1", "--device", "cpu", "--quiet", "--no-overview", *extra]
+            "--iterations", "1", "--no-refine", "--device", "cpu", "--quiet", "--no-overview", *extra]
 
 
 # --------------------------------------------------------------------------- bad images: command line
@@ -299,7 +299,7 @@ def test_engine_boolean_and_extreme_integer_volumes():
     fixed = phantom_volume(shape=(44, 50, 30), codes="LPS")
     mask = Volume(fixed.array > 60, fixed.ijk_to_ras, "fixed mask")
     huge = Volume((fixed.array / fixed.array.max() * (2**62)).astype(np.int64), fixed.ijk_to_ras, "moving int64")
-    result = register_volumes(mask, huge, ConstantPredictor(CARD, [0.0, 0.0, 0.0]), RegistrationOptions(device="cpu", iterations=1))
+    result = register_volumes(mask, huge, ConstantPredictor(CARD, [0.0, 0.0, 0.0]), RegistrationOptions(device="cpu", iterations=1, refine=False))
     assert np.isfinite(result.registered.array).all()
     assert result.registered.array.min() >= 0 and result.registered.array.max() <= 2.0**62 * (1 + 1e-6)
     assert 0 <= result.difference.array.min() and result.difference.array.max() <= 1
@@ -583,7 +583,7 @@ def test_logic_bad_volumes_raise_value_error_and_change_nothing(module, kind):
     before = world_state(fixed_node), world_state(moving_node)
     n0 = scene.GetNumberOfNodes()
     with pytest.raises(ValueError) as caught:
-        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cpu",
+        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu",
                                                        predictor=ConstantPredictor(ORACLE, MOTION), **extra)
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert scene.GetNumberOfNodes() == n0
@@ -598,7 +598,7 @@ def test_logic_thick_slices_along_the_slice_axis_keep_working(module, spacing, s
     v = phantom_volume(shape=shape, spacing=spacing)
     fixed_node = slicer_nodes.add_volume_node(scene, v.array, v.ijk_to_ras, "thick")
     moving_node = case(scene)[1]
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, axis=axis, device="cpu",
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, axis=axis, device="cpu",
                                                          predictor=ConstantPredictor(ORACLE, MOTION))
     assert out.result.frame.orientation == ("axial" if axis == "auto" else axis)
     assert out.registered_volume_node.GetImageData().GetDimensions() == fixed_node.GetImageData().GetDimensions()
@@ -611,7 +611,7 @@ def test_logic_the_same_message_as_the_command_line(module, tmp_path, capsys, mo
     scene = slicer.vtkMRMLScene()
     fixed_node = slicer_nodes.add_volume_node(scene, v.array, v.ijk_to_ras, "thick")
     with pytest.raises(ValueError) as caught:
-        module.RigidResNetRegistrationLogic().register(fixed_node, case(scene)[1], iterations=1, device="cpu", model=str(models))
+        module.RigidResNetRegistrationLogic().register(fixed_node, case(scene)[1], iterations=1, refine=False, device="cpu", model=str(models))
     save_volume(tmp_path / "thick.nii.gz", v)
     code, _, err = run_cli(capsys, *cli_args(tmp_path, models, tmp_path / "out", tmp_path / "thick.nii.gz", tmp_path / "thick.nii.gz"))
     line = assert_one_error_line(code, err)
@@ -629,7 +629,7 @@ def test_logic_integer_volumes_near_their_maximum(module, dtype):
         a = slicer.util.arrayFromVolume(node)
         slicer.util.updateVolumeFromArray(node, np.round(a.astype(np.float64) / a.max() * top * 0.999).astype(dtype))
     before = world_state(fixed_node), world_state(moving_node)
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cpu",
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu",
                                                          predictor=ConstantPredictor(ORACLE, MOTION), applyTransform=False)
     reg = slicer.util.arrayFromVolume(out.registered_volume_node)
     assert np.isfinite(reg).all() and reg.min() >= 0 and reg.max() <= top * (1 + 1e-6) and reg.max() > 0.5 * top
@@ -646,7 +646,7 @@ def test_logic_model_card_and_weights_faults(module, tmp_path, models, kind):
     fixed_node, moving_node, _ = case(scene)
     n0 = scene.GetNumberOfNodes()
     with pytest.raises(RuntimeError) as caught:
-        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cpu", model=str(card))
+        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu", model=str(card))
     assert all(text in str(caught.value) for text in expected), str(caught.value)
     assert scene.GetNumberOfNodes() == n0
 
@@ -657,7 +657,7 @@ def test_logic_never_executes_code_in_a_weights_file(module, tmp_path):
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, _ = case(scene)
     with pytest.raises(RuntimeError, match="weights file evil.pt cannot be loaded"):
-        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cpu", model=str(card))
+        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu", model=str(card))
     assert not marker.exists()
 
 
@@ -668,7 +668,7 @@ def test_logic_cuda_requested_but_unavailable(module, models, monkeypatch):
     fixed_node, moving_node, _ = case(scene)
     n0 = scene.GetNumberOfNodes()
     with pytest.raises(RuntimeError, match="CUDA was requested but is not available"):
-        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cuda", model=str(models))
+        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cuda", model=str(models))
     assert scene.GetNumberOfNodes() == n0
 
 
@@ -687,7 +687,7 @@ def test_logic_inputs_and_their_parent_transforms_are_unchanged(module, outcome)
     before = world_state(fixed_node), world_state(moving_node)
     n0 = scene.GetNumberOfNodes()
     logic = module.RigidResNetRegistrationLogic()
-    kwargs = dict(iterations=1, device="cpu", predictor=ConstantPredictor(ORACLE, MOTION), applyTransform=False)
+    kwargs = dict(iterations=1, refine=False, device="cpu", predictor=ConstantPredictor(ORACLE, MOTION), applyTransform=False)
     if outcome == "success":
         logic.register(fixed_node, moving_node, **kwargs)
         assert scene.GetNumberOfNodes() > n0
@@ -730,7 +730,7 @@ def test_out_of_memory_retries_with_smaller_batches_then_says_what_to_do():
     moving = moved_copy(fixed, np.eye(4))
     messages: list[str] = []
     small = _SmallDevice(limit=3)
-    opts = RegistrationOptions(device="cpu", iterations=1, batch_size=16, mode="slices")
+    opts = RegistrationOptions(device="cpu", iterations=1, refine=False, batch_size=16, mode="slices")
     result = register_volumes(fixed, moving, small, opts, progress=lambda f, m: messages.append(m))
     assert small.sizes[0] == 16 and small.sizes[-1] <= small.limit
     assert any("out of memory" in m and "retrying" in m for m in messages)
@@ -775,7 +775,7 @@ MEMORY_PROBE = textwrap.dedent('''
     moved[:3, 3] += [1.0, -2.0, 0.5]
     fixed, moving = Volume(a, affine, "fixed"), Volume(a, moved, "moving")  # one array, two headers
     card = ModelCard.from_dict({"name": "stand-in", "transform": "rigid", "input": {"size": [256, 256], "spacing_mm": 1.0}})
-    opts = RegistrationOptions(device="cpu", iterations=1, mode=mode, batch_size=32, compute_registered=False,
+    opts = RegistrationOptions(device="cpu", iterations=1, refine=False, mode=mode, batch_size=32, compute_registered=False,
                                compute_difference=False)
     small = Volume(np.ascontiguousarray(a[::4, ::4, ::4]), affine @ np.diag([4.0, 4.0, 4.0, 1.0]), "small")
     register_volumes(small, small, ConstantPredictor(card, [1.0, 0.5, 0.0]), opts)  # warm-up: libraries, thread pools

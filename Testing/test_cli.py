@@ -63,7 +63,7 @@ def test_demo_runs_end_to_end_and_reports_error_against_known_motion(tmp_path):
 def test_outputs_and_report_contents(tmp_path, pair, card_factory):
     card = card_factory(bias=[2.0, 1.0, 0.5])
     out = tmp_path / "o"
-    r = cli(str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz"), "-o", str(out), "--weights", str(card), "--iterations", "1", "--device", "cpu",
+    r = cli(str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz"), "-o", str(out), "--weights", str(card), "--iterations", "1", "--no-refine", "--device", "cpu",
             "--mode", "slices", "--batch-size", "5")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
@@ -90,7 +90,7 @@ def test_png_slices_are_registered_as_one_slice(tmp_path, card_factory):
     for name in ("f.png", "m.png"):
         Image.fromarray((255 * img / img.max()).astype(np.uint8)).save(tmp_path / name)
     out = tmp_path / "o"
-    r = cli(str(tmp_path / "f.png"), str(tmp_path / "m.png"), "-o", str(out), "--weights", str(card), "--iterations", "1", "--device", "cpu")
+    r = cli(str(tmp_path / "f.png"), str(tmp_path / "m.png"), "-o", str(out), "--weights", str(card), "--iterations", "1", "--no-refine", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert (out / "registered.png").exists() and (out / "difference.png").exists()
     report = json.loads((out / "report.json").read_text())

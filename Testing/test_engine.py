@@ -33,7 +33,7 @@ def _case(**grid):
 def test_oracle_parameters_give_the_exact_transform_and_align_the_images(grid):
     fixed, moving, truth, frame = _case(**grid)
     fixed_before, moving_before = fixed.array.copy(), moving.array.copy()
-    result = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1))
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False))
     assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)
     assert np.allclose(result.moving_to_fixed_ras @ truth, np.eye(4), atol=1e-9)
     err_before = np.abs(moving.array - fixed.array).mean()
@@ -52,17 +52,17 @@ def test_iterations_compose_in_the_right_order():
     fixed, moving, truth, frame = _case()
     first = np.array([1.5, 1.0, 0.5])
     second = geo.compose_params_2d(TRUTH, geo.invert_params_2d(first))  # D = A^-1 o truth -> A o D = truth
-    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, first), RegistrationOptions(device="cpu", iterations=1)).used.sum()
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, first), RegistrationOptions(device="cpu", iterations=1, refine=False)).used.sum()
     params = np.vstack([np.repeat(first[None], n_used, 0), np.repeat(second[None], n_used, 0)])
-    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=2))
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=2, refine=False))
     assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)
 
 
 def test_batching_gives_the_same_result_as_one_slice_at_a_time(card_factory):
     model = load_model(card_factory(seed=3), "cpu")
     fixed, moving, _, _ = _case()
-    one = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, batch_size=1, compute_registered=False))
-    many = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, batch_size=13, compute_registered=False))
+    one = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, refine=False, batch_size=1, compute_registered=False))
+    many = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, refine=False, batch_size=13, compute_registered=False))
     assert np.abs(one.slice_params).max() > 0.01  # a real, input-dependent prediction
     assert np.allclose(one.slice_params, many.slice_params, atol=1e-4)
     assert np.allclose(one.fixed_to_moving_ras, many.fixed_to_moving_ras, atol=1e-5)
@@ -75,7 +75,7 @@ def test_empty_slices_are_skipped_and_never_predicted():
     arr[..., -4:] = 0.0
     fixed = Volume(arr, fixed.ijk_to_ras, "fixed")
     oracle = ConstantPredictor(CARD, TRUTH)
-    result = register_volumes(fixed, moving, oracle, RegistrationOptions(device="cpu", iterations=1))
+    result = register_volumes(fixed, moving, oracle, RegistrationOptions(device="cpu", iterations=1, refine=False))
     assert frame.axis == 2
     assert not result.used[:6].any() and not result.used[-4:].any()
     assert oracle.seen == result.used.sum() < fixed.shape[2] - 10 + 1
@@ -84,11 +84,11 @@ def test_empty_slices_are_skipped_and_never_predicted():
 
 def test_volume_mode_rejects_outlier_slices():
     fixed, moving, truth, _ = _case()
-    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1)).used.sum()
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False, max_slices=16)).used.sum()
     params = np.repeat(TRUTH[None], n_used, 0) + np.random.default_rng(0).normal(0, 0.02, (n_used, 3))
     bad = [2, 7, 11]
     params[bad] = [[25.0, -30.0, 12.0], [-40.0, 9.0, 9.0], [4.0, 3.0, 30.0]]
-    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=1))
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=1, refine=False, max_slices=16))
     used_idx = np.flatnonzero(result.used)
     assert not result.inlier[used_idx[bad]].any()
     assert result.inlier.sum() == n_used - 3
@@ -106,16 +106,16 @@ def test_robust_combine_all_outliers_falls_back_to_all():
 
 def test_slices_mode_keeps_one_transform_per_slice():
     fixed, moving, truth, frame = _case()
-    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1)).informative.sum()
+    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False)).informative.sum()
     params = np.repeat(TRUTH[None], n_used, 0)
     params[:, 0] += np.linspace(-2, 2, n_used)  # motion varying through the scan
-    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=1, mode="slices"))
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=1, refine=False, mode="slices"))
     assert np.allclose(result.slice_params[result.used], params)
     # skipped slices take the robust volume estimate
     assert np.allclose(result.slice_params[~result.used], result.params)
     # each registered slice was resampled with its own transform
     s = int(np.flatnonzero(result.used)[0])
-    ref = register_volumes(fixed, moving, ConstantPredictor(CARD, params[0]), RegistrationOptions(device="cpu", iterations=1))
+    ref = register_volumes(fixed, moving, ConstantPredictor(CARD, params[0]), RegistrationOptions(device="cpu", iterations=1, refine=False))
     assert np.allclose(result.registered.array[..., s], ref.registered.array[..., s], atol=1e-4)
     assert not np.allclose(result.registered.array[..., -s - 1], ref.registered.array[..., -s - 1], atol=1e-2)
 
@@ -123,18 +123,18 @@ def test_slices_mode_keeps_one_transform_per_slice():
 def test_cancel_raises_and_progress_reports():
     fixed, moving, _, _ = _case()
     seen = []
-    register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1),
+    register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False),
                      progress=lambda f, m: seen.append(f))
     assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
     with pytest.raises(RegistrationCancelled):
-        register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1), cancel=lambda: True)
+        register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False), cancel=lambda: True)
 
 
 def test_bad_options_and_inputs_raise_clear_errors():
     fixed, moving, _, _ = _case()
     oracle = ConstantPredictor(CARD, TRUTH)
     with pytest.raises(InputError, match="mode must be"):
-        register_volumes(fixed, moving, oracle, RegistrationOptions(mode="slab", iterations=1))
+        register_volumes(fixed, moving, oracle, RegistrationOptions(mode="slab", iterations=1, refine=False))
     with pytest.raises(InputError, match="batch size"):
         register_volumes(fixed, moving, oracle, RegistrationOptions(batch_size=0))
     with pytest.raises(InputError, match="moving.*NaN"):
@@ -177,7 +177,7 @@ def test_cuda_requested_without_cuda_is_an_input_error(monkeypatch):
 def test_cuda_matches_cpu(card_factory):  # pragma: no cover - runs only where a GPU exists
     card = card_factory(seed=3)
     fixed, moving, _, _ = _case()
-    cpu = register_volumes(fixed, moving, load_model(card, "cpu"), RegistrationOptions(device="cpu", iterations=1))
+    cpu = register_volumes(fixed, moving, load_model(card, "cpu"), RegistrationOptions(device="cpu", iterations=1, refine=False))
     gpu = register_volumes(fixed, moving, load_model(card, "cuda"), RegistrationOptions(device="cuda"))
     assert gpu.device.startswith("cuda")
     assert np.allclose(cpu.fixed_to_moving_ras, gpu.fixed_to_moving_ras, atol=1e-3)
@@ -186,8 +186,8 @@ def test_cuda_matches_cpu(card_factory):  # pragma: no cover - runs only where a
 def test_two_runs_give_identical_transforms(card_factory):
     model = load_model(card_factory(seed=4), "cpu")
     fixed, moving, _, _ = _case()
-    a = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, compute_registered=False))
-    b = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, compute_registered=False))
+    a = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, refine=False, compute_registered=False))
+    b = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, refine=False, compute_registered=False))
     assert np.array_equal(a.fixed_to_moving_ras, b.fixed_to_moving_ras)
 
 
@@ -196,7 +196,7 @@ def test_integer_voxel_types_do_not_overflow():
     scale = 60000.0 / fixed.array.max()
     f16 = Volume((fixed.array * scale).astype(np.uint16), fixed.ijk_to_ras, "fixed")
     m64 = Volume((moving.array * scale).astype(np.int64) * 10**9, moving.ijk_to_ras, "moving")
-    result = register_volumes(f16, m64, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1))
+    result = register_volumes(f16, m64, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False))
     assert np.allclose(result.fixed_to_moving_ras, truth)
     assert result.similarity["ncc_after"] > result.similarity["ncc_before"] > 0
 
@@ -214,10 +214,10 @@ def test_volume_mode_registers_max_slices_spread_over_the_brain():
     assert set(used) <= set(informative)
     # spread: the picks span most of the informative range, not one end of it
     assert used.max() - used.min() >= 0.5 * (informative.max() - informative.min())
-    every = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, max_slices=0))
+    every = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False, max_slices=0))
     assert np.array_equal(every.used, every.informative) and every.used.sum() > 5
     # slices mode ignores max_slices: every informative slice gets its own transform
-    per_slice = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, mode="slices", max_slices=3))
+    per_slice = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False, mode="slices", max_slices=3))
     assert np.array_equal(per_slice.used, per_slice.informative)
 
 
@@ -235,7 +235,7 @@ def test_select_slices_prefers_the_bulk_of_the_brain():
 def test_bf16_precision_stays_close_to_fp32(card_factory):
     fixed, moving, truth, frame = _case()
     model = load_model(card_factory(seed=3), "cpu")
-    runs = {p: register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, precision=p)) for p in ("fp32", "bf16")}
+    runs = {p: register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, refine=False, precision=p)) for p in ("fp32", "bf16")}
     assert runs["bf16"].precision == "bf16" and runs["fp32"].precision == "fp32"
     assert not np.array_equal(runs["bf16"].slice_params, runs["fp32"].slice_params)  # really computed in bf16
     assert np.allclose(runs["bf16"].params, runs["fp32"].params, atol=0.05)
@@ -261,7 +261,7 @@ def test_out_of_memory_retries_with_smaller_batches_then_says_so():
     fixed, moving, truth, frame = _case()
     messages = []
     hungry = _MemoryHungry(CARD, TRUTH, limit=3)
-    opts = RegistrationOptions(device="cpu", iterations=1, batch_size=16, max_slices=0)
+    opts = RegistrationOptions(device="cpu", iterations=1, refine=False, batch_size=16, max_slices=0)
     result = register_volumes(fixed, moving, hungry, opts, progress=lambda f, m: messages.append(m))
     assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)
     assert max(s for s in hungry.sizes if s <= 3) == 2 and hungry.sizes[:3] == [16, 8, 4]
@@ -272,14 +272,90 @@ def test_out_of_memory_retries_with_smaller_batches_then_says_so():
 
 def test_passes_stop_once_a_correction_is_below_the_tolerance():
     fixed, moving, truth, frame = _case()
-    n = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1)).used.sum()
+    n = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False)).used.sum()
     corrections = [TRUTH, [0.5, 0.0, 0.3], [0.15, 0.1, -0.1], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     queue = np.vstack([np.repeat(np.asarray(c, dtype=float)[None], n, 0) for c in corrections])
-    stopped = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=6, tolerance=0.2))
+    stopped = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=6, tolerance=0.2, refine=False))
     assert stopped.passes == 3  # the third correction (0.15 deg, 0.14 mm) is below 0.2
     expected = geo.compose_params_2d(np.array(corrections[2]), geo.compose_params_2d(np.array(corrections[1]), TRUTH))
     assert np.allclose(stopped.params, expected, atol=1e-9)
-    every = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=6, tolerance=0.0))
+    every = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=6, tolerance=0.0, refine=False))
     assert every.passes == 6 and np.allclose(every.params, expected, atol=1e-9)  # later passes corrected nothing
-    capped = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=2, tolerance=0.2))
+    capped = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=2, tolerance=0.2, refine=False))
     assert capped.passes == 2
+
+
+# --------------------------------------------------------------------------- refinement and quality control
+
+
+def test_refinement_polishes_an_imperfect_network_estimate_to_the_truth():
+    fixed, moving, truth, frame = _case()
+    off = TRUTH + np.array([0.6, -0.5, 0.4])  # a network that is 0.6 deg / 0.6 mm off
+    raw = register_volumes(fixed, moving, ConstantPredictor(CARD, off), RegistrationOptions(device="cpu", iterations=1, refine=False))
+    refined = register_volumes(fixed, moving, ConstantPredictor(CARD, off), RegistrationOptions(device="cpu", iterations=1))
+    centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
+    raw_rot, raw_trans = geo.rigid_error(raw.fixed_to_moving_ras, truth, centre)
+    rot, trans = geo.rigid_error(refined.fixed_to_moving_ras, truth, centre)
+    assert raw_rot > 0.5 and raw.refinement is None
+    assert rot < 0.1 and trans < 0.05, (rot, trans)  # the 2 mm phantom is aliased: real data in the benchmark
+    assert refined.refinement["metric"] == "ncc"  # same contrast: the aligned slices correlate
+    assert np.allclose(refined.network_fixed_to_moving_ras, raw.fixed_to_moving_ras)
+    assert refined.similarity["ncc_after"] > raw.similarity["ncc_after"]
+    assert not refined.likely_failed
+
+
+def test_refinement_recovers_out_of_plane_motion_the_network_cannot_see():
+    fixed = phantom_volume(shape=(44, 50, 30))
+    centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
+    truth = geo.rigid_matrix_3d((2.5, -2.0, 3.0), (1.5, -1.0, 2.0), centre)  # rotations about R, A and S
+    moving = moved_copy(fixed, truth)
+    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+    in_plane = geo.ras_to_params(truth, frame)  # all a slice-wise network could report
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, in_plane), RegistrationOptions(device="cpu", iterations=1))
+    rot, trans = geo.rigid_error(result.fixed_to_moving_ras, truth, centre)
+    before = geo.rigid_error(result.network_fixed_to_moving_ras, truth, centre)
+    assert before[0] > 2.0  # the network's in-plane estimate misses the tilt
+    assert rot < 0.3 and trans < 0.1, (rot, trans)  # a small 30-slice phantom: real volumes in the benchmark
+
+
+def test_refinement_uses_mutual_information_across_contrasts():
+    fixed, moving, truth, frame = _case()
+    inverted = Volume(moving.array.max() - moving.array + 0.2 * moving.array ** 2 / moving.array.max(), moving.ijk_to_ras, "other contrast")
+    off = TRUTH + np.array([0.5, 0.4, -0.4])
+    result = register_volumes(fixed, inverted, ConstantPredictor(CARD, off), RegistrationOptions(device="cpu", iterations=1))
+    assert result.refinement["metric"] == "mi"
+    rot, trans = geo.rigid_error(result.fixed_to_moving_ras, truth, geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
+    assert rot < 0.15 and trans < 0.15, (rot, trans)
+
+
+def test_quality_control_flags_a_confident_wrong_answer():
+    fixed, moving, truth, frame = _case()
+    wrong = register_volumes(fixed, moving, ConstantPredictor(CARD, -TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False))
+    assert wrong.likely_failed
+    assert any("less similar after registration" in w for w in wrong.warnings)
+    right = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False))
+    assert not right.likely_failed and right.warnings == []
+    # slices that disagree: half the slices report another motion
+    n = int(right.used.sum())
+    split = np.repeat(TRUTH[None], n, 0)
+    split[::2] = [-8.0, 6.0, -6.0]
+    torn = register_volumes(fixed, moving, ConstantPredictor(CARD, split), RegistrationOptions(device="cpu", iterations=1, refine=False))
+    assert any("agree with the volume transform" in w for w in torn.warnings)
+
+
+def test_a_refinement_that_makes_the_slices_less_similar_is_rejected(monkeypatch):
+    """Quality control of the refinement by an independent measure (slice MI): a refinement that
+    claims success but moves away from the alignment is not returned."""
+    from RigidResNetRegistrationLib import engine
+    from RigidResNetRegistrationLib.refine import RefineResult
+
+    fixed, moving, truth, frame = _case()
+
+    def bad_refinement(fixed_t, fixed_ijk, moving_t, moving_ijk, initial, **kw):
+        wrong = initial @ geo.rigid_matrix_3d((6.0, 0.0, 0.0), (0.0, 4.0, 0.0), geo.volume_centre_ras(fixed_ijk, fixed_t.shape))
+        return RefineResult(wrong, kw.get("metric", "ncc"), 0.5, 0.9, 10, 0.01)
+
+    monkeypatch.setattr(engine, "refine_rigid", bad_refinement)
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1))
+    assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)  # the network's transform is kept
+    assert result.refinement["rejected"] and any("refinement was rejected" in w for w in result.warnings)

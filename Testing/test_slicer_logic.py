@@ -235,7 +235,7 @@ def test_logic_register_with_a_real_model_card(module, constant_card):
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, truth = case(scene, "LPS anisotropic", "oblique")
     before = state(fixed_node), state(moving_node)
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cpu", model=str(constant_card))
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu", model=str(constant_card))
 
     # transform: modeling direction, "to parent" of the moving volume, linear, with references
     t = out.transform_node
@@ -287,7 +287,7 @@ def test_hardened_transform_reproduces_the_registered_volume(module, fixed_grid,
         moving_node.SetAndObserveTransformNodeID(linear_transform(scene, geo.invert(shift), "initial").GetID())
         expected = expected @ geo.invert(shift)
     oracle = ConstantPredictor(ORACLE, MOTION)
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, predictor=oracle, device="cpu")
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, predictor=oracle, device="cpu")
     assert np.allclose(out.moving_to_fixed_world, expected, atol=1e-6)
     assert moving_node.GetParentTransformNode() is out.transform_node
 
@@ -305,7 +305,7 @@ def test_hardened_volume_matches_registered_volume_with_simpleitk(module):
     sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is a test dependency")
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, _ = case(scene, "oblique", "LPS anisotropic")
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, predictor=ConstantPredictor(ORACLE, MOTION))
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, predictor=ConstantPredictor(ORACLE, MOTION))
     moving_node.HardenTransform()
 
     def to_sitk(node):
@@ -333,7 +333,7 @@ def test_mrml_transform_file_equals_the_command_line_transform_file(module, cons
     fixed_node, moving_node, truth = case(scene, "oblique", "LPS anisotropic")
     fixed = slicer_nodes.volume_from_node(fixed_node, "fixed")
     moving = slicer_nodes.volume_from_node(moving_node, "moving")
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cpu", model=str(constant_card),
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu", model=str(constant_card),
                                                           differenceVolume=False, sliceTable=False)
 
     storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
@@ -344,7 +344,7 @@ def test_mrml_transform_file_equals_the_command_line_transform_file(module, cons
     write_volume(fixed, tmp_path / "fixed.nii.gz")
     write_volume(moving, tmp_path / "moving.nii.gz")
     cli_out = tmp_path / "cli"
-    code = main([str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "-o", str(cli_out), "--device", "cpu", "--iterations", "1",
+    code = main([str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "-o", str(cli_out), "--device", "cpu", "--iterations", "1", "--no-refine",
                  "--weights", str(constant_card), "--no-overview", "--quiet"])
     assert code == 0
     from_cli = read_tfm(cli_out / "transform.tfm")
@@ -365,7 +365,7 @@ def test_outputs_are_optional_and_existing_nodes_are_reused(module):
     fixed_node, moving_node, truth = case(scene)
     logic = module.RigidResNetRegistrationLogic()
     n0 = scene.GetNumberOfNodes()
-    out = logic.register(fixed_node, moving_node, iterations=1, predictor=ConstantPredictor(ORACLE, MOTION), registeredVolume=False,
+    out = logic.register(fixed_node, moving_node, iterations=1, refine=False, predictor=ConstantPredictor(ORACLE, MOTION), registeredVolume=False,
                          differenceVolume=False, sliceTable=False, applyTransform=False)
     assert out.registered_volume_node is None and out.difference_volume_node is None and out.table_node is None
     assert out.result.registered is None  # not computed either
@@ -377,7 +377,7 @@ def test_outputs_are_optional_and_existing_nodes_are_reused(module):
     moving_node.SetAndObserveTransformNodeID(transform.GetID())
     registered = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "mine")
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "my table")
-    again = logic.register(fixed_node, moving_node, iterations=1, predictor=ConstantPredictor(ORACLE, MOTION), transformNode=transform,
+    again = logic.register(fixed_node, moving_node, iterations=1, refine=False, predictor=ConstantPredictor(ORACLE, MOTION), transformNode=transform,
                            registeredVolume=registered, differenceVolume=False, sliceTable=table)
     assert again.transform_node is transform and again.registered_volume_node is registered and again.table_node is table
     assert np.allclose(slicer.util.arrayFromTransformMatrix(transform), geo.invert(truth), atol=1e-6)
@@ -388,11 +388,11 @@ def test_outputs_are_optional_and_existing_nodes_are_reused(module):
 def test_slices_mode_fills_the_table_with_per_slice_motion(module):
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, _ = case(scene, "RAS")
-    first = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, predictor=ConstantPredictor(ORACLE, MOTION),
+    first = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, predictor=ConstantPredictor(ORACLE, MOTION),
                                                            registeredVolume=False, differenceVolume=False, applyTransform=False)
     n_used = int(first.result.informative.sum())  # slices mode registers every informative slice
     per_slice = np.tile(MOTION, (n_used, 1)) + np.linspace(-1, 1, n_used)[:, None] * [1.0, 0.5, 0.0]
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, mode="slices", predictor=ConstantPredictor(ORACLE, per_slice))
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, mode="slices", predictor=ConstantPredictor(ORACLE, per_slice))
     table = out.table_node.GetTable()
     theta = np.array([table.GetColumnByName("theta_deg").GetValue(i) for i in range(table.GetNumberOfRows())])
     used = np.array([table.GetColumnByName("used").GetValue(i) for i in range(table.GetNumberOfRows())], bool)
@@ -407,7 +407,7 @@ def test_cancel_leaves_no_nodes_and_inputs_untouched(module):
     n0 = scene.GetNumberOfNodes()
     calls = []
     with pytest.raises(RegistrationCancelled) as caught:
-        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, predictor=ConstantPredictor(ORACLE, MOTION),
+        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, predictor=ConstantPredictor(ORACLE, MOTION),
                                                        progress=lambda f, m: calls.append(f), cancel=lambda: len(calls) > 1)
     assert slicer_nodes.is_cancellation(caught.value)
     assert scene.GetNumberOfNodes() == n0
@@ -425,7 +425,7 @@ def test_a_failure_while_writing_outputs_removes_the_created_nodes(module, monke
 
     monkeypatch.setattr(slicer_nodes, "set_table", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, predictor=ConstantPredictor(ORACLE, MOTION))
+        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, predictor=ConstantPredictor(ORACLE, MOTION))
     assert scene.GetNumberOfNodes() == n0
     assert moving_node.GetParentTransformNode() is None
 
@@ -514,9 +514,9 @@ def test_cuda_requested_without_cuda_is_a_clear_error(module, constant_card):
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, _ = case(scene)
     with pytest.raises(RuntimeError, match="CUDA"):
-        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cuda", model=str(constant_card))
+        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cuda", model=str(constant_card))
     with pytest.raises(ValueError, match="CUDA"):
-        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cuda",
+        module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cuda",
                                                        predictor=ConstantPredictor(ORACLE, MOTION))
 
 
@@ -527,7 +527,7 @@ def test_register_nodes_directly_with_options(constant_card):
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, truth = case(scene, "sagittal")
     out = slicer_nodes.register_nodes(fixed_node, moving_node, load_model(constant_card, "cpu"),
-                                      RegistrationOptions(device="cpu", batch_size=7, iterations=1), apply_transform=False)
+                                      RegistrationOptions(device="cpu", batch_size=7, iterations=1, refine=False), apply_transform=False)
     assert out.result.frame.orientation == "axial"
     assert np.allclose(out.moving_to_fixed_world, geo.invert(truth), atol=1e-5)
     assert out.created == [out.transform_node, out.registered_volume_node, out.difference_volume_node, out.table_node]

@@ -46,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "stops once a pass corrects less than --tolerance (default 6)")
     p.add_argument("--tolerance", type=float, default=0.2, metavar="DEG_MM",
                    help="stop the passes once one corrects less than this many degrees and mm (default 0.2; 0: make all N)")
-    p.add_argument("--max-slices", type=int, default=12, metavar="N",
-                   help="volume mode: register N informative slices spread over the brain (0: all; default 12)")
+    p.add_argument("--max-slices", type=int, default=8, metavar="N",
+                   help="volume mode: register N informative slices spread over the brain (0: all; default 8)")
+    p.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="volume mode: keep the network's in-plane transform; by default it is refined on image "
+                   "similarity over all six rigid parameters (3D rotations and translations)")
+    p.add_argument("--metric", default="auto", choices=["auto", "ncc", "mi"],
+                   help="similarity the refinement maximises (auto: NCC for same-contrast pairs, MI otherwise)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="network arithmetic (auto: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
@@ -127,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
     card = read_model_card(card_path or DEFAULT_CARD)  # JSON only: the grid the inputs are checked against
     options = RegistrationOptions(mode=args.mode, axis=args.axis, device=args.device, batch_size=args.batch_size,
                                   iterations=args.iterations, tolerance=args.tolerance, max_slices=args.max_slices,
-                                  precision=args.precision)
+                                  precision=args.precision, refine=args.refine, metric=args.metric)
     options.validate()
     resolve_device(args.device)  # CUDA asked for but absent: say so before reading anything
     truth = None
@@ -185,8 +190,14 @@ def summary(report: dict, out: Path) -> str:
         f"registered on {report['device']} in {report['seconds']:.2f} s (whole run {report['total_seconds']:.2f} s), "
         f"mode {report['mode']}, {report['slices']['used']} of {report['slices']['total']} {report['slice_orientation']} slices used",
         f"similarity NCC {s['ncc_before']:.3f} -> {s['ncc_after']:.3f}, MI {s['mi_before']:.3f} -> {s['mi_after']:.3f}",
-        "estimate: " + ", ".join(f"{k} {v:+.3f}" for k, v in report["parameters"].items()),
+        "network estimate: " + ", ".join(f"{k} {v:+.3f}" for k, v in report["parameters"].items()),
     ]
+    if report.get("refinement"):
+        r = report["refinement"]
+        lines.append(f"refined (6 rigid parameters, {r['metric'].upper()}): {r['similarity_before']:.4f} -> {r['similarity_after']:.4f} "
+                     f"in {r['steps']} steps")
+    for warning in report.get("quality", {}).get("warnings", []):
+        lines.append(f"WARNING: registration likely failed: {warning}")
     if "demo" in report:
         d = report["demo"]
         lines.append(f"known motion recovered with rotation error {d['rotation_error_deg']:.3f} deg, "

@@ -40,11 +40,15 @@ from .preprocess import (
     survey_slices,
     validate_volume,
 )
+from .refine import refine_rigid
 from .resample import resample_per_slice, resample_volume, sample_slice_stack
 from .similarity import mutual_information, ncc
 
 MODES = ("volume", "slices")
 PRECISIONS = ("auto", "fp32", "bf16")
+#: A refinement that lowers the mean slice MI (half-resolution network grid) by more than this
+#: (nats) against the network's own transform is rejected (quality control).
+REFINE_REJECT_MI = 0.01
 ProgressCallback = Callable[[float, str], None]
 
 
@@ -70,7 +74,12 @@ class RegistrationOptions:
     are registered (spread over the brain; 0 = all; ``slices`` mode always uses all);
     ``precision``: network arithmetic, ``fp32``, ``bf16`` or ``auto`` (bf16 where the device
     computes it natively: recent NVIDIA GPUs, CPUs with AVX-512 BF16/AMX; fp32 elsewhere);
-    ``min_foreground``: fraction of a slice's pixels that must be signal in both volumes for it
+    ``refine``: ``volume`` mode only, polish the network's transform by optimising all six rigid
+    parameters (3 rotations, 3 translations) on image similarity (:mod:`refine`): the result is a
+    full 3D rigid transform, no longer only in-plane; ``metric``: the similarity refined, ``ncc``
+    (same contrast), ``mi`` (different contrasts) or ``auto`` (:func:`choose_metric`: NCC when the
+    network-aligned slices correlate at >= 0.8 inside the brain, else MI); ``refine_levels_mm``: its sample spacings, coarse to
+    fine; ``min_foreground``: fraction of a slice's pixels that must be signal in both volumes for it
     to be used; ``outlier_floor``: smallest deviation from the median (per parameter, model
     units) that counts as an outlier in ``volume`` mode."""
 
@@ -80,8 +89,11 @@ class RegistrationOptions:
     batch_size: int = 32
     iterations: int = 6
     tolerance: float = 0.2
-    max_slices: int = 12
+    max_slices: int = 8
     precision: str = "auto"
+    refine: bool = True
+    metric: str = "auto"
+    refine_levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
     min_foreground: float = 0.05
     outlier_floor: float = 0.5
     compute_registered: bool = True
@@ -102,6 +114,8 @@ class RegistrationOptions:
             raise InputError(f"max_slices must be 0 (all) or a positive integer, not {self.max_slices!r}")
         if self.precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.metric not in ("auto", "ncc", "mi"):
+            raise InputError(f"metric must be auto, ncc or mi, not {self.metric!r}")
         if not 0.0 <= self.min_foreground < 1.0:
             raise InputError(f"min_foreground must be in [0, 1), not {self.min_foreground!r}")
 
@@ -129,6 +143,15 @@ class RegistrationResult:
     informative: np.ndarray | None = None  # (S,) bool: slice had signal in both volumes
     precision: str = "fp32"
     passes: int = 0  # predict/warp/compose passes made
+    network_fixed_to_moving_ras: np.ndarray | None = None  # the network's transform before refinement
+    refinement: dict[str, object] | None = None  # metric, similarity before/after, steps (None: not refined)
+    warnings: list[str] = field(default_factory=list)  # quality-control findings, one line each
+    agrees: np.ndarray | None = None  # (S,) bool: used and its estimate within 1 deg / 1 mm of the volume's
+
+    @property
+    def likely_failed(self) -> bool:
+        """True when quality control found the result unreliable (see ``warnings``)."""
+        return bool(self.warnings)
 
     @property
     def moving_to_fixed_ras(self) -> np.ndarray:
@@ -150,6 +173,8 @@ class RegistrationResult:
         rows = []
         for s in range(len(self.used)):
             row: dict[str, object] = {"slice": s, "used": bool(self.used[s]), "inlier": bool(self.inlier[s])}
+            if self.agrees is not None:
+                row["agrees"] = bool(self.agrees[s])
             for n, v in zip(names, self.slice_params[s]):
                 row[n] = round(float(v), 6)
             for key, values in self.similarity_slices.items():
@@ -351,13 +376,37 @@ def register_volumes(
     combined, inl = robust_combine(current, _floor(kind, opts.outlier_floor))
     inlier = np.zeros(n_slices, dtype=bool)
     inlier[idx] = inl
+    agrees = np.zeros(n_slices, dtype=bool)
+    agrees[idx] = np.all(np.abs(current - combined) <= _agreement_tolerance(kind), axis=1)
     slice_params = np.broadcast_to(combined, (n_slices, card.n_params)).copy()
     if opts.mode == "slices":
         slice_params[idx] = current
     volume_t = geo.params_to_ras(combined, frame, kind)
+    network_t = volume_t.copy()
     per_slice_t = np.stack([geo.params_to_ras(p, frame, kind, s) for s, p in enumerate(slice_params)])
     if cancel is not None and cancel():
         raise RegistrationCancelled("registration cancelled")
+
+    # ---- refinement: all six rigid parameters on image similarity, from the network's estimate
+    refinement = None
+    if opts.refine and opts.mode == "volume" and kind == "rigid":
+        report(0.8, "refining on image similarity")
+        t_r = time.perf_counter()
+        net_moving = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx, network_t)
+        metric = opts.metric
+        if metric == "auto":
+            metric = choose_metric(fixed_sel, net_moving)
+        try:
+            refined = refine_rigid(f_t, fixed.ijk_to_ras, m_t, moving.ijk_to_ras, volume_t, metric=metric,
+                                   levels_mm=tuple(opts.refine_levels_mm), cancel=cancel)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        volume_t = refined.fixed_to_moving_ras
+        per_slice_t = np.broadcast_to(volume_t, per_slice_t.shape).copy()
+        refinement = {"metric": metric, "similarity_before": refined.similarity_before,
+                      "similarity_after": refined.similarity_after, "steps": refined.steps,
+                      "seconds": refined.seconds}
+        timings["refine"] = time.perf_counter() - t_r
 
     # ---- quality figures on the network grid of the registered slices
     report(0.82, "measuring similarity")
@@ -368,8 +417,20 @@ def register_volumes(
     sims = {k: np.full(n_slices, np.nan) for k in ("ncc_before", "ncc_after", "mi_before", "mi_after")}
     nb, mb = slice_similarity(fixed_sel, moving_start)
     na, ma = slice_similarity(fixed_sel, after_moving)
+    rejected = None
+    if refinement is not None:
+        # an independent check of the refinement: the slices' MI must not fall below the network's
+        net_ncc, net_mi = slice_similarity(fixed_sel, net_moving)
+        if float(np.mean(ma)) < float(np.mean(net_mi)) - REFINE_REJECT_MI:
+            rejected = (f"the refinement was rejected (slice MI {np.mean(net_mi):.3f} -> {np.mean(ma):.3f} nats): "
+                        "the network's transform is kept")
+            volume_t, na, ma = network_t.copy(), net_ncc, net_mi
+            refinement["rejected"] = True
     sims["ncc_before"][idx], sims["mi_before"][idx] = nb, mb
     sims["ncc_after"][idx], sims["mi_after"][idx] = na, ma
+    warnings = quality_warnings(sims, used, agrees if opts.mode == "volume" else used, refinement)
+    if rejected:
+        warnings.append(rejected)
     timings["quality"] = time.perf_counter() - t_q
 
     # ---- output images on the fixed grid
@@ -406,7 +467,53 @@ def register_volumes(
         informative=survey.informative.copy(),
         precision=precision,
         passes=passes,
+        network_fixed_to_moving_ras=network_t,
+        refinement=refinement,
+        warnings=warnings,
+        agrees=agrees,
     )
+
+
+def choose_metric(fixed_slices: torch.Tensor, moving_slices: torch.Tensor, threshold: float = 0.8) -> str:
+    """``ncc`` when network-aligned fixed/moving slices ``(S, H, W)`` are the same contrast, else ``mi``.
+
+    Same contrast is decided by the median per-slice NCC over the pixels that are signal in both
+    (normalised intensity above 0.1): whole-slice NCC is high across contrasts too, because the
+    background is dark in every MRI contrast; inside the brain T1 and T2 anti-correlate.
+    """
+    f, m = normalise_slices(fixed_slices), normalise_slices(moving_slices)
+    mask = ((f > 0.1) & (m > 0.1)).float()
+    return "ncc" if float(ncc(f, m, mask).median()) >= threshold else "mi"
+
+
+def quality_warnings(
+    sims: dict[str, np.ndarray], used: np.ndarray, agrees: np.ndarray, refinement: dict[str, object] | None
+) -> list[str]:
+    """Reasons to distrust a result, one line each (empty: nothing found).
+
+    - fewer than half of the registered slices agree with the volume transform (their own last
+      estimate within 1 deg and 1 mm of it, ``agrees``): the slices disagree about the motion;
+    - the images are less similar after registration than before (NCC and MI both lower on the
+      registered slices), i.e. the transform made the alignment worse;
+    - the refinement ended less similar than it started.
+    """
+    out = []
+    n_used = int(used.sum())
+    if n_used and int(agrees.sum()) < 0.5 * n_used:
+        out.append(f"only {int(agrees.sum())} of {n_used} registered slices agree with the volume transform (within 1 deg / 1 mm)")
+    if n_used:
+        worse = [k for k in ("ncc", "mi") if np.nanmean(sims[f"{k}_after"][used]) < np.nanmean(sims[f"{k}_before"][used]) - 0.01]
+        if len(worse) == 2:
+            out.append("the images are less similar after registration than before (NCC and MI both fell)")
+    if refinement is not None and float(refinement["similarity_after"]) < float(refinement["similarity_before"]) - 1e-3:
+        out.append(f"the refinement lowered the {refinement['metric']} similarity")
+    return out
+
+
+def _agreement_tolerance(kind: str) -> np.ndarray:
+    """How far a slice's estimate may be from the volume's and still agree: 1 deg and 1 mm (the
+    success criterion); 1.75% (1 deg of rotation) for the dimensionless affine terms."""
+    return np.ones(3) if kind == "rigid" else np.array([0.0175, 0.0175, 0.0175, 0.0175, 1.0, 1.0])
 
 
 def _step_is_small(delta: np.ndarray, kind: str, tolerance: float) -> bool:

@@ -40,6 +40,17 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
             "centre_RAS": result.frame.centre.tolist(),
         },
         "similarity": {k: round(v, 6) for k, v in result.similarity.items()},
+        "passes": result.passes,
+        "precision": result.precision,
+        "refinement": None if result.refinement is None else {
+            "metric": result.refinement["metric"],
+            "similarity_before": round(float(result.refinement["similarity_before"]), 6),
+            "similarity_after": round(float(result.refinement["similarity_after"]), 6),
+            "steps": int(result.refinement["steps"]),
+            "note": "'parameters' are the network's in-plane estimate; the refinement changed all six rigid parameters "
+            "and fixed_to_moving_RAS holds its result",
+        },
+        "quality": {"likely_failed": result.likely_failed, "warnings": list(result.warnings)},
         "fixed_to_moving_RAS": {
             "meaning": "resampling transform: maps fixed-image RAS points to moving-image RAS points "
             "(ITK direction; transform.tfm holds this matrix converted to LPS)",

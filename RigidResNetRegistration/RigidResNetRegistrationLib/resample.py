@@ -246,7 +246,8 @@ def sample_slice_stack(
             pts = apply_to_points(t, pts)
         elif t is not None:
             part = t[a : a + step]
-            pts = np.einsum("sij,shwj->shwi", part[:, :3, :3], pts) + part[:, None, None, :3, 3]
+            flat = pts.reshape(len(part), -1, 3) @ part[:, :3, :3].transpose(0, 2, 1)
+            pts = flat.reshape(pts.shape) + part[:, None, None, :3, 3]
         out[a : a + step] = sample_volume_at_ras(volume, ijk_to_ras, pts)
     return out
 

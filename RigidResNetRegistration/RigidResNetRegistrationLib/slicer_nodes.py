@@ -339,8 +339,12 @@ class RegistrationNodes:
             f"{self.device}, {self.seconds:.2f} s, NCC {s['ncc_before']:.3f} -> {s['ncc_after']:.3f}, "
             f"MI {s['mi_before']:.3f} -> {s['mi_after']:.3f}"
         )
+        if self.result.refinement is not None:
+            text += f", refined on {str(self.result.refinement['metric']).upper()}"
         if not self.model_trained:
             text += " (untrained model: identity transform)"
+        for warning in self.result.warnings:
+            text += f"; WARNING: likely failed: {warning}"
         return text
 
 

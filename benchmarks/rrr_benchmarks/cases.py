@@ -42,9 +42,11 @@ MOTIONS: dict[str, MotionKind] = {
                          "uniform in +-5 deg; translation along ex (~R) and ey (~A), each uniform in +-5 mm"),
     "hard": MotionKind("hard", 15.0, 15.0, True,
                        "in-plane as `normal`, uniform in +-15 deg and +-15 mm (beyond the model's training range)"),
-    "3d": MotionKind("3d", 5.0, 5.0, False,
-                     "3D: rotations about R, A and S (each uniform in +-5 deg, about the volume centre), "
-                     "translation along R, A, S (each uniform in +-5 mm)"),
+    "capture": MotionKind("capture", 20.0, 20.0, True,
+                          "in-plane as `normal`, uniform in +-20 deg and +-20 mm (capture range)"),
+    "3d": MotionKind("3d", 10.0, 10.0, False,
+                     "3D: rotations about R, A and S (each uniform in +-10 deg, about the volume centre), "
+                     "translation along R, A, S (each uniform in +-10 mm)"),
 }
 
 

@@ -26,7 +26,8 @@ from . import itk_bridge as bridge
 
 #: Method keys (``--methods``), in report order, with their labels.
 METHOD_LABELS: dict[str, str] = {
-    "ours": "ours (ResNet-34 engine)",
+    "ours": "ours (ResNet-34 engine + 6-DOF refinement, default)",
+    "ours-net": "ours, network only (--no-refine)",
     "sitk": "SimpleITK rigid (Mattes MI)",
     "ants": "ANTsPy Rigid",
     "elastix": "elastix rigid (default map)",
@@ -70,7 +71,12 @@ def set_thread_env(threads: int, env: dict[str, str] | None = None) -> dict[str,
 # --------------------------------------------------------------------------- ours
 
 
-def setup_ours(settings: Settings) -> Register:
+def setup_ours_network_only(settings: Settings) -> Register:
+    """Our engine without the refinement stage: the network's in-plane estimate alone."""
+    return setup_ours(settings, refine=False)
+
+
+def setup_ours(settings: Settings, refine: bool = True) -> Register:
     import torch
 
     from RigidResNetRegistrationLib.engine import RegistrationOptions, register_volumes
@@ -80,7 +86,8 @@ def setup_ours(settings: Settings) -> Register:
     torch.set_num_threads(settings.threads)
     model = load_model(settings.weights, settings.device)
     kw = {} if settings.iterations is None else {"iterations": settings.iterations}
-    options = RegistrationOptions(device=settings.device, compute_difference=False, batch_size=settings.batch_size, **kw)
+    options = RegistrationOptions(device=settings.device, compute_difference=False, batch_size=settings.batch_size,
+                                  refine=refine, **kw)
 
     def register(fixed, moving) -> MethodOutput:
         result = register_volumes(Volume(fixed.array, fixed.ijk_to_ras, "fixed volume"),
@@ -219,5 +226,5 @@ def setup_elastix(settings: Settings) -> Register:
 
 
 SETUP: dict[str, Callable[[Settings], Register]] = {
-    "ours": setup_ours, "sitk": setup_sitk, "ants": setup_ants, "elastix": setup_elastix,
+    "ours": setup_ours, "ours-net": setup_ours_network_only, "sitk": setup_sitk, "ants": setup_ants, "elastix": setup_elastix,
 }

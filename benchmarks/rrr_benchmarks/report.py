@@ -20,7 +20,7 @@ COLUMNS_3D = ["method", "pairing", "n", "rotation error median (deg)", "rotation
 COLUMNS_2D = COLUMNS_3D[:-2] + ["ms / slice pair (median)", "peak RSS (MB)"]
 
 
-SHORT_LABELS = {"ours": "ours", "sitk": "SimpleITK", "ants": "ANTsPy", "elastix": "elastix"}
+SHORT_LABELS = {"ours": "ours", "ours-net": "ours (net only)", "sitk": "SimpleITK", "ants": "ANTsPy", "elastix": "elastix"}
 
 
 def method_label(method: str, device: str = "cpu", dimension: str = "3d", passes: int | None = None) -> str:
@@ -30,7 +30,7 @@ def method_label(method: str, device: str = "cpu", dimension: str = "3d", passes
         label = {"ours": net, "sitk": "SimpleITK rigid 2D (Mattes MI)"}.get(method, method)
     else:
         label = METHOD_LABELS.get(method, method)
-    return f"{label} [GPU]" if method == "ours" and device.startswith("cuda") else label
+    return f"{label} [GPU]" if method.startswith("ours") and device.startswith("cuda") else label
 
 
 def summarise(rows: list[dict[str, Any]], rss: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,382 @@
+"""Optional refinement: 6-DOF rigid optimisation on image similarity, started from an estimate.
+
+The network's estimate (or any initial transform) is polished by maximising NCC (same contrast)
+or Parzen mutual information (cross contrast) over the six rigid parameters with L-BFGS, coarse
+to fine, on CPU or CUDA. One implementation of each concept is reused: ITK-style linear
+interpolation (:func:`resample.sample_at_indices`, differentiable in the indices), the
+similarity measures (:mod:`similarity`) and the robust intensity range / foreground threshold
+(:mod:`preprocess`).
+
+**Direction and parametrisation.** Everything is a RAS *resampling* transform: ``T`` maps a
+fixed point to a moving point and ``registered(x) = moving(T(x))``. The refined transform is
+
+    ``T(x) = T0(U(x))``,   ``U(x) = R(w) (x - c) + c + t``,
+
+with ``T0`` the initial ``fixed_to_moving_ras``, ``c`` the fixed volume's centre
+(:func:`geometry.volume_centre_ras`), ``w`` a rotation vector (unit axis times angle in radians,
+RAS axes) and ``t`` a translation in mm, both in the fixed volume's RAS frame: the update rotates
+about the middle of the fixed volume and acts on fixed points *before* ``T0``. The optimiser sees
+``(w * r, t)`` with ``r`` the RMS distance of the (coarsest level's) fixed sample points from
+``c`` (about 60 mm for a brain), so one unit of each of the six parameters moves the brain by
+about one millimetre, and one step length and one tolerance (in mm) suit all six.
+After each level the update is folded into ``T0`` and the next level starts again from zero.
+
+**Levels.** For a level of ``level_mm`` each volume is cut into blocks of
+``round(level_mm / spacing)`` voxels along each of its own axes (at least 1). At every level
+but the last, both volumes are smoothed and downsampled by averaging those blocks (the moving
+volume on its own grid, so the grids may differ in orientation and spacing), and the sample
+points are the centres of the fixed blocks where the fixed volume has signal (above
+:func:`preprocess.foreground_threshold`, dilated by one block). The last level compares the
+volumes at full resolution, unsmoothed: one point at a pseudo-random position inside each such
+fixed block, where the fixed volume is interpolated (points on the fixed voxel centres would
+favour transforms that also land on moving voxel centres, the interpolation artefact of MI).
+The last level keeps at most ``max_points`` points, the others half as many, a pseudo-random
+subset; every random choice uses a fixed seed (on the CPU), so runs are identical. Points that
+``T`` sends outside the moving volume (ITK bounds) are left out of the similarity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import geometry as geo
+from .preprocess import foreground_threshold, intensity_range
+from .resample import sample_at_indices
+from .similarity import mutual_information, ncc
+
+METRICS = ("ncc", "mi")
+
+#: The loss handed to L-BFGS is ``-LOSS_SCALE * similarity``: NCC and MI move by ~1e-3 per mm
+#: near the optimum, which would sit close to L-BFGS's fixed absolute tolerances.
+LOSS_SCALE = 1000.0
+
+
+@dataclass
+class RefineResult:
+    """What :func:`refine_rigid` found. ``fixed_to_moving_ras``: 4x4 float64 RAS resampling
+    transform (fixed point -> moving point); ``similarity_before``/``_after``: the metric (NCC, or
+    MI in nats) on the last level's points for the initial and the refined transform; ``steps``:
+    similarity evaluations (with gradient) in all, ``steps_per_level`` for each level;
+    ``seconds``: wall time."""
+
+    fixed_to_moving_ras: np.ndarray
+    metric: str
+    similarity_before: float
+    similarity_after: float
+    steps: int
+    seconds: float
+    steps_per_level: tuple[int, ...] = field(default_factory=tuple)
+
+
+class _OutOfSteps(Exception):
+    """A level used up its similarity evaluations in the middle of an L-BFGS line search."""
+
+
+def _cancelled() -> Exception:
+    # imported when needed: engine may import this module, so a module-level import would be circular
+    from .engine import RegistrationCancelled
+
+    return RegistrationCancelled("registration cancelled")
+
+
+def _block_matrix(factors: tuple[int, ...]) -> np.ndarray:
+    """Block index -> voxel index of the block centre, for blocks of ``factors`` voxels."""
+    f = np.asarray(factors, dtype=np.float64)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(f)
+    m[:3, 3] = (f - 1.0) / 2.0
+    return m
+
+
+def _factors(ijk_to_ras: np.ndarray, shape: tuple[int, ...], level_mm: float) -> tuple[int, int, int]:
+    """Voxels per block along each array axis for a level: ``round(level_mm / spacing)``, 1 to size."""
+    spacing = geo.voxel_spacing(ijk_to_ras)
+    return tuple(int(min(max(1, round(level_mm / s)), n)) for s, n in zip(spacing, shape))  # type: ignore[return-value]
+
+
+class _Pyramid:
+    """Block averages of one volume, each computed from the largest cached one that divides it."""
+
+    def __init__(self, volume: torch.Tensor):
+        self.cache: dict[tuple[int, int, int], torch.Tensor] = {(1, 1, 1): volume}
+
+    @property
+    def full(self) -> torch.Tensor:
+        return self.cache[(1, 1, 1)]
+
+    def get(self, factors: tuple[int, int, int]) -> torch.Tensor:
+        if factors not in self.cache:
+            divisors = [g for g in self.cache if all(f % d == 0 for f, d in zip(factors, g))]
+            base = max(divisors, key=lambda g: int(np.prod(g)))
+            k = tuple(f // d for f, d in zip(factors, base))
+            pooled = F.avg_pool3d(self.cache[base][None, None], kernel_size=k, stride=k)[0, 0]
+            self.cache[factors] = pooled.contiguous()
+        return self.cache[factors]
+
+
+def _rotation(w: torch.Tensor) -> torch.Tensor:
+    """3x3 rotation of a rotation vector (radians); differentiable, also at zero."""
+    zero = w.new_zeros(())
+    k = torch.stack([zero, -w[2], w[1], w[2], zero, -w[0], -w[1], w[0], zero]).reshape(3, 3)
+    return torch.linalg.matrix_exp(k)
+
+
+@dataclass
+class _Level:
+    points: torch.Tensor  # (N, 3) float32 fixed sample points: RAS minus the centre c
+    fixed_values: torch.Tensor  # (N,) float32
+    moving: torch.Tensor  # (1, 1, I', J', K') float32 moving volume (block averages at coarse levels)
+    ras_to_moving: torch.Tensor  # (4, 4) float64 RAS -> index of ``moving``
+    sizes: torch.Tensor  # (3,) float32 shape of ``moving``
+
+
+def _prepare_level(
+    level_mm: float,
+    full_resolution: bool,
+    fixed_pyr: _Pyramid,
+    fixed_ijk_to_ras: np.ndarray,
+    fixed_threshold: float,
+    moving_pyr: _Pyramid,
+    moving_ijk_to_ras: np.ndarray,
+    centre: np.ndarray,
+    max_points: int,
+) -> _Level:
+    """Sample points, fixed values and the moving volume of one level (module docstring)."""
+    ff = _factors(fixed_ijk_to_ras, tuple(fixed_pyr.full.shape), level_mm)
+    mf = (1, 1, 1) if full_resolution else _factors(moving_ijk_to_ras, tuple(moving_pyr.full.shape), level_mm)
+    blocks = fixed_pyr.get(ff)  # block averages: where the signal is (and the values at coarse levels)
+    dev = blocks.device
+    mask = F.max_pool3d((blocks > fixed_threshold)[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+    ijk = torch.nonzero(mask)  # raster order: deterministic
+    gen = torch.Generator().manual_seed(0)  # CPU generator: the same numbers on every device
+    if ijk.shape[0] > max_points:
+        keep = torch.randperm(ijk.shape[0], generator=gen)[:max_points].sort().values
+        ijk = ijk[keep.to(dev)]
+    if full_resolution:
+        # one pseudo-random position inside each chosen block, in voxels of the full volume
+        f = torch.tensor(ff, dtype=torch.float64, device=dev)
+        jitter = torch.rand(ijk.shape, generator=gen, dtype=torch.float64).to(dev)
+        pos = ijk.double() * f + jitter * f - 0.5
+        pos = torch.minimum(pos.clamp_min(0.0), torch.tensor(fixed_pyr.full.shape, dtype=torch.float64, device=dev) - 1)
+        values = sample_at_indices(fixed_pyr.full[None, None], pos[None].float())[0, 0]
+        to_ras = fixed_ijk_to_ras
+    else:
+        pos = ijk.double()
+        values = blocks[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+        to_ras = geo.compose(fixed_ijk_to_ras, _block_matrix(ff))
+    m = torch.as_tensor(to_ras, dtype=torch.float64, device=dev)
+    points = pos @ m[:3, :3].T + m[:3, 3] - torch.as_tensor(centre, dtype=torch.float64, device=dev)
+    moving = moving_pyr.get(mf)
+    return _Level(
+        points=points.float(),
+        fixed_values=values.float().contiguous(),
+        moving=moving[None, None],
+        ras_to_moving=torch.as_tensor(
+            geo.invert(geo.compose(moving_ijk_to_ras, _block_matrix(mf))), dtype=torch.float64, device=dev
+        ),
+        sizes=torch.tensor(moving.shape, dtype=torch.float32, device=dev),
+    )
+
+
+def refine_rigid(
+    fixed: torch.Tensor,
+    fixed_ijk_to_ras: np.ndarray,
+    moving: torch.Tensor,
+    moving_ijk_to_ras: np.ndarray,
+    initial_fixed_to_moving_ras: np.ndarray | None = None,
+    metric: str = "ncc",
+    levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0),
+    steps: tuple[int, ...] | int | None = None,
+    max_points: int = 30_000,
+    tolerance_mm: float = 0.001,
+    bins: int = 48,
+    cancel: Callable[[], bool] | None = None,
+) -> RefineResult:
+    """Refine a rigid RAS resampling transform (fixed point -> moving point) on image similarity.
+
+    ``fixed``, ``moving``: float32 tensors ``(I, J, K)`` (``array[i, j, k]``) on one device (CPU
+    or CUDA; the work runs there), with their ``ijk_to_ras`` matrices; the grids may differ.
+    ``initial_fixed_to_moving_ras``: the starting estimate ``T0`` (identity when None).
+    ``metric``: ``ncc`` (same contrast) or ``mi`` (cross contrast: Mattes-style mutual
+    information with ``bins`` cubic B-spline Parzen bins; both volumes are mapped to ``[0, 1]`` by
+    their own 1st/99th percentiles and clamped). ``levels_mm``: sample spacings, coarse to fine
+    (module docstring), with at most ``steps[i]`` similarity evaluations (each with its gradient)
+    by L-BFGS with a strong-Wolfe line search at level ``i`` (one number: the same at every
+    level; None: 25 at the first of several levels, 20 at the others); a level ends early once two
+    successive L-BFGS iterations each moved the brain by less than ``tolerance_mm``, or once an
+    iteration changed the similarity by less than ``1e-4 * tolerance_mm`` or found no descent
+    direction; it keeps the best point it evaluated. ``max_points``:
+    sample points of the last level (half as many at the others); the cost is linear in it.
+
+    Returns a :class:`RefineResult` whose ``fixed_to_moving_ras`` is ``T(x) = T0(U(x))`` (module
+    docstring): ``registered(x) = moving(T(x))``. ``cancel()`` is polled before every similarity
+    evaluation; when it returns True, ``engine.RegistrationCancelled`` is raised. A ``ValueError``
+    (one line) is raised for an unknown metric, bad levels or steps, and for volumes without
+    overlapping signal under ``T0``.
+
+    With the defaults (8, 4, 2 mm; 25, 20, 20 evaluations; 30 000 points) a BraTS 240 x 240 x 155
+    1 mm pair with a known motion was registered from the identity for motions of up to 15 degrees
+    about and 15 mm along every axis at once (NCC also at 20), to within 0.01 degree / 0.01 mm of
+    the truth with NCC, in about 0.25 s (NCC) or 0.75 s (MI) on two CPU threads. The 8 mm level
+    costs about a tenth of that, so the defaults also suit a good start such as the network's.
+    """
+    t_start = time.perf_counter()
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
+    levels = tuple(float(v) for v in levels_mm)
+    if not levels or not all(math.isfinite(v) and v > 0 for v in levels):
+        raise ValueError(f"levels_mm must be one or more positive numbers of millimetres, not {tuple(levels_mm)!r}")
+    if steps is None:  # 25 at the coarsest of several levels (the long way in), 20 at the others
+        steps = (25,) + (20,) * (len(levels) - 1) if len(levels) > 1 else (20,)
+    n_steps = (int(steps),) * len(levels) if isinstance(steps, (int, np.integer)) else tuple(int(s) for s in steps)
+    if len(n_steps) != len(levels) or any(s < 0 for s in n_steps):
+        raise ValueError(f"steps must give a step count (0 or more) for each of the {len(levels)} levels, not {tuple(steps)!r}")
+    if fixed.dim() != 3 or moving.dim() != 3:
+        raise ValueError(f"fixed and moving must be 3D tensors (I, J, K), not {tuple(fixed.shape)} and {tuple(moving.shape)}")
+    if fixed.device != moving.device:
+        raise ValueError(f"fixed and moving must be on the same device, not {fixed.device} and {moving.device}")
+    if int(max_points) < 64:
+        raise ValueError(f"max_points must be at least 64, not {max_points}")
+    if int(bins) < 4:
+        raise ValueError(f"bins must be at least 4, not {bins}")
+    if not tolerance_mm >= 0:
+        raise ValueError(f"tolerance_mm must be 0 or more, not {tolerance_mm}")
+    t0 = np.eye(4) if initial_fixed_to_moving_ras is None else np.asarray(initial_fixed_to_moving_ras, dtype=np.float64)
+    if t0.shape != (4, 4) or not np.all(np.isfinite(t0)):
+        raise ValueError("initial_fixed_to_moving_ras must be a finite 4x4 matrix")
+    dev = fixed.device
+    fixed_ijk_to_ras = np.asarray(fixed_ijk_to_ras, dtype=np.float64)
+    moving_ijk_to_ras = np.asarray(moving_ijk_to_ras, dtype=np.float64)
+    fixed_f, moving_f = fixed.float(), moving.float()
+
+    if metric == "mi":
+        # [0, 1] by the 1st/99th percentiles; applied after sampling (the map is linear up to the
+        # clamp, and clamping the interpolated values is what the similarity needs)
+        f_lo, f_hi = intensity_range(fixed_f)
+        m_lo, m_hi = intensity_range(moving_f)
+        f_span, m_span = (f_hi - f_lo) or 1.0, (m_hi - m_lo) or 1.0
+
+        def similarity(fixed_values: torch.Tensor, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            a = ((fixed_values - f_lo) / f_span).clamp(0.0, 1.0)
+            b = ((moving_values - m_lo) / m_span).clamp(0.0, 1.0)
+            return mutual_information(a[None], b[None], weights[None], bins)[0]
+    else:
+
+        def similarity(fixed_values: torch.Tensor, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            return ncc(fixed_values[None], moving_values[None], weights[None])[0]
+
+    centre = geo.volume_centre_ras(fixed_ijk_to_ras, tuple(fixed.shape))
+    centre_t = torch.as_tensor(centre, dtype=torch.float64, device=dev)
+    fixed_pyr, moving_pyr = _Pyramid(fixed_f), _Pyramid(moving_f)
+    fixed_thr = foreground_threshold(fixed_f)
+    prepared = [
+        _prepare_level(v, i == len(levels) - 1, fixed_pyr, fixed_ijk_to_ras, fixed_thr, moving_pyr,
+                       moving_ijk_to_ras, centre, int(max_points) if i == len(levels) - 1 else int(max_points) // 2)
+        for i, v in enumerate(levels)
+    ]
+    if any(lv.points.shape[0] == 0 for lv in prepared):
+        raise ValueError("the fixed volume has no signal above its foreground threshold to register")
+
+    def index_map(lv: _Level, base: torch.Tensor, p: torch.Tensor | None, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linear part and offset of (centred fixed RAS point) -> moving index for ``base U(p)``."""
+        a = lv.ras_to_moving @ base
+        if p is None:
+            return a[:3, :3], a[:3, :3] @ centre_t + a[:3, 3]
+        return a[:3, :3] @ _rotation(p[:3] / radius), a[:3, :3] @ (centre_t + p[3:]) + a[:3, 3]
+
+    def sample(lv: _Level, lin: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = lv.points @ lin.T.float() + off.float()
+        inside = ((idx >= -0.5) & (idx <= lv.sizes - 0.5)).all(dim=1).float()
+        return sample_at_indices(lv.moving, idx[None])[0, 0], inside
+
+    def evaluate(lv: _Level, base: torch.Tensor, p: torch.Tensor | None = None, radius: float = 1.0) -> torch.Tensor:
+        values, inside = sample(lv, *index_map(lv, base, p, radius))
+        return similarity(lv.fixed_values, values, inside)
+
+    # overlap: fixed signal points (coarsest level) that T0 sends onto moving signal
+    base = torch.as_tensor(t0, dtype=torch.float64, device=dev)
+    first = prepared[0]
+    with torch.no_grad():
+        values, inside = sample(first, *index_map(first, base, None, 1.0))
+        on_signal = (values > foreground_threshold(moving_f)) & (inside > 0) & (first.fixed_values > fixed_thr)
+        n_overlap = int(on_signal.sum())
+    if n_overlap < max(8, int(0.01 * int((first.fixed_values > fixed_thr).sum()))):
+        raise ValueError(
+            "fixed and moving volumes have no overlapping signal under the initial transform (check their headers / origins)"
+        )
+
+    radius = float(torch.sqrt((first.points.double() ** 2).sum(dim=1).mean()).clamp_min(1.0))
+    per_level: list[int] = []
+    with torch.no_grad():
+        before = float(evaluate(prepared[-1], base))
+    for lv, n in zip(prepared, n_steps):
+        p = torch.zeros(6, dtype=torch.float64, device=dev, requires_grad=True)
+        # tolerance_change bounds both a step (mm) and a change of the scaled loss (1e-4 * tolerance_mm
+        # of similarity); each step() call is one L-BFGS iteration, the history is kept between calls
+        opt = torch.optim.LBFGS([p], lr=1.0, max_iter=1, tolerance_grad=1e-9, tolerance_change=0.1 * tolerance_mm,
+                                history_size=10, line_search_fn="strong_wolfe")
+        cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        evals = 0
+        best: tuple[float, torch.Tensor] = (math.inf, p.detach().clone())
+
+        def closure() -> torch.Tensor:
+            # L-BFGS re-evaluates the point its line search accepted: served from the cache
+            nonlocal evals, best
+            key = p.detach().cpu().numpy().tobytes()
+            if key in cache:
+                loss, grad = cache[key]
+                p.grad = grad.clone()
+                return loss
+            if evals >= n:
+                raise _OutOfSteps
+            if cancel is not None and cancel():
+                raise _cancelled()
+            opt.zero_grad(set_to_none=True)
+            loss = -LOSS_SCALE * evaluate(lv, base, p, radius)
+            loss.backward()
+            evals += 1
+            if float(loss.detach()) < best[0]:
+                best = (float(loss.detach()), p.detach().clone())
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = (loss.detach(), p.grad.detach().clone())
+            return loss
+
+        quiet = 0
+        while evals < n:
+            before_step, evals_before = p.detach().clone(), evals
+            opt.param_groups[0]["max_eval"] = n - evals + 1  # +1: the cached start point
+            try:
+                opt.step(closure)
+            except _OutOfSteps:  # out of evaluations inside a line search
+                break
+            moved = float((p.detach() - before_step).abs().max())
+            quiet = quiet + 1 if moved < tolerance_mm else 0
+            if quiet >= 2 or evals == evals_before:  # converged, or L-BFGS found nothing to do
+                break
+        per_level.append(evals)
+        with torch.no_grad():
+            q = best[1] if evals else p.detach()  # the best point evaluated (the zero update if none)
+            u = torch.eye(4, dtype=torch.float64, device=dev)
+            r = _rotation(q[:3] / radius)
+            u[:3, :3] = r
+            u[:3, 3] = centre_t - r @ centre_t + q[3:]
+            base = base @ u
+    with torch.no_grad():
+        after = float(evaluate(prepared[-1], base))
+    return RefineResult(
+        fixed_to_moving_ras=base.cpu().numpy().astype(np.float64),
+        metric=metric,
+        similarity_before=before,
+        similarity_after=after,
+        steps=int(sum(per_level)),
+        seconds=time.perf_counter() - t_start,
+        steps_per_level=tuple(per_level),
+    )

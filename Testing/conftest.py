@@ -133,3 +133,15 @@ def card_factory(tmp_path):
 
 def sample_at(volume: Volume, points_ras: np.ndarray) -> np.ndarray:
     return sample_volume_at_ras(torch.from_numpy(volume.array.astype(np.float32)), volume.ijk_to_ras, points_ras).numpy()
+
+
+def write_phantom_pair(folder: Path, motion=(3.0, 2.0, -1.0)) -> Path:
+    """``fixed.nii.gz`` (an LPS phantom) and ``moving.nii.gz`` (it moved by in-plane slice-frame
+    ``motion``) written into ``folder``, which is returned."""
+    from RigidResNetRegistrationLib.io import write_volume
+
+    fixed = phantom_volume(shape=(44, 50, 30), codes="LPS")
+    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+    write_volume(fixed, folder / "fixed.nii.gz")
+    write_volume(moved_copy(fixed, geo.params_to_ras(np.asarray(motion, dtype=float), frame)), folder / "moving.nii.gz")
+    return folder

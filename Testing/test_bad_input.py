@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, ConstantPredictor, moved_copy, phantom_volume, write_card
+from conftest import write_phantom_pair, ROOT, ConstantPredictor, moved_copy, phantom_volume, write_card
 
 from RigidResNetRegistrationLib import cli
 from RigidResNetRegistrationLib import geometry as geo
@@ -120,13 +120,7 @@ def unwritable_folder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Fixed and moving phantoms as NIfTI files."""
-    d = tmp_path_factory.mktemp("inputs")
-    fixed = phantom_volume(shape=(44, 50, 30), codes="LPS")
-    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
-    moving = moved_copy(fixed, geo.params_to_ras(np.array([3.0, 2.0, -1.0]), frame))
-    write_volume(fixed, d / "fixed.nii.gz")
-    write_volume(moving, d / "moving.nii.gz")
-    return d
+    return write_phantom_pair(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")

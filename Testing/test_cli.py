@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, moved_copy, phantom_volume
+from conftest import write_phantom_pair, ROOT, moved_copy, phantom_volume
 from PIL import Image
 
 from RigidResNetRegistrationLib import geometry as geo
@@ -29,13 +29,7 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pair")
-    fixed = phantom_volume(shape=(44, 50, 30), codes="LPS")
-    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
-    moving = moved_copy(fixed, geo.params_to_ras(np.array([3.0, 2.0, -1.0]), frame))
-    write_volume(fixed, d / "fixed.nii.gz")
-    write_volume(moving, d / "moving.nii.gz")
-    return d
+    return write_phantom_pair(tmp_path_factory.mktemp("pair"))
 
 
 def test_demo_runs_end_to_end_and_reports_error_against_known_motion(tmp_path):

@@ -28,13 +28,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_phantom_pair, ROOT, ConstantPredictor, moved_copy, phantom_volume, write_card
+from conftest import ROOT, ConstantPredictor, moved_copy, phantom_volume, write_card, write_phantom_pair
 
 from RigidResNetRegistrationLib import cli
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib import io as rio
 from RigidResNetRegistrationLib.engine import RegistrationOptions, register_volumes
-from RigidResNetRegistrationLib.io import write_volume
 from RigidResNetRegistrationLib.model import ModelCard
 from RigidResNetRegistrationLib.preprocess import InputError, Volume, check_in_plane_resolution
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_phantom_pair, ROOT, moved_copy, phantom_volume
+from conftest import ROOT, phantom_volume, write_phantom_pair
 from PIL import Image
 
 from RigidResNetRegistrationLib import geometry as geo
-from RigidResNetRegistrationLib.io import write_volume
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "RigidResNetRegistration"), str(ROOT / "training")])}
 

@@ -4,7 +4,7 @@ Importable without Slicer. Modules: ``geometry`` (frames, transforms, RAS/LPS), 
 (the interpolator), ``similarity`` (NCC, MI), ``preprocess`` (volumes, normalisation, slice
 stacks), ``model_card`` (model cards, no torch), ``model`` (ResNet-34 regressor, loading), ``engine`` (the registration flow),
 ``io`` (files), ``report`` (summaries, overview figure), ``cli`` (command line), ``sample``
-(embedded sample and demo). Only ``slicer_nodes`` (Slicer adapter) imports ``slicer``.
+(embedded sample and demo), ``volume`` (the Volume type, numpy only). Only ``slicer_nodes`` (Slicer adapter) imports ``slicer``.
 """
 
 __version__ = "0.1.0"

@@ -11,32 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .geometry import SliceFrame, voxel_spacing
+from .geometry import SliceFrame
+from .volume import Volume
 from .resample import sample_slice_stack
 
 
 class InputError(ValueError):
     """Bad input from the user: the message is one clear line, shown as is."""
-
-
-@dataclass
-class Volume:
-    """A 3D scalar image: ``array[i, j, k]`` and ``ijk_to_ras`` (voxel index -> RAS mm).
-
-    ``name`` is used in error messages ("fixed volume", "moving volume", a file name).
-    """
-
-    array: np.ndarray
-    ijk_to_ras: np.ndarray
-    name: str = "volume"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
-
-    @property
-    def spacing(self) -> np.ndarray:
-        return voxel_spacing(self.ijk_to_ras)
 
 
 def validate_volume(volume: Volume) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from RigidResNetRegistrationLib import geometry as geo
+from RigidResNetRegistrationLib.volume import Volume
 
 
 @dataclass(frozen=True)
@@ -66,20 +67,6 @@ PAIRINGS: dict[str, Pairing] = {
 }
 
 
-@dataclass
-class ArrayVolume:
-    """numpy-only twin of ``preprocess.Volume`` (``array[i, j, k]``, ``ijk_to_ras``), so that peer
-    workers never import torch."""
-
-    array: np.ndarray
-    ijk_to_ras: np.ndarray
-    name: str = "volume"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
-
-
 def stable_rng(seed: int, *names: str) -> np.random.Generator:
     """A generator per (seed, names): adding a motion kind or pairing never changes the others."""
     return np.random.default_rng([int(seed)] + [zlib.crc32(n.encode()) for n in names])
@@ -111,7 +98,7 @@ def apply_motion(volume: Any, kind: MotionKind, params: np.ndarray, fixed: Any =
     The motion is defined in the frame of ``fixed`` (default: ``volume`` itself; the same thing
     for co-registered contrasts on one grid, as in BraTS, where in-plane motions are exactly
     ``sample.apply_known_motion``)."""
-    from RigidResNetRegistrationLib.preprocess import Volume, as_float_tensor
+    from RigidResNetRegistrationLib.preprocess import as_float_tensor
     from RigidResNetRegistrationLib.resample import resample_volume
     from RigidResNetRegistrationLib.sample import apply_known_motion
 
@@ -181,10 +168,10 @@ def build_volume_cases(subjects: list, motions: list[str], pairings: list[str], 
     return cases
 
 
-def load_case(case: dict[str, Any]) -> tuple[ArrayVolume, ArrayVolume, np.ndarray]:
+def load_case(case: dict[str, Any]) -> tuple[Volume, Volume, np.ndarray]:
     """(fixed, moving, truth) of a stored 3D case."""
-    fixed = ArrayVolume(np.load(case["fixed"]), np.array(case["fixed_ijk_to_ras"], dtype=np.float64), "fixed")
-    moving = ArrayVolume(np.load(case["moving"]), np.array(case["moving_ijk_to_ras"], dtype=np.float64), "moving")
+    fixed = Volume(np.load(case["fixed"]), np.array(case["fixed_ijk_to_ras"], dtype=np.float64), "fixed")
+    moving = Volume(np.load(case["moving"]), np.array(case["moving_ijk_to_ras"], dtype=np.float64), "moving")
     return fixed, moving, np.array(case["truth"], dtype=np.float64)
 
 

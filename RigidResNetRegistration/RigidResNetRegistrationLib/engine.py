@@ -31,14 +31,12 @@ from .preprocess import (
     InputError,
     Volume,
     as_float_tensor,
-    check_field_of_view,
-    check_in_plane_resolution,
+    check_before_registration,
     check_overlap,
     intensity_range,
     normalise_slices,
     select_slices,
     survey_slices,
-    validate_volume,
 )
 from .refine import refine_rigid
 from .resample import resample_per_slice, resample_volume, sample_slice_stack
@@ -310,26 +308,21 @@ def register_volumes(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     report = progress or (lambda fraction, message: None)
-    validate_volume(fixed if fixed.name != "volume" else replace(fixed, name="fixed volume"))
-    validate_volume(moving if moving.name != "volume" else replace(moving, name="moving volume"))
+    named = [v if v.name != "volume" else replace(v, name=f"{role} volume") for v, role in ((fixed, "fixed"), (moving, "moving"))]
+    card = predictor.card
+    kind = card.transform
+    size, spacing = card.input_size, card.spacing_mm
+    frame = check_before_registration(named[0], named[1], opts.axis, size, spacing)
     try:
         device = resolve_device(opts.device)
     except RuntimeError as exc:
         raise InputError(str(exc)) from None
-    card = predictor.card
-    kind = card.transform
-    size, spacing = card.input_size, card.spacing_mm
 
     precision = resolve_precision(opts.precision, torch.device(getattr(predictor, "device", device)))
 
     report(0.0, "preparing slices")
     f_t = as_float_tensor(fixed, device)
     m_t = as_float_tensor(moving, device)
-    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape, opts.axis)
-    named = [v if v.name != "volume" else replace(v, name=f"{role} volume") for v, role in ((fixed, "fixed"), (moving, "moving"))]
-    check_field_of_view(named[0], frame, size, spacing)
-    for volume in named:
-        check_in_plane_resolution(volume, frame, spacing)
     survey = survey_slices(
         f_t, fixed.ijk_to_ras, m_t, moving.ijk_to_ras, frame, size, spacing, min_foreground=opts.min_foreground
     )
@@ -383,7 +376,8 @@ def register_volumes(
         slice_params[idx] = current
     volume_t = geo.params_to_ras(combined, frame, kind)
     network_t = volume_t.copy()
-    per_slice_t = np.stack([geo.params_to_ras(p, frame, kind, s) for s, p in enumerate(slice_params)])
+    per_slice_t = (np.stack([geo.params_to_ras(p, frame, kind, s) for s, p in enumerate(slice_params)])
+                   if opts.mode == "slices" else None)  # slices mode: each slice resampled with its own
     if cancel is not None and cancel():
         raise RegistrationCancelled("registration cancelled")
 
@@ -402,7 +396,6 @@ def register_volumes(
         except ValueError as exc:
             raise InputError(str(exc)) from None
         volume_t = refined.fixed_to_moving_ras
-        per_slice_t = np.broadcast_to(volume_t, per_slice_t.shape).copy()
         refinement = {"metric": metric, "similarity_before": refined.similarity_before,
                       "similarity_after": refined.similarity_after, "steps": refined.steps,
                       "seconds": refined.seconds}

@@ -58,6 +58,8 @@ class TrainConfig:
     max_translation_mm: float = 5.0
     cross_contrast: float = 0.5
     augment: float = 1.0
+    flip: float = 0.5
+    init: str = ""
     val_every: int = 250
     val_pairs: int = 128
     patience: int = 20
@@ -77,7 +79,7 @@ class TrainConfig:
         if not isinstance(self.threads, int) or self.threads < 0:
             raise TrainError(f"--threads must be 0 (all cores) or a positive integer, not {self.threads!r}")
         ranges = {"spacing_mm": (0.1, 10.0), "lr": (0.0, 1.0), "weight_decay": (0.0, 1.0), "max_rotation_deg": (0.0, 45.0),
-                  "max_translation_mm": (0.0, 100.0), "cross_contrast": (0.0, 1.0), "augment": (0.0, 10.0)}
+                  "max_translation_mm": (0.0, 100.0), "cross_contrast": (0.0, 1.0), "augment": (0.0, 10.0), "flip": (0.0, 1.0)}
         for key, (lo, hi) in ranges.items():
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) or (key == "lr" and value == 0):
@@ -111,6 +113,39 @@ def prepare_run_folder(out: str | Path) -> Path:
     except OSError as exc:
         raise TrainError(f"output folder is not writable: {p} ({exc.strerror or exc.__class__.__name__})") from None
     return p
+
+
+def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """State dict to start from (``--init``): a training checkpoint (``best.pt``/``last.pt``) or an
+    exported weights file (``.pt`` beside its model card); tensors only, no code is unpickled."""
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"--init weights not found: {p}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or not a torch file
+        raise TrainError(f"--init is not a readable weights file: {p} ({exc.__class__.__name__})") from None
+    state = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TrainError(f"--init holds no state dict: {p}")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def mirror_pairs(x: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
+    """Mirror both slices of some pairs ``(B, 2, H, W)`` left-right (along ex, the width axis).
+
+    A mirrored pair is another valid training pair (the loss needs no labels): its registering
+    transform is the mirror image of the original one (theta and tx change sign, ty does not).
+    Seeing both teaches the network that symmetry, which removes a constant bias in theta and tx.
+    """
+    if probability <= 0:
+        return x
+    flip = torch.rand(x.shape[0], generator=generator) < probability
+    if not flip.any():
+        return x
+    x = x.clone()
+    x[flip] = x[flip].flip(-1)
+    return x
 
 
 def set_seed(seed: int) -> None:
@@ -218,7 +253,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     val_batch = sample_pairs(val_subjects, np.random.default_rng(12345), cfg.val_pairs, size, cfg.spacing_mm,
                              cfg.transform, cfg.max_rotation_deg, cfg.max_translation_mm, 0.5)
 
-    model = ResNetRegressor(geo.N_PARAMS[cfg.transform], cfg.hidden).to(device)
+    model = ResNetRegressor(geo.N_PARAMS[cfg.transform], cfg.hidden)
+    if cfg.init:
+        try:
+            model.load_state_dict(initial_weights(cfg.init))
+        except RuntimeError:
+            raise TrainError(f"--init weights do not fit a {cfg.transform} model with --hidden {cfg.hidden}: {cfg.init}") from None
+        print(f"initialised from {cfg.init}", flush=True)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -252,6 +294,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         batch = sample_pairs(train_subjects, rng, cfg.batch_size, size, cfg.spacing_mm, cfg.transform,
                              cfg.max_rotation_deg, cfg.max_translation_mm, cfg.cross_contrast)
         x, f, m = prepare_inputs(batch, gen, cfg.augment)
+        both = mirror_pairs(torch.cat([x, torch.stack([f, m], 1)], 1), gen, cfg.flip)  # same mirror for inputs and loss images
+        x, f, m = both[:, :2], both[:, 2], both[:, 3]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = model(x.to(device))
         loss, stats = similarity_loss(f.to(device), m.to(device), pred.float(), batch.same_contrast, cfg.transform, cfg.spacing_mm)
@@ -370,7 +414,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     for key in ("transform", "size", "spacing_mm", "hidden", "batch_size", "steps", "lr", "weight_decay", "max_rotation_deg",
-                "max_translation_mm", "cross_contrast", "augment", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
+                "max_translation_mm", "cross_contrast", "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
         default = getattr(d, key)
         p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, help=f"default {default}")
     a = p.parse_args(argv)

@@ -115,3 +115,87 @@ def test_checkpoint_resumes_to_the_same_state_and_export_round_trips(tiny_data, 
     ref.load_state_dict(torch.load(straight / "best.pt", weights_only=True)["model"])
     x = torch.rand(3, 2, 32, 32)
     assert torch.allclose(model(x), ref.eval()(x), atol=2e-2 + 2e-2 * ref(x).abs().max().item())  # fp16 weights
+
+
+_DDP_WORKER = '''
+"""One torchrun process: the trainer's CLI, recording the network it trains and its first pairs."""
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+from rrr_training import train as T
+
+nets, first = [], []
+
+class Recording(T.ResNetRegressor):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        nets.append(self)
+
+sample = T.sample_pairs
+
+def recording_sample(subjects, rng, batch_size, *args, **kwargs):
+    batch = sample(subjects, rng, batch_size, *args, **kwargs)
+    if batch_size == 2 and not first:  # the first training batch (validation draws 8)
+        first.append(batch.truth.tolist())
+    return batch
+
+T.ResNetRegressor, T.sample_pairs = Recording, recording_sample
+code = T.main(sys.argv[2:])
+params = {k: v.detach().double().sum().item() for k, v in nets[-1].named_parameters()}
+with open(os.path.join(sys.argv[1], "rank%s.json" % os.environ["RANK"]), "w") as fh:
+    json.dump({"code": code, "params": params, "first_batch": first[0]}, fh)
+'''
+
+
+def test_two_processes_under_torchrun_train_one_model_and_only_rank0_writes(tiny_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script, out, report = tmp_path / "worker.py", tmp_path / "run", tmp_path / "ranks"
+    script.write_text(_DDP_WORKER)
+    report.mkdir()
+    args = ["--data", str(tiny_data), "--holdout", "case2", "--out", str(out), "--size", "32", "--spacing-mm", "2.5",
+            "--batch-size", "2", "--steps", "4", "--val-every", "2", "--val-pairs", "8", "--seed", "3",
+            "--threads", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RIGID_RESNET_DEBUG": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(report), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each rank draws its own pairs
+    assert ranks[0]["params"] == ranks[1]["params"]  # ... and DDP keeps one model
+    assert run.stdout.count("val val_loss=") == 2  # only rank 0 validates and prints
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt", "log.csv"]
+    assert len(list(open(out / "log.csv"))) == 1 + 2  # header + validations at 2, 4
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["step"] == 4 and last["world_size"] == 2 and len(last["rng_ranks"]) == 2
+    assert last["rng_ranks"][0] != last["rng_ranks"][1]
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(out / name, weights_only=True)["model"]
+        assert not any(k.startswith("module.") for k in state)
+        ResNetRegressor(3).load_state_dict(state)  # strict: the plain model's keys
+    saved = {k: v.double().sum().item() for k, v in last["model"].items()}
+    assert all(saved[k] == pytest.approx(v, rel=1e-9, abs=1e-9) for k, v in ranks[0]["params"].items())
+
+
+def test_torchrun_with_more_processes_than_gpus_is_one_clear_error(tiny_data, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from rrr_training.train import TrainError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("process group started"))
+    cfg = _cfg(tiny_data, tmp_path / "run")
+    cfg.device = "cuda"
+    with pytest.raises(TrainError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "local rank 1 needs cuda:1" in message and "only 1 CUDA GPU(s)" in message

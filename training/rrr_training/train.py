@@ -3,8 +3,12 @@
     rigid-resnet-train --data ../shared/data --holdout BraTS2021_90004 --out runs/rigid
     rigid-resnet-train --resume runs/rigid ...            # continue from runs/rigid/last.pt
     rigid-resnet-train export runs/rigid/best.pt          # -> RigidResNetRegistration/Resources/Models
+    torchrun --nproc_per_node 4 -m rrr_training.train --data ... --holdout ... --out runs/rigid   # 4 GPUs
 
 Defaults run on a laptop CPU (128x128 grid at 1.5 mm, batch 16); AMP is used on CUDA.
+Under ``torchrun`` every process trains on its own GPU (cuda:LOCAL_RANK; gloo processes on CPU)
+with DistributedDataParallel: ``--batch-size`` is per process, the global batch is batch size x
+number of processes; only rank 0 validates and writes the run folder.
 Bad input (missing data folder, no subjects, a corrupt image, bad numbers, CUDA asked for but
 absent, an output folder that cannot be written) ends with one line ``error: ...`` on stderr and
 exit code 2, no traceback (set ``RIGID_RESNET_DEBUG=1`` to see one).
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.model import MODELS_DIR, ModelCard, ResNetRegressor, resolve_device, save_weights
@@ -237,53 +242,172 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits in a ``torchrun`` launch; ``world_size`` 1 is a plain single-process run."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_from_env(environ: dict | None = None) -> Distributed:
+    """Read ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (set by ``torchrun``); absent or 1: one process."""
+    env = os.environ if environ is None else environ
+    raw = env.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw)
+    except ValueError:
+        raise TrainError(f"WORLD_SIZE must be an integer, not {raw!r}") from None
+    if world <= 1:
+        return Distributed()
+    try:
+        rank = int(env["RANK"])
+        local = int(env.get("LOCAL_RANK", rank))
+    except (KeyError, ValueError):
+        raise TrainError(f"WORLD_SIZE={world} but RANK/LOCAL_RANK are missing or not integers: "
+                         "launch several processes with torchrun") from None
+    if not 0 <= rank < world or local < 0:
+        raise TrainError(f"RANK={rank} / LOCAL_RANK={local} do not fit WORLD_SIZE={world}")
+    return Distributed(world, rank, local)
+
+
+def training_device(name: str, dist_info: Distributed) -> torch.device:
+    """``--device`` resolved; under ``torchrun`` on CUDA each process takes cuda:LOCAL_RANK."""
+    device = resolve_device(name)
+    if not dist_info.enabled or device.type != "cuda":
+        return device
+    n = torch.cuda.device_count()
+    if n < dist_info.local_rank + 1:
+        raise TrainError(f"torchrun process with local rank {dist_info.local_rank} needs cuda:{dist_info.local_rank} "
+                         f"but only {n} CUDA GPU(s) are visible (use --nproc_per_node {n} or fewer, or --device cpu)")
+    return torch.device("cuda", dist_info.local_rank)
+
+
+_GROUPS_STARTED = 0  # process groups this process has started (the same count on every rank)
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
     """Run training; returns the path of the best checkpoint. ``stop_after`` ends this run after
-    that many steps (as an interruption would; ``--resume`` continues)."""
+    that many steps (as an interruption would; ``--resume`` continues).
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1) every process joins a process group (nccl on
+    CUDA, gloo on CPU), trains a DistributedDataParallel copy of the model on its own pairs
+    (random streams seeded with ``seed + rank``; ``batch_size`` is per process, so the global batch
+    is ``batch_size x WORLD_SIZE``) and only rank 0 validates, prints and writes the run folder.
+    Rank 0 decides early stopping for all; checkpoints hold the plain model's state dict and the
+    random state of every rank, so that ``--resume`` with the same number of processes continues
+    exactly."""
     cfg.validate()
     check_data_folders(cfg.data)
-    device = resolve_device(cfg.device)
+    dist_info = distributed_from_env()
+    device = training_device(cfg.device, dist_info)
     out = prepare_run_folder(cfg.out)
+    if not dist_info.enabled:
+        return _train(cfg, resume, stop_after, device, out, dist_info)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        # torchrun's store outlives the group: a fresh key prefix per group lets one process call
+        # train() again (a plain init_process_group would reuse the keys of the destroyed group)
+        global _GROUPS_STARTED
+        _GROUPS_STARTED += 1
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                store=dist.PrefixStore(f"rigid_resnet_train/{_GROUPS_STARTED}", store))
+    try:
+        return _train(cfg, resume, stop_after, device, out, dist_info)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _gather(obj, dist_info: Distributed) -> list:
+    """``obj`` of every rank, in rank order (just ``[obj]`` in a single process)."""
+    if not dist_info.enabled:
+        return [obj]
+    objs: list = [None] * dist_info.world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch.device, out: Path,
+           dist_info: Distributed) -> Path:
+    main_rank = dist_info.is_main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # same on every rank: the same initial model (DDP also broadcasts rank 0's)
     train_subjects, val_subjects = load_subjects(cfg)
-    print(f"train subjects: {[s.name for s in train_subjects]}; validation: {[s.name for s in val_subjects]}", flush=True)
+    if main_rank:
+        print(f"train subjects: {[s.name for s in train_subjects]}; validation: {[s.name for s in val_subjects]}", flush=True)
+        if dist_info.enabled:
+            print(f"distributed: {dist_info.world_size} processes on {device.type}, "
+                  f"global batch {cfg.batch_size * dist_info.world_size}", flush=True)
     size = (cfg.size, cfg.size)
-    val_batch = sample_pairs(val_subjects, np.random.default_rng(12345), cfg.val_pairs, size, cfg.spacing_mm,
-                             cfg.transform, cfg.max_rotation_deg, cfg.max_translation_mm, 0.5)
+    val_batch = None
+    if main_rank:
+        val_batch = sample_pairs(val_subjects, np.random.default_rng(12345), cfg.val_pairs, size, cfg.spacing_mm,
+                                 cfg.transform, cfg.max_rotation_deg, cfg.max_translation_mm, 0.5)
 
-    model = ResNetRegressor(geo.N_PARAMS[cfg.transform], cfg.hidden)
+    net = ResNetRegressor(geo.N_PARAMS[cfg.transform], cfg.hidden)
     if cfg.init:
         try:
-            model.load_state_dict(initial_weights(cfg.init))
+            net.load_state_dict(initial_weights(cfg.init))
         except RuntimeError:
             raise TrainError(f"--init weights do not fit a {cfg.transform} model with --hidden {cfg.hidden}: {cfg.init}") from None
-        print(f"initialised from {cfg.init}", flush=True)
-    model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if main_rank:
+            print(f"initialised from {cfg.init}", flush=True)
+    net = net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    seed = cfg.seed + dist_info.rank  # each rank draws its own pairs
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     step, best, bad = 0, float("inf"), 0
     last = out / "last.pt"
     if resume and last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=True)  # tensors, numbers, dicts only: no code
-        model.load_state_dict(ck["model"])
+        net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step, best, bad = ck["step"], ck["best"], ck["bad"]
-        rng.bit_generator.state = ck["rng"]
-        gen.set_state(ck["gen"])
-        print(f"resumed from {last} at step {step}", flush=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        rng_states = ck.get("rng_ranks") or [ck["rng"]]
+        gen_states = ck.get("gen_ranks") or [ck["gen"]]
+        if len(rng_states) == dist_info.world_size:
+            rng.bit_generator.state = rng_states[dist_info.rank]
+            gen.set_state(gen_states[dist_info.rank])
+        else:  # another number of processes: new streams, still reproducible
+            sequence = np.random.SeedSequence([cfg.seed, dist_info.rank, step])
+            rng = np.random.default_rng(sequence)
+            gen.manual_seed(int(sequence.generate_state(1)[0]))
+            if main_rank:
+                print(f"{last} was written by {len(rng_states)} process(es), this run has {dist_info.world_size}: "
+                      "random streams re-seeded from seed, rank and step", flush=True)
+        if main_rank:
+            print(f"resumed from {last} at step {step}", flush=True)
+    model: torch.nn.Module = net
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     log_path = out / "log.csv"
     fields = ["step", "time_s", "lr", "train_loss", "train_ncc", "train_mi", "val_loss",
               "rot_med_same", "trans_med_same", "rot_med_cross", "trans_med_cross", "score"]
-    if not (resume and log_path.exists()):
-        with open(log_path, "w", newline="") as f:
-            csv.DictWriter(f, fieldnames=fields).writeheader()
+    if main_rank:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if not (resume and log_path.exists()):
+            with open(log_path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields).writeheader()
     t0 = time.time()
     running: list[float] = []
     ncc_run: list[float] = []
@@ -300,7 +424,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             pred = model(x.to(device))
         loss, stats = similarity_loss(f.to(device), m.to(device), pred.float(), batch.same_contrast, cfg.transform, cfg.spacing_mm)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # DDP: gradients averaged over ranks here
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         scaler.step(opt)
@@ -310,28 +434,43 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         running.append(loss.item())
         ncc_run.append(stats["ncc"])
         mi_run.append(stats["mi"])
-        if step % 25 == 0:
+        if main_rank and step % 25 == 0:
             print(f"step {step}/{cfg.steps} loss {np.mean(running[-25:]):.4f} {time.time() - t0:.0f}s", flush=True)
         if step % cfg.val_every == 0 or step == cfg.steps:
-            metrics = evaluate_batch(model, val_batch, cfg, device)
-            row = {"step": step, "time_s": round(time.time() - t0, 1), "lr": opt.param_groups[0]["lr"],
-                   "train_loss": float(np.mean(running)), "train_ncc": float(np.mean(ncc_run)),
-                   "train_mi": float(np.mean(mi_run)), **metrics}
+            train_means = [float(np.mean(running)), float(np.mean(ncc_run)), float(np.mean(mi_run))]
+            random_states = _gather((rng.bit_generator.state, gen.get_state()), dist_info)
+            stop = False
+            if dist_info.enabled:  # train metrics of all ranks' pairs
+                t = torch.tensor(train_means, dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                train_means = (t / dist_info.world_size).tolist()
             running, ncc_run, mi_run = [], [], []
-            with open(log_path, "a", newline="") as fh:
-                csv.DictWriter(fh, fieldnames=fields).writerow({k: row[k] for k in fields})
-            print("val " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-            if metrics["score"] < best:
-                best, bad = metrics["score"], 0
-                torch.save({"model": model.state_dict(), "config": asdict(cfg), "step": step, "metrics": metrics}, out / "best.pt")
-            else:
-                bad += 1
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step, "best": best, "bad": bad, "rng": rng.bit_generator.state,
-                        "gen": gen.get_state(), "config": asdict(cfg)}, last)
-            plot_curves(log_path, out / "curves.png")
-            if bad >= cfg.patience:
-                print(f"early stop: no validation improvement in {bad} checks", flush=True)
+            if main_rank:
+                metrics = evaluate_batch(net, val_batch, cfg, device)
+                row = {"step": step, "time_s": round(time.time() - t0, 1), "lr": opt.param_groups[0]["lr"],
+                       "train_loss": train_means[0], "train_ncc": train_means[1], "train_mi": train_means[2], **metrics}
+                with open(log_path, "a", newline="") as fh:
+                    csv.DictWriter(fh, fieldnames=fields).writerow({k: row[k] for k in fields})
+                print("val " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+                if metrics["score"] < best:
+                    best, bad = metrics["score"], 0
+                    torch.save({"model": net.state_dict(), "config": asdict(cfg), "step": step, "metrics": metrics}, out / "best.pt")
+                else:
+                    bad += 1
+                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "step": step, "best": best, "bad": bad, "rng": rng.bit_generator.state,
+                            "gen": gen.get_state(), "world_size": dist_info.world_size,
+                            "rng_ranks": [r for r, _ in random_states], "gen_ranks": [g for _, g in random_states],
+                            "config": asdict(cfg)}, last)
+                plot_curves(log_path, out / "curves.png")
+                stop = bad >= cfg.patience
+                if stop:
+                    print(f"early stop: no validation improvement in {bad} checks", flush=True)
+            if dist_info.enabled:  # every rank follows rank 0's decision
+                flag = torch.tensor([int(stop)], device=device)
+                dist.broadcast(flag, 0)
+                stop = bool(flag.item())
+            if stop:
                 break
     return out / "best.pt"
 
@@ -420,7 +559,8 @@ def _main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k != "resume"})
     best = train(cfg, resume=a.resume)
-    print(f"best checkpoint: {best}")
+    if distributed_from_env().is_main:
+        print(f"best checkpoint: {best}")
     return 0
 
 

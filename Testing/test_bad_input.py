@@ -723,11 +723,12 @@ def test_out_of_memory_retries_with_smaller_batches_then_says_what_to_do():
     moving = moved_copy(fixed, np.eye(4))
     messages: list[str] = []
     small = _SmallDevice(limit=3)
-    opts = RegistrationOptions(device="cpu", iterations=1, refine=False, batch_size=16, mode="slices")
+    opts = RegistrationOptions(device="cpu", iterations=1, refine=False, batch_size=16, max_slices=0)
     result = register_volumes(fixed, moving, small, opts, progress=lambda f, m: messages.append(m))
+    assert result.used.sum() > 16  # more slices than one batch: the halving is exercised
     assert small.sizes[0] == 16 and small.sizes[-1] <= small.limit
     assert any("out of memory" in m and "retrying" in m for m in messages)
-    assert np.allclose(result.slice_params[result.used], [1.0, 0.5, -0.5])
+    assert np.allclose(result.params, [1.0, 0.5, -0.5])
     with pytest.raises(RuntimeError, match="out of memory .* even with one slice per batch") as caught:
         register_volumes(fixed, moving, _SmallDevice(limit=0), opts)
     assert "\n" not in str(caught.value)

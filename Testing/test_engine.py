@@ -104,12 +104,25 @@ def test_robust_combine_all_outliers_falls_back_to_all():
     assert inlier.all() and np.allclose(combined, [5.0, 0, 0])
 
 
+def _slices_mode_counts(fixed, moving):
+    """(slices registered in slices mode, slices of its common-motion stage) for a case."""
+    n_used = int(register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH),
+                                  RegistrationOptions(device="cpu", iterations=1, refine=False)).informative.sum())
+    n_bulk = int(register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH),
+                                  RegistrationOptions(device="cpu", iterations=1, refine=False, max_slices=8)).used.sum())
+    return n_used, n_bulk
+
+
 def test_slices_mode_keeps_one_transform_per_slice():
+    """Slices mode: first the common motion from a few slices, then each slice's own residual
+    from there; the result for slice s is common o residual_s."""
     fixed, moving, truth, frame = _case()
-    n_used = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False)).informative.sum()
+    n_used, n_bulk = _slices_mode_counts(fixed, moving)
     params = np.repeat(TRUTH[None], n_used, 0)
     params[:, 0] += np.linspace(-2, 2, n_used)  # motion varying through the scan
-    result = register_volumes(fixed, moving, ConstantPredictor(CARD, params), RegistrationOptions(device="cpu", iterations=1, refine=False, mode="slices"))
+    residual = geo.compose_params_2d(params, geo.invert_params_2d(TRUTH))  # TRUTH o residual_s = params_s
+    queue = np.vstack([np.repeat(TRUTH[None], n_bulk, 0), residual])
+    result = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=1, refine=False, mode="slices"))
     assert np.allclose(result.slice_params[result.used], params)
     # skipped slices take the robust volume estimate
     assert np.allclose(result.slice_params[~result.used], result.params)
@@ -118,6 +131,35 @@ def test_slices_mode_keeps_one_transform_per_slice():
     ref = register_volumes(fixed, moving, ConstantPredictor(CARD, params[0]), RegistrationOptions(device="cpu", iterations=1, refine=False))
     assert np.allclose(result.registered.array[..., s], ref.registered.array[..., s], atol=1e-4)
     assert not np.allclose(result.registered.array[..., -s - 1], ref.registered.array[..., -s - 1], atol=1e-2)
+
+
+def test_slices_mode_predicts_each_slice_once_when_the_common_motion_explains_it():
+    """With the common motion right, every slice's first residual is ~0: no slice is predicted
+    twice (2 passes of the common stage, then one over all slices)."""
+    fixed, moving, truth, frame = _case()
+    n_used, n_bulk = _slices_mode_counts(fixed, moving)
+    queue = np.vstack([np.repeat(TRUTH[None], n_bulk, 0), np.zeros((n_bulk + n_used, 3))])
+    oracle = ConstantPredictor(CARD, queue)
+    result = register_volumes(fixed, moving, oracle, RegistrationOptions(device="cpu", iterations=6, refine=False, mode="slices"))
+    assert oracle.seen == 2 * n_bulk + n_used
+    assert result.passes == 3
+    assert np.allclose(result.slice_params[result.used], TRUTH)
+
+
+def test_slices_mode_repredicts_only_slices_still_moving():
+    """A slice whose first residual is above the tolerance is predicted again; the others not."""
+    fixed, moving, truth, frame = _case()
+    n_used, n_bulk = _slices_mode_counts(fixed, moving)
+    first = np.zeros((n_used, 3))
+    first[3] = [2.0, 0.0, 1.0]  # slice 3 of the registered ones moved on its own
+    queue = np.vstack([np.repeat(TRUTH[None], n_bulk, 0), np.zeros((n_bulk, 3)), first, [[0.05, 0.0, 0.0]]])
+    oracle = ConstantPredictor(CARD, queue)
+    result = register_volumes(fixed, moving, oracle, RegistrationOptions(device="cpu", iterations=6, refine=False, mode="slices"))
+    assert oracle.seen == 2 * n_bulk + n_used + 1
+    rows = result.slice_params[result.used]
+    expected = geo.compose_params_2d(np.array([0.05, 0.0, 0.0]), geo.compose_params_2d(first[3], TRUTH))
+    assert np.allclose(rows[3], expected)
+    assert np.allclose(np.delete(rows, 3, axis=0), TRUTH)
 
 
 def test_cancel_raises_and_progress_reports():

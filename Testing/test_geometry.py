@@ -104,6 +104,11 @@ def test_network_grid_points_geometry():
     assert np.allclose(pts[0, 0, 1] - pts[0, 0, 0], 2.0 * f.ex)  # columns along ex
     assert np.allclose(pts[0, 1, 0] - pts[0, 0, 0], 2.0 * f.ey)  # rows along ey
     assert np.allclose(pts[1].mean(axis=(0, 1)), f.slice_centre(5))
+    # the affine form gives the same points
+    aff = geo.network_grid_affine(f, (8, 10), 2.0, np.array([0, 5]))
+    rows, cols = np.meshgrid(np.arange(8), np.arange(10), indexing="ij")
+    idx = np.stack([np.zeros_like(rows), rows, cols], axis=-1).astype(float)
+    assert np.allclose(np.stack([geo.apply_to_points(a, idx) for a in aff]), pts)
 
 
 def test_rigid_error_measures_rotation_and_translation():

@@ -16,7 +16,7 @@ from conftest import phantom_volume
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.cli import main
 from RigidResNetRegistrationLib.io import format_tfm, read_tfm, write_tfm, write_volume
-from RigidResNetRegistrationLib.resample import resample_volume
+from RigidResNetRegistrationLib.resample import resample_volume, sample_volume_at_ras
 
 sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is a test dependency: pip install SimpleITK")
 
@@ -172,3 +172,43 @@ def test_per_slice_resampling_batched_equals_slice_by_slice(ref_grid):
         np.moveaxis(slow, frame.axis, 0)[s] = np.moveaxis(piece.numpy(), frame.axis, 0)[0]
     assert np.abs(slow).max() > 0
     assert np.allclose(fast, slow, atol=1e-4 * np.abs(slow).max())
+
+
+@pytest.mark.parametrize("case,planes", [
+    ("fixed itself", True),  # the network grid of the fixed volume's own slice frame
+    ("moving, in-plane, one transform", True),
+    ("moving, in-plane, one per slice", True),
+    ("moving, out-of-plane", False),
+])
+def test_slice_stack_plane_path_equals_the_3d_path(case, planes):
+    """Network-grid slice stacks: the plane path (two planes per slice, bilinear, blended) must
+    give the values of the general trilinear path, through the same transforms."""
+    from RigidResNetRegistrationLib.resample import _plane_axis, sample_slice_stack, slice_stack_index_maps
+
+    fixed = phantom_volume(shape=(30, 34, 22), **GRIDS["LPS anisotropic"])
+    moving = phantom_volume(shape=(36, 40, 26), codes="LPS", spacing=(1.7, 2.1, 3.0))
+    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+    size, spacing = (16, 20), 2.0  # grid of at least a quarter of a volume plane: the plane path is allowed
+    slices = np.arange(2, fixed.shape[frame.axis] - 2)
+    volume, t = moving, None
+    if case == "fixed itself":
+        volume = fixed
+    elif case == "moving, in-plane, one transform":
+        t = geo.params_to_ras(np.array([6.0, 2.5, -1.5]), frame) @ geo.rigid_matrix_3d(translation_mm=(0, 0, 0.7))
+    elif case == "moving, in-plane, one per slice":
+        t = np.stack([geo.params_to_ras(np.array([-3.0 + 0.5 * s, 1.0, 0.2 * s]), frame, "rigid", int(s)) for s in slices])
+    else:
+        t = geo.rigid_matrix_3d((4, 0, 3), (1.0, -2.0, 0.5), geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
+    vol = torch.from_numpy(volume.array.astype(np.float32))
+    maps = slice_stack_index_maps(volume.ijk_to_ras, frame, size, spacing, slices, t)
+    assert (_plane_axis(maps) is not None) == planes
+    fast = sample_slice_stack(vol, volume.ijk_to_ras, frame, size, spacing, slices, t)
+    slow = sample_slice_stack(vol, volume.ijk_to_ras, frame, size, spacing, slices, t, allow_planes=False)
+    assert float(slow.abs().max()) > 0
+    assert torch.allclose(fast, slow, atol=1e-4 * float(slow.abs().max()))
+    # and the general path is the plain trilinear sampling at the grid's RAS points
+    pts = geo.network_grid_points(frame, size, spacing, slices)
+    if t is not None:
+        pts = np.stack([geo.apply_to_points(t if t.ndim == 2 else t[i], pts[i]) for i in range(len(slices))])
+    direct = sample_volume_at_ras(vol, volume.ijk_to_ras, pts)
+    assert torch.allclose(slow, direct, atol=1e-5 * float(slow.abs().max()))

@@ -391,8 +391,11 @@ def test_slices_mode_fills_the_table_with_per_slice_motion(module):
     first = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, predictor=ConstantPredictor(ORACLE, MOTION),
                                                            registeredVolume=False, differenceVolume=False, applyTransform=False)
     n_used = int(first.result.informative.sum())  # slices mode registers every informative slice
+    n_common = int(first.result.used.sum())  # ... after the common motion, from the slices volume mode uses
     per_slice = np.tile(MOTION, (n_used, 1)) + np.linspace(-1, 1, n_used)[:, None] * [1.0, 0.5, 0.0]
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, mode="slices", predictor=ConstantPredictor(ORACLE, per_slice))
+    residual = geo.compose_params_2d(per_slice, geo.invert_params_2d(np.asarray(MOTION, dtype=float)))  # MOTION o residual = per_slice
+    answers = np.vstack([np.tile(MOTION, (n_common, 1)), residual])
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, mode="slices", predictor=ConstantPredictor(ORACLE, answers))
     table = out.table_node.GetTable()
     theta = np.array([table.GetColumnByName("theta_deg").GetValue(i) for i in range(table.GetNumberOfRows())])
     used = np.array([table.GetColumnByName("used").GetValue(i) for i in range(table.GetNumberOfRows())], bool)

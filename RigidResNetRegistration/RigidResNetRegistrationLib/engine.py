@@ -8,8 +8,12 @@ Steps (one implementation shared by the Slicer Logic, the command line and the b
 3. sample fixed and moving on the network grid of those slices, through their own headers (which
    resamples the moving volume onto the fixed grid), and predict slice-frame parameters in
    batches (again on the re-warped moving slices, composing the estimates: ``iterations``);
+   ``slices`` mode first finds the motion common to all slices this way from ``max_slices``
+   slices, then predicts every slice once from there, and again only while a slice's own
+   correction is above the tolerance and shrinking;
 4. ``volume`` mode: combine the per-slice estimates robustly (median/MAD outlier rejection, mean
-   of the inliers) into one transform; ``slices`` mode: keep one transform per slice;
+   of the inliers) into one transform, then (``refine``) polish all six rigid parameters on
+   image similarity; ``slices`` mode: keep one transform per slice;
 5. resample the moving volume onto the fixed grid, compute |fixed - registered| and the
    similarity of each slice before and after.
 
@@ -47,6 +51,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: A refinement that lowers the mean slice MI (half-resolution network grid) by more than this
 #: (nats) against the network's own transform is rejected (quality control).
 REFINE_REJECT_MI = 0.01
+#: With the refinement on, the network's passes stop once a pass corrects by less than this
+#: (degrees and mm): the refinement (capture about +-15 deg) finishes the job.
+REFINE_PASS_TOLERANCE = 1.0
+#: In ``slices`` mode a slice is predicted again only while its own correction is at least this
+#: (degrees and mm): one slice's estimate varies by a few tenths from pass to pass (network noise),
+#: so a smaller tolerance would repeat passes that change nothing on average.
+SLICE_PASS_TOLERANCE = 1.0
 ProgressCallback = Callable[[float, str], None]
 
 
@@ -69,7 +80,8 @@ class RegistrationOptions:
     ``axis``: ``auto`` (closest to S) or ``axial``/``coronal``/``sagittal``; ``iterations``:
     at most this many predict/warp/compose passes, stopping early once a pass corrects by less
     than ``tolerance`` (degrees and mm; 0 = always make every pass); ``max_slices``: in ``volume`` mode, how many informative slices
-    are registered (spread over the brain; 0 = all; ``slices`` mode always uses all);
+    are registered (spread over the brain; 0 = all); in ``slices`` mode, which always registers
+    all of them, how many give the common motion every slice starts from (0 = 8);
     ``precision``: network arithmetic, ``fp32``, ``bf16`` or ``auto`` (bf16 where the device
     computes it natively: recent NVIDIA GPUs, CPUs with AVX-512 BF16/AMX; fp32 elsewhere);
     ``refine``: ``volume`` mode only, polish the network's transform by optimising all six rigid
@@ -270,6 +282,80 @@ def predict_parameters(
     return np.concatenate(out, axis=0) if out else np.zeros((0, predictor.card.n_params))
 
 
+def _network_passes(
+    predictor: Predictor,
+    fixed_slices: torch.Tensor,
+    slice_indices: np.ndarray,
+    moving_identity: torch.Tensor | None,
+    sample_moving: Callable[[np.ndarray, np.ndarray], torch.Tensor],
+    frame: geo.SliceFrame,
+    kind: str,
+    start: np.ndarray | None,
+    iterations: int,
+    tolerance: float,
+    combine: bool,
+    floor: np.ndarray,
+    batch_size: int,
+    precision: str,
+    report: ProgressCallback,
+    span: tuple[float, float],
+    cancel: Callable[[], bool] | None,
+) -> tuple[np.ndarray, int]:
+    """Predict slice-frame parameters ``(S, P)`` for ``S`` slices by up to ``iterations`` passes
+    of warp, predict, compose; returns them and the number of passes made.
+
+    ``start``: initial estimates (None: identity, and ``moving_identity`` holds the moving slices
+    sampled without a transform); ``sample_moving(slice_indices, (n, 4, 4) RAS transforms)``
+    samples moving slices through their current transforms. ``combine``: after every pass but
+    the last, all slices take the robust combination of the estimates (one motion), and the
+    passes stop once a pass's median correction is below ``tolerance``; otherwise each slice
+    keeps its own estimate and only the slices whose own last correction was at least
+    ``tolerance`` and smaller than the one before are predicted again. A first pass from the
+    identity never counts as converged.
+    """
+    n = len(slice_indices)
+    current = np.zeros((n, predictor.card.n_params)) if start is None else np.array(start, dtype=np.float64)
+    active = np.arange(n)
+    last_size: np.ndarray | None = None  # (S, 2) each slice's last correction: degrees (or %), mm
+    passes = 0
+    for it in range(iterations):
+        if it == 0 and start is None:
+            moving = moving_identity
+        else:
+            transforms = np.stack([geo.params_to_ras(p, frame, kind, int(s)) for p, s in zip(current[active], slice_indices[active])])
+            moving = sample_moving(slice_indices[active], transforms)
+        done_before = it * n
+
+        def on_batch(done: int, it: int = it, done_before: int = done_before) -> None:
+            fraction = min(1.0, (done_before + done) / max(n * iterations, 1))
+            report(span[0] + (span[1] - span[0]) * fraction, f"pass {it + 1}: slice {done}/{len(active)}")
+
+        delta = predict_parameters(predictor, fixed_slices[active], moving, batch_size, on_batch, cancel, precision,
+                                   notice=lambda message: report(span[0], message))
+        passes += 1
+        # registered(x) = moving(T(D(x))): apply the new estimate D first, then the current T
+        current[active] = delta if (it == 0 and start is None) else geo.compose_params_2d(delta, current[active], kind)
+        counts = not (it == 0 and start is None)
+        if combine:
+            if (counts and _step_is_small(delta, kind, tolerance)) or it == iterations - 1:
+                break
+            current[:] = robust_combine(current, floor)[0]
+        else:
+            size = _step_size(delta, kind)
+            # a slice goes on while its correction is above the tolerance and still shrinking
+            # (a slice the network cannot register swings by a similar amount every pass)
+            moving_on = ~np.all(size < tolerance, axis=1) if counts else np.ones(len(active), dtype=bool)
+            if last_size is not None:
+                moving_on &= np.any(size < last_size[active], axis=1)
+            if last_size is None:
+                last_size = np.full((n, 2), np.inf)
+            last_size[active] = size
+            active = active[moving_on]
+            if not len(active):
+                break
+    return current, passes
+
+
 def slice_similarity(
     fixed_slices: torch.Tensor, moving_slices: torch.Tensor, reduce: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -279,6 +365,18 @@ def slice_similarity(
     if reduce > 1 and min(f.shape[1:]) >= 8 * reduce:
         f, m = (torch.nn.functional.avg_pool2d(x[:, None], reduce)[:, 0] for x in (f, m))
     return ncc(f, m).double().cpu().numpy(), mutual_information(f, m).double().cpu().numpy()
+
+
+def _stack_similarity(
+    fixed_slices: torch.Tensor, sample_moving: Callable[[np.ndarray], torch.Tensor], group: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`slice_similarity` of fixed slices ``(S, H, W)`` and moving slices sampled group by
+    group (``sample_moving(rows)``), so only ``group`` moving slices exist at a time."""
+    parts = [slice_similarity(fixed_slices[a : a + group], sample_moving(np.arange(a, min(a + group, len(fixed_slices)))))
+             for a in range(0, len(fixed_slices), group)]
+    if not parts:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def normalise_volume(volume: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,37 +430,38 @@ def register_volumes(
     used[idx] = True
     n_slices = len(frame.offsets)
     fixed_sel = sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx)
-    moving_start = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx)
+    # the slices registered from the identity: all of them in volume mode; in slices mode those
+    # of the common-motion stage (the others start from its result)
+    first_rows = (np.arange(len(idx)) if opts.mode == "volume"
+                  else np.searchsorted(idx, select_slices(survey, opts.max_slices or 8)))
+    moving_start = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx[first_rows])
     timings["prepare"] = time.perf_counter() - t0
 
-    # ---- predict, (optionally) re-warp and predict again, composing in the slice frame
+    # ---- predict, re-warp and predict again, composing in the slice frame
     t1 = time.perf_counter()
-    current = np.zeros((len(idx), card.n_params))
-    moving_sel = moving_start
-    total = len(idx) * opts.iterations
-    passes = 0
-    for it in range(opts.iterations):
-        if it > 0:
-            transforms = np.stack([geo.params_to_ras(p, frame, kind, int(s)) for p, s in zip(current, idx)])
-            moving_sel = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx, transforms)
 
-        def on_batch(done: int, it: int = it) -> None:
-            report(0.05 + 0.75 * min(1.0, (it * len(idx) + done) / max(total, 1)), f"pass {it + 1}: slice {done}/{len(idx)}")
-
-        delta = predict_parameters(
-            predictor, fixed_sel, moving_sel, opts.batch_size, on_batch, cancel, precision,
-            notice=lambda message: report(0.05, message),
+    def run_passes(rows: np.ndarray, start: np.ndarray | None, combine: bool, span: tuple[float, float],
+                   tolerance: float) -> tuple[np.ndarray, int]:
+        """Network passes over the selected slices ``idx[rows]`` (module docstring, step 3)."""
+        return _network_passes(
+            predictor, fixed_sel[rows], idx[rows], moving_start if start is None else None,
+            lambda sl, tr: sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, sl, tr),
+            frame, kind, start, opts.iterations, tolerance, combine, _floor(kind, opts.outlier_floor),
+            opts.batch_size, precision, report, span, cancel,
         )
-        passes += 1
-        # registered(x) = moving(T(D(x))): apply the new estimate D first, then the current T
-        current = geo.compose_params_2d(delta, current, kind) if it > 0 else delta
-        converged = it > 0 and _step_is_small(delta, kind, opts.tolerance)
-        last = converged or it == opts.iterations - 1
-        if opts.mode == "volume" and not last:
-            combined, _ = robust_combine(current, _floor(kind, opts.outlier_floor))
-            current = np.broadcast_to(combined, current.shape).copy()
-        if last:
-            break
+
+    # with the refinement to follow, the passes only need to bring the motion within its reach
+    tolerance = max(opts.tolerance, REFINE_PASS_TOLERANCE) if (opts.refine and opts.mode == "volume" and kind == "rigid") else opts.tolerance
+    if opts.mode == "volume":
+        current, passes = run_passes(first_rows, None, True, (0.05, 0.8), tolerance)
+    else:
+        # slices mode: the motion common to all slices first, from a few slices spread over the
+        # brain (as volume mode); then every slice, started there, for its own residual motion,
+        # re-predicting only the slices whose correction is still above the tolerance
+        common, passes = run_passes(first_rows, None, True, (0.05, 0.25), tolerance)
+        start = np.broadcast_to(common[0], (len(idx), card.n_params)).copy()
+        current, more = run_passes(np.arange(len(idx)), start, False, (0.25, 0.8), max(tolerance, SLICE_PASS_TOLERANCE))
+        passes += more
     timings["predict"] = time.perf_counter() - t1
 
     # ---- combine
@@ -404,12 +503,15 @@ def register_volumes(
     # ---- quality figures on the network grid of the registered slices
     report(0.82, "measuring similarity")
     t_q = time.perf_counter()
-    after_moving = sample_slice_stack(
-        m_t, moving.ijk_to_ras, frame, size, spacing, idx, per_slice_t[idx] if opts.mode == "slices" else volume_t
-    )
+    if opts.mode == "slices":  # all slices: in groups, so no further whole stack is kept
+        nb, mb = _stack_similarity(fixed_sel, lambda rows: sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx[rows]))
+        na, ma = _stack_similarity(fixed_sel, lambda rows: sample_slice_stack(
+            m_t, moving.ijk_to_ras, frame, size, spacing, idx[rows], per_slice_t[idx[rows]]))
+    else:
+        after_moving = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx, volume_t)
+        nb, mb = slice_similarity(fixed_sel, moving_start)
+        na, ma = slice_similarity(fixed_sel, after_moving)
     sims = {k: np.full(n_slices, np.nan) for k in ("ncc_before", "ncc_after", "mi_before", "mi_after")}
-    nb, mb = slice_similarity(fixed_sel, moving_start)
-    na, ma = slice_similarity(fixed_sel, after_moving)
     rejected = None
     if refinement is not None:
         # an independent check of the refinement: the slices' MI must not fall below the network's
@@ -507,6 +609,15 @@ def _agreement_tolerance(kind: str) -> np.ndarray:
     """How far a slice's estimate may be from the volume's and still agree: 1 deg and 1 mm (the
     success criterion); 1.75% (1 deg of rotation) for the dimensionless affine terms."""
     return np.ones(3) if kind == "rigid" else np.array([0.0175, 0.0175, 0.0175, 0.0175, 1.0, 1.0])
+
+
+def _step_size(delta: np.ndarray, kind: str) -> np.ndarray:
+    """``(S, 2)`` size of each slice's correction: rotation in degrees (affine: the largest matrix
+    term, in degrees-equivalent radians x 57.3) and translation in mm."""
+    d = np.asarray(delta, dtype=np.float64)
+    if kind == "rigid":
+        return np.column_stack([np.abs(d[:, 0]), np.hypot(d[:, 1], d[:, 2])])
+    return np.column_stack([np.degrees(np.abs(d[:, :4]).max(axis=1)), np.hypot(d[:, 4], d[:, 5])])
 
 
 def _step_is_small(delta: np.ndarray, kind: str, tolerance: float) -> bool:

@@ -355,6 +355,22 @@ def network_grid_points(
     return centres[:, None, None, :] + plane[None]
 
 
+def network_grid_affine(
+    frame: SliceFrame, size: tuple[int, int], spacing_mm: float, slices: np.ndarray | None = None
+) -> np.ndarray:
+    """``(S, 4, 4)`` maps from network-grid index ``(0, row, col, 1)`` of each slice to RAS: the
+    affine form of :func:`network_grid_points` (column 0 is zero: each map holds one slice)."""
+    h, w = size
+    idx = np.arange(len(frame.offsets)) if slices is None else np.asarray(slices)
+    out = np.zeros((len(idx), 4, 4))
+    out[:, :3, 1] = spacing_mm * frame.ey  # one row down
+    out[:, :3, 2] = spacing_mm * frame.ex  # one column right
+    first = -(w - 1) / 2.0 * spacing_mm * frame.ex - (h - 1) / 2.0 * spacing_mm * frame.ey
+    out[:, :3, 3] = frame.centre + frame.offsets[idx][:, None] * frame.n + first
+    out[:, 3, 3] = 1.0
+    return out
+
+
 def params_error_2d(estimated: np.ndarray, truth: np.ndarray, kind: TransformKind = "rigid") -> tuple[np.ndarray, np.ndarray]:
     """Errors of slice-frame parameter estimates ``(..., P)`` against the truth.
 

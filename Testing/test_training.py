@@ -199,3 +199,59 @@ def test_torchrun_with_more_processes_than_gpus_is_one_clear_error(tiny_data, tm
         train(cfg)
     message = str(err.value)
     assert "\n" not in message and "local rank 1 needs cuda:1" in message and "only 1 CUDA GPU(s)" in message
+
+
+def test_mirrored_pair_is_registered_by_the_mirrored_transform():
+    """``--flip`` mirrors both slices of a pair left-right (along ex, image columns): its
+    registering transform must be the original's with theta and tx negated (ty kept), in the
+    warp the loss uses."""
+    from RigidResNetRegistrationLib.resample import torch_params_to_matrix_2d, warp_images_2d
+    from rrr_training.train import mirror_pairs
+
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 40), torch.linspace(-1, 1, 48), indexing="ij")
+    fixed = (torch.exp(-((xx - 0.3) ** 2 + (yy + 0.2) ** 2) / 0.05) + 0.5 * torch.exp(-((xx + 0.4) ** 2 + (yy - 0.3) ** 2) / 0.02))[None, None]
+    params = torch.tensor([[7.0, 3.0, -2.0]])
+    inverse = torch.linalg.inv(torch_params_to_matrix_2d(params))
+    moving = warp_images_2d(fixed, inverse, 2.0)  # moving(p) = fixed(A^-1 p): registered by A
+    pair = torch.cat([fixed, moving], 1)
+    mirrored = mirror_pairs(pair, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(mirrored, pair.flip(-1)) and not torch.equal(mirrored, pair)  # all mirrored, input kept
+
+    def residual(images, p):
+        warped = warp_images_2d(images[:, 1:], torch_params_to_matrix_2d(p), 2.0)
+        return float((warped - images[:, :1])[..., 8:-8, 8:-8].abs().mean())
+
+    assert residual(pair, params) < 0.1 * residual(pair, torch.zeros(1, 3))
+    mirrored_params = params * torch.tensor([-1.0, -1.0, 1.0])
+    assert residual(mirrored, mirrored_params) < 1.01 * residual(pair, params) + 1e-6
+    assert residual(mirrored, params) > 5 * residual(mirrored, mirrored_params)
+    assert mirror_pairs(pair, torch.Generator(), 0.0) is pair
+
+
+def test_init_starts_from_given_weights_and_bad_ones_are_one_line_errors(tiny_data, tmp_path):
+    from rrr_training.train import TrainError, initial_weights
+
+    source = tmp_path / "source"
+    train(_cfg(tiny_data, source, steps=2))
+    start = torch.load(source / "last.pt", weights_only=True)["model"]
+    cfg = _cfg(tiny_data, tmp_path / "fine", steps=2)
+    cfg.init, cfg.lr, cfg.seed = str(source / "last.pt"), 1e-9, 11  # (almost) no learning, another seed's initialisation
+    train(cfg)
+    tuned = torch.load(tmp_path / "fine" / "last.pt", weights_only=True)["model"]
+    key = "regressor.0.weight" if "regressor.0.weight" in start else next(k for k in start if start[k].is_floating_point())
+    assert torch.allclose(tuned[key], start[key], atol=1e-5)
+    # an exported fp16 weights file is accepted too, as floats
+    card_path = export(source / "last.pt", tmp_path / "models", name="tiny")
+    state = initial_weights(card_path.with_suffix(".pt"))
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert torch.allclose(state[key], start[key], atol=1e-2)
+    with pytest.raises(TrainError, match="not found"):
+        initial_weights(tmp_path / "nothing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(TrainError, match="not a readable weights file"):
+        initial_weights(tmp_path / "junk.pt")
+    wrong = _cfg(tiny_data, tmp_path / "wrong", steps=1)
+    wrong.init, wrong.hidden = str(source / "last.pt"), 64
+    with pytest.raises(TrainError, match="do not fit"):
+        train(wrong)

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.2, metavar="DEG_MM",
                    help="stop the passes once one corrects less than this many degrees and mm (default 0.2; 0: make all N)")
     p.add_argument("--max-slices", type=int, default=8, metavar="N",
-                   help="volume mode: register N informative slices spread over the brain (0: all; default 8)")
+                   help="volume mode: register N informative slices spread over the brain (0: all; default 8); "
+                        "slices mode: find the common motion every slice starts from on N slices")
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="volume mode: keep the network's in-plane transform; by default it is refined on image "
                    "similarity over all six rigid parameters (3D rotations and translations)")

@@ -151,7 +151,7 @@ def test_slices_mode_repredicts_only_slices_still_moving():
     fixed, moving, truth, frame = _case()
     n_used, n_bulk = _slices_mode_counts(fixed, moving)
     first = np.zeros((n_used, 3))
-    first[3] = [2.0, 0.0, 1.0]  # slice 3 of the registered ones moved on its own
+    first[3] = [3.0, 0.0, 1.0]  # slice 3 of the registered ones moved on its own (above the 2 deg tolerance)
     queue = np.vstack([np.repeat(TRUTH[None], n_bulk, 0), np.zeros((n_bulk, 3)), first, [[0.05, 0.0, 0.0]]])
     oracle = ConstantPredictor(CARD, queue)
     result = register_volumes(fixed, moving, oracle, RegistrationOptions(device="cpu", iterations=6, refine=False, mode="slices"))

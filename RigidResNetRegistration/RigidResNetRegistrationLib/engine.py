@@ -317,26 +317,30 @@ def _network_passes(
     n = len(slice_indices)
     current = np.zeros((n, predictor.card.n_params)) if start is None else np.array(start, dtype=np.float64)
     active = np.arange(n)
+    group = max(64, 2 * batch_size)  # slices sampled and predicted together
     last_size: np.ndarray | None = None  # (S, 2) each slice's last correction: degrees (or %), mm
     passes = 0
     for it in range(iterations):
-        if it == 0 and start is None:
-            moving = moving_identity
-        else:
-            transforms = np.stack([geo.params_to_ras(p, frame, kind, int(s)) for p, s in zip(current[active], slice_indices[active])])
-            moving = sample_moving(slice_indices[active], transforms)
-        done_before = it * n
+        first = it == 0 and start is None
+        transforms = None if first else np.stack(
+            [geo.params_to_ras(p, frame, kind, int(s)) for p, s in zip(current[active], slice_indices[active])])
+        delta = np.empty((len(active), current.shape[1]))
+        # moving slices are sampled group by group: only one group's stack exists at a time
+        for g0 in range(0, len(active), group):
+            rows = active[g0 : g0 + group]
+            moving = moving_identity[rows] if first else sample_moving(slice_indices[rows], transforms[g0 : g0 + group])
 
-        def on_batch(done: int, it: int = it, done_before: int = done_before) -> None:
-            fraction = min(1.0, (done_before + done) / max(n * iterations, 1))
-            report(span[0] + (span[1] - span[0]) * fraction, f"pass {it + 1}: slice {done}/{len(active)}")
+            def on_batch(done: int, it: int = it, g0: int = g0) -> None:
+                fraction = min(1.0, (it * n + g0 + done) / max(n * iterations, 1))
+                report(span[0] + (span[1] - span[0]) * fraction, f"pass {it + 1}: slice {g0 + done}/{len(active)}")
 
-        delta = predict_parameters(predictor, fixed_slices[active], moving, batch_size, on_batch, cancel, precision,
-                                   notice=lambda message: report(span[0], message))
+            delta[g0 : g0 + len(rows)] = predict_parameters(
+                predictor, fixed_slices[rows], moving, batch_size, on_batch, cancel, precision,
+                notice=lambda message: report(span[0], message))
         passes += 1
         # registered(x) = moving(T(D(x))): apply the new estimate D first, then the current T
-        current[active] = delta if (it == 0 and start is None) else geo.compose_params_2d(delta, current[active], kind)
-        counts = not (it == 0 and start is None)
+        current[active] = delta if first else geo.compose_params_2d(delta, current[active], kind)
+        counts = not first
         if combine:
             if (counts and _step_is_small(delta, kind, tolerance)) or it == iterations - 1:
                 break

@@ -45,6 +45,8 @@ MOTIONS: dict[str, MotionKind] = {
                        "in-plane as `normal`, uniform in +-15 deg and +-15 mm (beyond the model's training range)"),
     "capture": MotionKind("capture", 20.0, 20.0, True,
                           "in-plane as `normal`, uniform in +-20 deg and +-20 mm (capture range)"),
+    "wide": MotionKind("wide", 30.0, 30.0, True,
+                       "in-plane as `normal`, uniform in +-30 deg and +-30 mm (beyond the capture goal)"),
     "3d": MotionKind("3d", 10.0, 10.0, False,
                      "3D: rotations about R, A and S (each uniform in +-10 deg, about the volume centre), "
                      "translation along R, A, S (each uniform in +-10 mm)"),

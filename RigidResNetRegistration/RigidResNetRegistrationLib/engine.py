@@ -318,7 +318,7 @@ def _network_passes(
     current = np.zeros((n, predictor.card.n_params)) if start is None else np.array(start, dtype=np.float64)
     active = np.arange(n)
     group = max(64, 2 * batch_size)  # slices sampled and predicted together
-    last_size: np.ndarray | None = None  # (S, 2) each slice's last correction: degrees (or %), mm
+    last_size = np.full((n, 2), np.inf)  # each slice's last correction: degrees (or equivalent), mm
     passes = 0
     for it in range(iterations):
         first = it == 0 and start is None
@@ -340,20 +340,16 @@ def _network_passes(
         passes += 1
         # registered(x) = moving(T(D(x))): apply the new estimate D first, then the current T
         current[active] = delta if first else geo.compose_params_2d(delta, current[active], kind)
-        counts = not first
         if combine:
-            if (counts and _step_is_small(delta, kind, tolerance)) or it == iterations - 1:
+            if (not first and _step_is_small(delta, kind, tolerance)) or it == iterations - 1:
                 break
             current[:] = robust_combine(current, floor)[0]
         else:
             size = _step_size(delta, kind)
             # a slice goes on while its correction is above the tolerance and still shrinking
             # (a slice the network cannot register swings by a similar amount every pass)
-            moving_on = ~np.all(size < tolerance, axis=1) if counts else np.ones(len(active), dtype=bool)
-            if last_size is not None:
-                moving_on &= np.any(size < last_size[active], axis=1)
-            if last_size is None:
-                last_size = np.full((n, 2), np.inf)
+            above = np.ones(len(active), dtype=bool) if first else ~np.all(size < tolerance, axis=1)
+            moving_on = above & np.any(size < last_size[active], axis=1)
             last_size[active] = size
             active = active[moving_on]
             if not len(active):

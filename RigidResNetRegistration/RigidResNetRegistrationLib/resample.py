@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import SliceFrame, apply_to_points, compose, invert, network_grid_affine, network_grid_points
+from .geometry import SliceFrame, compose, invert, network_grid_affine
 
 
 def sample_at_indices(image: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -287,33 +287,33 @@ def sample_slice_stack(
     volume with the same slice direction and an in-plane transform), each slice is interpolated
     bilinearly in the two planes around it and blended (:func:`_resample_separable_per_slice`):
     the same trilinear values, about twice as fast for the network grid (used when the grid has at
-    least a quarter as many pixels as a volume plane, as the two planes are copied). Otherwise the points are interpolated in 3D,
-    in groups of about ``chunk_points``, so the temporary point clouds stay small.
+    least a quarter as many pixels as a volume plane, as the two planes are copied). Otherwise the
+    points are interpolated in 3D. Both paths work from the same grid-to-array-index maps
+    (:func:`slice_stack_index_maps`), in groups of about ``chunk_points``, so the temporary point
+    clouds stay small.
     """
     idx = np.arange(len(frame.offsets)) if slices is None else np.asarray(slices)
-    t = None if fixed_to_moving_ras is None else np.asarray(fixed_to_moving_ras, dtype=np.float64)
     h, w = int(size[0]), int(size[1])
     out = torch.empty((len(idx), h, w), dtype=torch.float32, device=volume.device)
+    if not len(idx):
+        return out
     step = max(1, chunk_points // max(1, h * w))
-    if allow_planes and len(idx):
-        maps = slice_stack_index_maps(ijk_to_ras, frame, size, spacing_mm, idx, t)
-        m = _plane_axis(maps)
-        # the plane path copies two whole volume planes per slice: worth it unless the grid is
-        # much sparser than a plane (e.g. the coarse survey grid)
-        if m is not None and 4 * h * w >= int(np.prod(volume.shape)) // int(volume.shape[m]):
-            for a in range(0, len(idx), step):
-                part = maps[a : a + step]
-                out[a : a + len(part)] = _resample_separable_per_slice(volume, part, (len(part), h, w), 0, m)
-            return out
+    maps = slice_stack_index_maps(ijk_to_ras, frame, size, spacing_mm, idx, fixed_to_moving_ras)
+    m = _plane_axis(maps) if allow_planes else None
+    # the plane path copies two whole volume planes per slice: worth it unless the grid is much
+    # sparser than a plane (e.g. the coarse survey grid)
+    planes = m is not None and 4 * h * w >= int(np.prod(volume.shape)) // int(volume.shape[m])
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    row_col = np.stack([rows, cols], axis=-1)  # (H, W, 2) grid index of every pixel
+    vol = volume[None, None].float()
     for a in range(0, len(idx), step):
-        pts = network_grid_points(frame, size, spacing_mm, idx[a : a + step])
-        if t is not None and t.ndim == 2:
-            pts = apply_to_points(t, pts)
-        elif t is not None:
-            part = t[a : a + step]
-            flat = pts.reshape(len(part), -1, 3) @ part[:, :3, :3].transpose(0, 2, 1)
-            pts = flat.reshape(pts.shape) + part[:, None, None, :3, 3]
-        out[a : a + step] = sample_volume_at_ras(volume, ijk_to_ras, pts)
+        part = maps[a : a + step]
+        if planes:
+            out[a : a + len(part)] = _resample_separable_per_slice(volume, part, (len(part), h, w), 0, m)
+        else:  # the same maps, every point interpolated in 3D
+            index = row_col @ part[:, None, :3, 1:3].transpose(0, 1, 3, 2) + part[:, None, None, :3, 3]
+            out[a : a + len(part)] = sample_at_indices(vol, torch.as_tensor(index.reshape(1, -1, 3), dtype=torch.float32,
+                                                                             device=volume.device)).reshape(len(part), h, w)
     return out
 
 

@@ -285,7 +285,7 @@ def predict_parameters(
 
 def _network_passes(
     predictor: Predictor,
-    fixed_slices: torch.Tensor,
+    sample_fixed: Callable[[np.ndarray], torch.Tensor],
     slice_indices: np.ndarray,
     moving_identity: torch.Tensor | None,
     sample_moving: Callable[[np.ndarray, np.ndarray], torch.Tensor],
@@ -305,9 +305,10 @@ def _network_passes(
     """Predict slice-frame parameters ``(S, P)`` for ``S`` slices by up to ``iterations`` passes
     of warp, predict, compose; returns them and the number of passes made.
 
-    ``start``: initial estimates (None: identity, and ``moving_identity`` holds the moving slices
-    sampled without a transform); ``sample_moving(slice_indices, (n, 4, 4) RAS transforms)``
-    samples moving slices through their current transforms. ``combine``: after every pass but
+    ``sample_fixed(rows)``: the fixed slices of rows ``rows`` of ``slice_indices``; ``start``:
+    initial estimates (None: identity, and ``moving_identity`` holds the moving slices sampled
+    without a transform); ``sample_moving(slice_indices, (n, 4, 4) RAS transforms)`` samples
+    moving slices through their current transforms. ``combine``: after every pass but
     the last, all slices take the robust combination of the estimates (one motion), and the
     passes stop once a pass's median correction is below ``tolerance``; otherwise each slice
     keeps its own estimate and only the slices whose own last correction was at least
@@ -335,7 +336,7 @@ def _network_passes(
                 report(span[0] + (span[1] - span[0]) * fraction, f"pass {it + 1}: slice {g0 + done}/{len(active)}")
 
             delta[g0 : g0 + len(rows)] = predict_parameters(
-                predictor, fixed_slices[rows], moving, batch_size, on_batch, cancel, precision,
+                predictor, sample_fixed(rows), moving, batch_size, on_batch, cancel, precision,
                 notice=lambda message: report(span[0], message))
         passes += 1
         # registered(x) = moving(T(D(x))): apply the new estimate D first, then the current T
@@ -369,12 +370,13 @@ def slice_similarity(
 
 
 def _stack_similarity(
-    fixed_slices: torch.Tensor, sample_moving: Callable[[np.ndarray], torch.Tensor], group: int = 64
+    n: int, sample_fixed: Callable[[np.ndarray], torch.Tensor], sample_moving: Callable[[np.ndarray], torch.Tensor],
+    group: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`slice_similarity` of fixed slices ``(S, H, W)`` and moving slices sampled group by
-    group (``sample_moving(rows)``), so only ``group`` moving slices exist at a time."""
-    parts = [slice_similarity(fixed_slices[a : a + group], sample_moving(np.arange(a, min(a + group, len(fixed_slices)))))
-             for a in range(0, len(fixed_slices), group)]
+    """:func:`slice_similarity` of ``n`` fixed and moving slices, both sampled group by group
+    (``sample_fixed(rows)``, ``sample_moving(rows)``), so only ``group`` of each exist at a time."""
+    groups = [np.arange(a, min(a + group, n)) for a in range(0, n, group)]
+    parts = [slice_similarity(sample_fixed(rows), sample_moving(rows)) for rows in groups]
     if not parts:
         return np.zeros(0), np.zeros(0)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -430,7 +432,13 @@ def register_volumes(
     used = np.zeros(len(frame.offsets), dtype=bool)
     used[idx] = True
     n_slices = len(frame.offsets)
-    fixed_sel = sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx)
+    # volume mode keeps its few fixed slices; slices mode samples them group by group when needed
+    # (a whole stack of a large volume's slices would be most of the working memory)
+    fixed_sel = sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx) if opts.mode == "volume" else None
+
+    def fixed_rows(rows: np.ndarray) -> torch.Tensor:
+        return fixed_sel[rows] if fixed_sel is not None else sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx[rows])
+
     # the slices registered from the identity: all of them in volume mode; in slices mode those
     # of the common-motion stage (the others start from its result)
     first_rows = (np.arange(len(idx)) if opts.mode == "volume"
@@ -445,7 +453,7 @@ def register_volumes(
                    tolerance: float) -> tuple[np.ndarray, int]:
         """Network passes over the selected slices ``idx[rows]`` (module docstring, step 3)."""
         return _network_passes(
-            predictor, fixed_sel[rows], idx[rows], moving_start if start is None else None,
+            predictor, lambda r: fixed_rows(rows[r]), idx[rows], moving_start if start is None else None,
             lambda sl, tr: sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, sl, tr),
             frame, kind, start, opts.iterations, tolerance, combine, _floor(kind, opts.outlier_floor),
             opts.batch_size, precision, report, span, cancel,
@@ -505,8 +513,9 @@ def register_volumes(
     report(0.82, "measuring similarity")
     t_q = time.perf_counter()
     if opts.mode == "slices":  # all slices: in groups, so no further whole stack is kept
-        nb, mb = _stack_similarity(fixed_sel, lambda rows: sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx[rows]))
-        na, ma = _stack_similarity(fixed_sel, lambda rows: sample_slice_stack(
+        nb, mb = _stack_similarity(len(idx), fixed_rows, lambda rows: sample_slice_stack(
+            m_t, moving.ijk_to_ras, frame, size, spacing, idx[rows]))
+        na, ma = _stack_similarity(len(idx), fixed_rows, lambda rows: sample_slice_stack(
             m_t, moving.ijk_to_ras, frame, size, spacing, idx[rows], per_slice_t[idx[rows]]))
     else:
         after_moving = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx, volume_t)

@@ -168,3 +168,57 @@ def test_cuda_matches_cpu(scene):
     gpu = refine_rigid(f.cuda(), fixed.ijk_to_ras, m.cuda(), moving.ijk_to_ras)
     assert max(errors(gpu, truth, centre)) < 0.1
     assert max(geo.rigid_error(gpu.fixed_to_moving_ras, cpu.fixed_to_moving_ras, centre)) < 0.02
+
+
+@pytest.mark.parametrize("w", [(0.0, 0.0, 0.0), (1e-6, -2e-6, 5e-7), (1e-3, 2e-3, -1e-3), (0.2, -0.1, 0.3), (1.5, 0.5, -2.0)])
+def test_rotation_is_the_matrix_exponential_with_the_same_gradient(w):
+    from RigidResNetRegistrationLib.refine import _rotation
+
+    def by_exponential(v: torch.Tensor) -> torch.Tensor:
+        zero = v.new_zeros(())
+        k = torch.stack([zero, -v[2], v[1], v[2], zero, -v[0], -v[1], v[0], zero]).reshape(3, 3)
+        return torch.linalg.matrix_exp(k)
+
+    weights = torch.arange(1.0, 10.0, dtype=torch.float64).reshape(3, 3)  # a generic linear function of R
+    grads = []
+    for fn in (_rotation, by_exponential):
+        v = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+        r = fn(v)
+        (r * weights).sum().backward()
+        grads.append((r.detach(), v.grad.clone()))
+    (r_ours, g_ours), (r_exp, g_exp) = grads
+    assert torch.allclose(r_ours, r_exp, atol=1e-12)
+    assert torch.allclose(r_ours @ r_ours.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    assert torch.all(torch.isfinite(g_ours))
+    assert torch.allclose(g_ours, g_exp, atol=1e-9)
+
+
+def test_dilate_is_a_3x3x3_max_filter():
+    from RigidResNetRegistrationLib.refine import _dilate
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(9, 7, 5), (1, 6, 4), (5, 1, 1)]:
+        mask = torch.rand(shape, generator=gen) > 0.85
+        mask[0, 0, 0] = True  # a corner voxel grows inwards only
+        expected = torch.nn.functional.max_pool3d(mask[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+        before = mask.clone()
+        assert torch.equal(_dilate(mask), expected)
+        assert torch.equal(mask, before)  # the input is not modified
+
+
+def test_coarse_levels_stop_at_a_tolerance_that_grows_with_the_level(scene, monkeypatch):
+    from RigidResNetRegistrationLib import refine
+    from RigidResNetRegistrationLib.refine import COARSE_TOLERANCE, level_tolerance_mm
+
+    assert level_tolerance_mm(8.0, 0.001, last=True) == 0.001
+    assert level_tolerance_mm(8.0, 0.001, last=False) == pytest.approx(8.0 * COARSE_TOLERANCE)
+    assert level_tolerance_mm(8.0, 1.0, last=False) == 1.0  # never tighter than asked
+    fixed, moving, truth, centre = scene
+    f, m = as_float_tensor(fixed), as_float_tensor(moving)
+    levels = (6.0, 3.0, 1.5)
+    loose = refine_rigid(f, fixed.ijk_to_ras, m, moving.ijk_to_ras, metric="ncc", levels_mm=levels)
+    monkeypatch.setattr(refine, "COARSE_TOLERANCE", 0.0)  # every level to tolerance_mm
+    tight = refine_rigid(f, fixed.ijk_to_ras, m, moving.ijk_to_ras, metric="ncc", levels_mm=levels)
+    # the coarse levels stop sooner, and the last level still gets there
+    assert sum(loose.steps_per_level[:2]) < sum(tight.steps_per_level[:2])
+    assert max(errors(loose, truth, centre)) < 0.1 and max(errors(tight, truth, centre)) < 0.1

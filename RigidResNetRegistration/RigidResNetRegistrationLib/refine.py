@@ -57,6 +57,9 @@ METRICS = ("ncc", "mi")
 #: near the optimum, which would sit close to L-BFGS's fixed absolute tolerances.
 LOSS_SCALE = 1000.0
 
+#: A coarse level of ``level_mm`` stops once its steps are below ``COARSE_TOLERANCE * level_mm``.
+COARSE_TOLERANCE = 0.02
+
 
 @dataclass
 class RefineResult:
@@ -95,6 +98,20 @@ def _block_matrix(factors: tuple[int, ...]) -> np.ndarray:
     return m
 
 
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    """A 3D boolean mask grown by one voxel along every axis and diagonal (a 3 x 3 x 3 cube),
+    as three one-axis passes of shifted ORs: a max filter without its cost."""
+    out = mask
+    for axis in range(3):
+        grown = out.clone()
+        n = out.shape[axis]
+        if n > 1:
+            grown.narrow(axis, 1, n - 1).logical_or_(out.narrow(axis, 0, n - 1))
+            grown.narrow(axis, 0, n - 1).logical_or_(out.narrow(axis, 1, n - 1))
+        out = grown
+    return out
+
+
 def _factors(ijk_to_ras: np.ndarray, shape: tuple[int, ...], level_mm: float) -> tuple[int, int, int]:
     """Voxels per block along each array axis for a level: ``round(level_mm / spacing)``, 1 to size."""
     spacing = geo.voxel_spacing(ijk_to_ras)
@@ -121,11 +138,26 @@ class _Pyramid:
         return self.cache[factors]
 
 
+def level_tolerance_mm(level_mm: float, tolerance_mm: float, last: bool) -> float:
+    """The step size (mm) below which a level counts as converged: ``tolerance_mm`` at the last
+    level; at a coarser one, ``COARSE_TOLERANCE * level_mm`` if larger, since a coarse level only
+    has to bring the next, finer one within its reach (it cannot resolve much less than a block)."""
+    return float(tolerance_mm) if last else max(float(tolerance_mm), COARSE_TOLERANCE * float(level_mm))
+
+
 def _rotation(w: torch.Tensor) -> torch.Tensor:
-    """3x3 rotation of a rotation vector (radians); differentiable, also at zero."""
+    """3x3 rotation of a rotation vector ``w`` (unit axis times angle, radians), by Rodrigues'
+    formula ``I + a K + b K^2`` (``K`` the cross-product matrix of ``w``, ``a = sin t / t``,
+    ``b = (1 - cos t) / t^2``, ``t = |w|``); differentiable, also at zero, where the Taylor series
+    of ``a`` and ``b`` is used. The same as ``matrix_exp(K)`` at a fraction of its cost."""
     zero = w.new_zeros(())
     k = torch.stack([zero, -w[2], w[1], w[2], zero, -w[0], -w[1], w[0], zero]).reshape(3, 3)
-    return torch.linalg.matrix_exp(k)
+    t2 = (w * w).sum()
+    small = t2 < 1e-8
+    t = torch.sqrt(torch.where(small, torch.ones_like(t2), t2))  # never sqrt(0): finite gradients
+    a = torch.where(small, 1.0 - t2 / 6.0, torch.sin(t) / t)
+    b = torch.where(small, 0.5 - t2 / 24.0, (1.0 - torch.cos(t)) / (t * t))
+    return torch.eye(3, dtype=w.dtype, device=w.device) + a * k + b * (k @ k)
 
 
 @dataclass
@@ -153,7 +185,7 @@ def _prepare_level(
     mf = (1, 1, 1) if full_resolution else _factors(moving_ijk_to_ras, tuple(moving_pyr.full.shape), level_mm)
     blocks = fixed_pyr.get(ff)  # block averages: where the signal is (and the values at coarse levels)
     dev = blocks.device
-    mask = F.max_pool3d((blocks > fixed_threshold)[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+    mask = _dilate(blocks > fixed_threshold)
     ijk = torch.nonzero(mask)  # raster order: deterministic
     gen = torch.Generator().manual_seed(0)  # CPU generator: the same numbers on every device
     if ijk.shape[0] > max_points:
@@ -276,11 +308,12 @@ def refine_rigid(
     centre_t = torch.as_tensor(centre, dtype=torch.float64, device=dev)
     fixed_pyr, moving_pyr = _Pyramid(fixed_f), _Pyramid(moving_f)
     fixed_thr = foreground_threshold(fixed_f)
+    # finest level first, so each coarser block average is pooled from a finer one, not the whole volume
     prepared = [
         _prepare_level(v, i == len(levels) - 1, fixed_pyr, fixed_ijk_to_ras, fixed_thr, moving_pyr,
                        moving_ijk_to_ras, centre, int(max_points) if i == len(levels) - 1 else int(max_points) // 2)
-        for i, v in enumerate(levels)
-    ]
+        for i, v in reversed(list(enumerate(levels)))
+    ][::-1]
     if any(lv.points.shape[0] == 0 for lv in prepared):
         raise ValueError("the fixed volume has no signal above its foreground threshold to register")
 
@@ -316,11 +349,12 @@ def refine_rigid(
     per_level: list[int] = []
     with torch.no_grad():
         before = float(evaluate(prepared[-1], base))
-    for lv, n in zip(prepared, n_steps):
+    for i_level, (lv, n) in enumerate(zip(prepared, n_steps)):
+        tol = level_tolerance_mm(levels[i_level], tolerance_mm, i_level == len(levels) - 1)
         p = torch.zeros(6, dtype=torch.float64, device=dev, requires_grad=True)
         # tolerance_change bounds both a step (mm) and a change of the scaled loss (1e-4 * tolerance_mm
         # of similarity); each step() call is one L-BFGS iteration, the history is kept between calls
-        opt = torch.optim.LBFGS([p], lr=1.0, max_iter=1, tolerance_grad=1e-9, tolerance_change=0.1 * tolerance_mm,
+        opt = torch.optim.LBFGS([p], lr=1.0, max_iter=1, tolerance_grad=1e-9, tolerance_change=0.1 * tol,
                                 history_size=10, line_search_fn="strong_wolfe")
         cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         evals = 0
@@ -358,7 +392,7 @@ def refine_rigid(
             except _OutOfSteps:  # out of evaluations inside a line search
                 break
             moved = float((p.detach() - before_step).abs().max())
-            quiet = quiet + 1 if moved < tolerance_mm else 0
+            quiet = quiet + 1 if moved < tol else 0
             if quiet >= 2 or evals == evals_before:  # converged, or L-BFGS found nothing to do
                 break
         per_level.append(evals)

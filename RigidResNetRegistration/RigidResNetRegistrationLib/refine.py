@@ -242,9 +242,10 @@ def refine_rigid(
     (module docstring), with at most ``steps[i]`` similarity evaluations (each with its gradient)
     by L-BFGS with a strong-Wolfe line search at level ``i`` (one number: the same at every
     level; None: 25 at the first of several levels, 20 at the others); a level ends early once two
-    successive L-BFGS iterations each moved the brain by less than ``tolerance_mm``, or once an
-    iteration changed the similarity by less than ``1e-4 * tolerance_mm`` or found no descent
-    direction; it keeps the best point it evaluated. ``max_points``:
+    successive L-BFGS iterations each moved the brain by less than its tolerance
+    (:func:`level_tolerance_mm`: ``tolerance_mm`` at the last level, ``COARSE_TOLERANCE * level_mm``
+    at coarser ones), or once an iteration changed the similarity by less than ``1e-4`` times that
+    tolerance or found no descent direction; it keeps the best point it evaluated. ``max_points``:
     sample points of the last level (half as many at the others); the cost is linear in it.
 
     Returns a :class:`RefineResult` whose ``fixed_to_moving_ras`` is ``T(x) = T0(U(x))`` (module
@@ -256,8 +257,8 @@ def refine_rigid(
     With the defaults (8, 4, 2 mm; 25, 20, 20 evaluations; 30 000 points) a BraTS 240 x 240 x 155
     1 mm pair with a known motion was registered from the identity for motions of up to 15 degrees
     about and 15 mm along every axis at once (NCC also at 20), to within 0.01 degree / 0.01 mm of
-    the truth with NCC, in about 0.25 s (NCC) or 0.75 s (MI) on two CPU threads. The 8 mm level
-    costs about a tenth of that, so the defaults also suit a good start such as the network's.
+    the truth with NCC, in about 0.15-0.25 s (NCC) or 0.45-0.6 s (MI) on two CPU threads; the
+    coarse levels cost little, so the defaults also suit a good start such as the network's.
     """
     t_start = time.perf_counter()
     if metric not in METRICS:

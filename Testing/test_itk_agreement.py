@@ -212,3 +212,64 @@ def test_slice_stack_plane_path_equals_the_3d_path(case, planes):
         pts = np.stack([geo.apply_to_points(t if t.ndim == 2 else t[i], pts[i]) for i in range(len(slices))])
     direct = sample_volume_at_ras(vol, volume.ijk_to_ras, pts)
     assert torch.allclose(slow, direct, atol=1e-5 * float(slow.abs().max()))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_points_split_over_threads_sample_and_differentiate_as_one_batch(threads):
+    """``grid_sample_points`` splits one image's points into a batch item per CPU thread: the
+    values and the gradient with respect to the points are those of one plain grid_sample call."""
+    import torch.nn.functional as F
+
+    from RigidResNetRegistrationLib.resample import grid_sample_points
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        image = torch.rand(1, 2, 9, 11, 7, generator=gen)
+        for p in (10_001, 4096 * threads + 5):  # a count that does not divide evenly
+            grid = (torch.rand(1, p, 3, generator=gen) * 2.2 - 1.1).requires_grad_(True)
+            ours = grid_sample_points(image, grid, min_points_per_thread=1000)
+            (ours * torch.arange(1.0, 3.0)[None, :, None]).sum().backward()
+            g_ours = grid.grad.clone()
+            grid.grad = None
+            ref = F.grid_sample(image, grid[:, None, None], mode="bilinear", padding_mode="border",
+                                align_corners=True).reshape(1, 2, p)
+            (ref * torch.arange(1.0, 3.0)[None, :, None]).sum().backward()
+            assert ours.shape == (1, 2, p)
+            assert torch.allclose(ours, ref, atol=1e-6)
+            assert torch.allclose(g_ours, grid.grad, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_inside_runs_match_the_per_point_itk_bounds():
+    """The general resampler finds the inside points of each reference row as one run of ``k``;
+    that must be exactly the points whose continuous index lies within half a voxel of the
+    moving grid, point by point (float64)."""
+    from RigidResNetRegistrationLib.resample import _inside_runs
+
+    rng = np.random.default_rng(1)
+    ni, nj, nk = 7, 9, 23
+    sizes = np.array([12, 10, 15])
+    partial = 0
+    for trial in range(20):
+        index_map = np.eye(4)
+        index_map[:3, :3] = geo.rigid_matrix_3d(tuple(rng.uniform(-40, 40, 3)), (0, 0, 0), np.zeros(3))[:3, :3]
+        if trial % 4 == 0:
+            index_map[:3, :3] = np.eye(3)[rng.permutation(3)]  # rows constant along k on two axes
+        index_map[:3, 3] = rng.uniform(-6, 12, 3)
+        # the same normalised map as _resample_general: grid (x, y, z) = (k, j, i) of the moving volume
+        scale = 2.0 / (sizes - 1)
+        norm = np.diag(np.r_[scale, 1.0]) @ index_map
+        norm[:3, 3] -= 1.0
+        rows = norm[[2, 1, 0]]
+        bound = 1.0 + 0.5 * scale[[2, 1, 0]]
+        first, last = _inside_runs(rows, bound, ni, nj, nk)
+        ijk = np.stack(np.meshgrid(np.arange(ni), np.arange(nj), np.arange(nk), indexing="ij"), -1).astype(np.float64)
+        idx = ijk @ index_map[:3, :3].T + index_map[:3, 3]
+        inside = np.all((idx >= -0.5) & (idx <= sizes - 0.5), axis=-1)
+        runs = (np.arange(nk) >= first[..., None]) & (np.arange(nk) <= last[..., None])
+        assert np.array_equal(runs, inside), trial
+        partial += bool(0 < inside.sum() < inside.size)
+    assert partial >= 10  # most trials cut rows at the volume's edges

@@ -102,3 +102,27 @@ def test_losses_are_differentiable_wrt_transform_parameters():
     assert params.grad is not None and torch.all(torch.isfinite(params.grad)) and params.grad.abs().sum() > 0
     # moving towards the identity increases similarity (gradient ascent direction points back)
     assert np.sign(params.grad[0, 0].item()) == -1
+
+
+def test_batch_norms_fold_into_the_convolutions():
+    from RigidResNetRegistrationLib.model import fold_batch_norms
+
+    torch.manual_seed(0)
+    net = ResNetRegressor(3)
+    for m in net.modules():  # non-trivial statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    torch.nn.init.normal_(net.regressor[2].weight, std=0.1)
+    net.eval()
+    x = torch.rand(3, 2, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+        folded = fold_batch_norms(net)
+        out = folded(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()) + 1e-6)
+    with pytest.raises(ValueError, match="evaluation-mode"):
+        fold_batch_norms(ResNetRegressor(3).train())

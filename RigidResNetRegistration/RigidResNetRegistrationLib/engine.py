@@ -432,12 +432,21 @@ def register_volumes(
     used = np.zeros(len(frame.offsets), dtype=bool)
     used[idx] = True
     n_slices = len(frame.offsets)
-    # volume mode keeps its few fixed slices; slices mode samples them group by group when needed
-    # (a whole stack of a large volume's slices would be most of the working memory)
+    # volume mode samples its few fixed slices at once; slices mode group by group as the passes
+    # first need them (sampling a large volume's whole stack at once takes most of the working
+    # memory), keeping each one: the passes and the quality figures read them again
     fixed_sel = sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx) if opts.mode == "volume" else None
+    fixed_kept = torch.empty((len(idx), *size), dtype=torch.float32, device=device) if fixed_sel is None else None
+    sampled = np.zeros(len(idx), dtype=bool)
 
     def fixed_rows(rows: np.ndarray) -> torch.Tensor:
-        return fixed_sel[rows] if fixed_sel is not None else sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx[rows])
+        if fixed_sel is not None:
+            return fixed_sel[rows]
+        need = np.asarray(rows)[~sampled[rows]]
+        if len(need):
+            fixed_kept[need] = sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx[need])
+            sampled[need] = True
+        return fixed_kept[rows]
 
     # the slices registered from the identity: all of them in volume mode; in slices mode those
     # of the common-motion stage (the others start from its result)
@@ -506,6 +515,7 @@ def register_volumes(
         volume_t = refined.fixed_to_moving_ras
         refinement = {"metric": metric, "similarity_before": refined.similarity_before,
                       "similarity_after": refined.similarity_after, "steps": refined.steps,
+                      "steps_per_level": list(refined.steps_per_level),
                       "seconds": refined.seconds}
         timings["refine"] = time.perf_counter() - t_r
 

@@ -22,7 +22,7 @@ from torch import nn
 from .model_card import DEFAULT_CARD, MODELS_DIR, ModelCard, ModelError, read_model_card, sha256_of, weights_path
 
 __all__ = ["DEFAULT_CARD", "MODELS_DIR", "ModelCard", "ModelError", "read_model_card", "sha256_of", "weights_path",
-           "ResNetRegressor", "LoadedModel", "build_model", "load_state", "load_model", "resolve_device", "save_weights"]
+           "ResNetRegressor", "LoadedModel", "build_model", "fold_batch_norms", "load_state", "load_model", "resolve_device", "save_weights"]
 
 class ResNetRegressor(nn.Module):
     """ResNet-34 feature extractor (2-channel input) + FC(512, hidden) - ReLU - FC(hidden, P)."""
@@ -89,6 +89,32 @@ class LoadedModel:
         return out.float().cpu()
 
 
+def fold_batch_norms(network: ResNetRegressor) -> ResNetRegressor:
+    """For inference: each batch norm of the (evaluation-mode) ResNet folded into the convolution
+    before it (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and replaced by an identity. The same
+    function up to float rounding, one pass over the activations fewer per layer (about 6% of the
+    network's time on a CPU). The network must not be trained afterwards."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if network.training:
+        raise ValueError("batch norms can only be folded into an evaluation-mode network")
+
+    def fold(owner: nn.Module, conv: str, bn: str) -> None:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+        setattr(owner, bn, nn.Identity())
+
+    resnet = network.features
+    fold(resnet, "conv1", "bn1")
+    for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for block in layer:
+            fold(block, "conv1", "bn1")
+            fold(block, "conv2", "bn2")
+            if block.downsample is not None:
+                fused = fuse_conv_bn_eval(block.downsample[0], block.downsample[1])
+                block.downsample = nn.Sequential(fused)
+    return network
+
+
 _CACHE: dict[tuple[str, str, str], LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -124,7 +150,7 @@ def load_model(card_path: str | Path | None = None, device: str = "auto") -> Loa
                 raise ModelError(
                     f"weights file {card.weights} does not fit the model card's architecture ({str(exc).splitlines()[0]})"
                 ) from None
-        network = network.to(dev).eval().to(memory_format=torch.channels_last)
+        network = fold_batch_norms(network.eval()).to(dev).to(memory_format=torch.channels_last)
         loaded = LoadedModel(network, card, dev)
         _CACHE[key] = loaded
         return loaded

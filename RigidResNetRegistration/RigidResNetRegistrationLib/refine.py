@@ -227,7 +227,7 @@ def refine_rigid(
     levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0),
     steps: tuple[int, ...] | int | None = None,
     max_points: int = 30_000,
-    tolerance_mm: float = 0.001,
+    tolerance_mm: float = 0.005,
     bins: int = 48,
     cancel: Callable[[], bool] | None = None,
 ) -> RefineResult:

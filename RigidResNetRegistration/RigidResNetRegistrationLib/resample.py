@@ -15,6 +15,33 @@ import torch.nn.functional as F
 from .geometry import SliceFrame, compose, invert, network_grid_affine
 
 
+def grid_sample_points(image: torch.Tensor, grid: torch.Tensor, min_points_per_thread: int = 4096) -> torch.Tensor:
+    """``F.grid_sample`` (linear, border padding, ``align_corners=True``) of ``image``
+    ``(B, C, *spatial)`` at the points ``grid`` ``(B, P, ndim)`` (normalised, x first), returned
+    as ``(B, C, P)``.
+
+    On the CPU, one image's points are split into one batch item per thread over the same
+    (expanded, not copied) image: PyTorch's CPU grid sampler runs the items of a batch in
+    parallel but one item's points on one thread, so a single image would use one core.
+    """
+    b, c = image.shape[:2]
+    ndim = grid.shape[-1]
+    p = grid.shape[1]
+    n = torch.get_num_threads() if image.device.type == "cpu" and b == 1 else 1
+    n = min(n, p // max(1, min_points_per_thread))
+    if n <= 1:
+        out = F.grid_sample(image, grid.reshape(b, *([1] * (ndim - 1)), p, ndim), mode="bilinear",
+                            padding_mode="border", align_corners=True)
+        return out.reshape(b, c, p)
+    per = -(-p // n)
+    flat = grid[0]
+    if per * n > p:  # pad with copies of the last point, dropped again below
+        flat = torch.cat([flat, flat[-1:].expand(per * n - p, ndim)])
+    out = F.grid_sample(image.expand(n, *image.shape[1:]), flat.reshape(n, *([1] * (ndim - 1)), per, ndim),
+                        mode="bilinear", padding_mode="border", align_corners=True)
+    return out.reshape(n, c, per).transpose(0, 1).reshape(1, c, n * per)[:, :, :p]
+
+
 def sample_at_indices(image: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Sample ``image`` at continuous array indices (linear, ITK-style bounds, zero outside).
 
@@ -33,8 +60,8 @@ def sample_at_indices(image: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
     denom = torch.clamp(sizes - 1, min=1)
     norm = torch.where(sizes > 1, 2.0 * indices / denom - 1.0, torch.zeros_like(indices))
     out_shape = indices.shape[1:-1]
-    grid = norm.flip(-1).to(image.dtype).reshape(indices.shape[0], *([1] * (ndim - 1)), -1, ndim)
-    sampled = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    grid = norm.flip(-1).to(image.dtype).reshape(indices.shape[0], -1, ndim)
+    sampled = grid_sample_points(image, grid)
     sampled = sampled.reshape(image.shape[0], image.shape[1], *out_shape)
     return sampled * inside.unsqueeze(1).to(sampled.dtype)
 
@@ -170,14 +197,45 @@ def _resample_general(
 
     ti = axis_term(ni, 0, True)[:, None, None, :]
     tjk = axis_term(nj, 1, False)[None, :, None, :] + axis_term(nk, 2, False)[None, None, :, :]  # one plane
+    k_first, k_last = _inside_runs(rows, bound.double().cpu().numpy(), ni, nj, nk)
+    k_index = torch.arange(nk, dtype=torch.int32, device=dev)
+    first_t = torch.as_tensor(k_first, dtype=torch.int32, device=dev)[..., None]
+    last_t = torch.as_tensor(k_last, dtype=torch.int32, device=dev)[..., None]
     per_slab = max(1, slab_voxels // max(1, nj * nk))
     for i0 in range(0, ni, per_slab):
         i1 = min(ni, i0 + per_slab)
         grid = ti[i0:i1] + tjk  # (slab, J, K, 3) normalised (x, y, z)
-        inside = (grid.abs() <= bound).all(dim=-1)
-        sampled = F.grid_sample(vol, grid[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+        inside = (k_index >= first_t[i0:i1]) & (k_index <= last_t[i0:i1])
+        sampled = grid_sample_points(vol, grid.reshape(1, -1, 3)).reshape(grid.shape[:3])
         out[i0:i1] = sampled * inside
     return out
+
+
+def _inside_runs(rows: np.ndarray, bound: np.ndarray, ni: int, nj: int, nk: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each reference row ``(i, j)``, the first and last ``k`` whose point lies inside the
+    moving volume (ITK bounds): ``(ni, nj)`` int arrays (``first > last`` for none).
+
+    ``rows``: ``(3, 4)`` map from reference ``(i, j, k, 1)`` to grid_sample's normalised ``(x, y, z)``;
+    ``bound``: ``(3,)`` the largest inside ``|x|, |y|, |z|``. Along a row each coordinate is linear
+    in ``k``, so the inside points are one run, found per row (float64) instead of per point.
+    """
+    i = np.arange(ni, dtype=np.float64)[:, None]
+    j = np.arange(nj, dtype=np.float64)[None, :]
+    lo = np.full((ni, nj), -np.inf)
+    hi = np.full((ni, nj), np.inf)
+    for d in range(3):
+        a = rows[d, 0] * i + rows[d, 1] * j + rows[d, 3]  # coordinate d at k = 0
+        slope = rows[d, 2]
+        if abs(slope) < 1e-12:  # constant along the row
+            out = np.abs(a) > bound[d]
+            lo[out], hi[out] = np.inf, -np.inf
+            continue
+        k1, k2 = (-bound[d] - a) / slope, (bound[d] - a) / slope
+        lo = np.maximum(lo, np.minimum(k1, k2))
+        hi = np.minimum(hi, np.maximum(k1, k2))
+    first = np.clip(np.ceil(lo), 0, nk)
+    last = np.clip(np.floor(hi), -1, nk - 1)
+    return first.astype(np.int64), last.astype(np.int64)
 
 
 def resample_per_slice(

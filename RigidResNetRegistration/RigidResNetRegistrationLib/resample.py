@@ -147,7 +147,7 @@ def resample_volume(
     reference_shape: tuple[int, int, int],
     reference_ijk_to_ras: np.ndarray,
     fixed_to_moving_ras: np.ndarray | None = None,
-    slab_voxels: int = 4_000_000,
+    slab_voxels: int = 262_144,
     allow_separable: bool = True,
 ) -> torch.Tensor:
     """Resample ``moving`` onto a reference grid: ``out[v] = moving(T(ijk_to_ras_ref v))``.
@@ -168,7 +168,7 @@ def resample_volume(
 
 
 def _resample_general(
-    moving: torch.Tensor, index_map: np.ndarray, reference_shape: tuple[int, int, int], slab_voxels: int = 4_000_000
+    moving: torch.Tensor, index_map: np.ndarray, reference_shape: tuple[int, int, int], slab_voxels: int = 262_144
 ) -> torch.Tensor:
     """Trilinear resampling (ITK bounds) through any affine reference-ijk -> moving-ijk map, slab by
     slab along the first reference axis.

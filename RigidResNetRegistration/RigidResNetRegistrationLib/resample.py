@@ -175,8 +175,10 @@ def _resample_general(
 
     The map is folded into grid_sample's normalised coordinates (``align_corners=True``: index
     ``0 -> -1``, ``n - 1 -> +1``, axes in reversed order) once, so each slab's sampling grid is the
-    broadcast sum of three per-axis terms, and a point is inside when every normalised coordinate
-    lies within half a voxel of ``[-1, 1]``: no per-point index arithmetic beyond that.
+    broadcast sum of three per-axis terms. A point is inside when every normalised coordinate lies
+    within half a voxel of ``[-1, 1]``; the inside points of each row form one run of ``k``, found
+    once per row (:func:`_inside_runs`). The points are sampled in parallel on CPU threads
+    (:func:`grid_sample_points`).
     """
     dev = moving.device
     sizes = np.asarray(moving.shape, dtype=np.float64)
@@ -184,7 +186,7 @@ def _resample_general(
     norm_map = np.diag(np.r_[scale, 1.0]) @ np.asarray(index_map, dtype=np.float64)
     norm_map[:3, 3] -= np.where(sizes > 1, 1.0, 0.0)
     rows = norm_map[[2, 1, 0]]  # grid_sample's (x, y, z) = (k, j, i)
-    bound = torch.as_tensor(1.0 + 0.5 * scale[[2, 1, 0]], dtype=torch.float32, device=dev)
+    bound = 1.0 + 0.5 * scale[[2, 1, 0]]  # largest inside |x|, |y|, |z| (ITK: half a voxel beyond the edge)
     ni, nj, nk = (int(s) for s in reference_shape)
     out = torch.empty((ni, nj, nk), dtype=torch.float32, device=dev)
     vol = moving[None, None].float()
@@ -197,7 +199,7 @@ def _resample_general(
 
     ti = axis_term(ni, 0, True)[:, None, None, :]
     tjk = axis_term(nj, 1, False)[None, :, None, :] + axis_term(nk, 2, False)[None, None, :, :]  # one plane
-    k_first, k_last = _inside_runs(rows, bound.double().cpu().numpy(), ni, nj, nk)
+    k_first, k_last = _inside_runs(rows, bound, ni, nj, nk)
     k_index = torch.arange(nk, dtype=torch.int32, device=dev)
     first_t = torch.as_tensor(k_first, dtype=torch.int32, device=dev)[..., None]
     last_t = torch.as_tensor(k_last, dtype=torch.int32, device=dev)[..., None]

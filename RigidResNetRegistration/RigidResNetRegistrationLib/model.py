@@ -92,9 +92,9 @@ class LoadedModel:
 def fold_batch_norms(network: ResNetRegressor) -> ResNetRegressor:
     """For inference: each batch norm of the (evaluation-mode) ResNet folded into the convolution
     before it (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and replaced by an identity, in place
-    (the network is returned). The same
-    function up to float rounding, one pass over the activations fewer per layer (about 6% of the
-    network's time on a CPU). The network must not be trained afterwards."""
+    (the network is returned). The same function up to float rounding, one pass over the
+    activations fewer per layer (about 6% of the network's time on a CPU). The network must not be
+    trained afterwards."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     if network.training:

@@ -1,8 +1,10 @@
 """Image similarity: normalised cross-correlation and (Parzen-window) mutual information.
 
 One implementation, used for the unsupervised training losses, the quality figures reported
-by the engine (before/after) and the benchmarks. All functions are batched over the first
-axis, differentiable, and accept an optional mask of the pixels to use.
+by the engine (before/after) and the benchmarks. :func:`ncc` and :func:`mutual_information` are
+batched over the first axis, differentiable, and accept an optional mask of the pixels to use.
+:func:`mattes_mutual_information` is the single-pair form the 6-DOF refinement optimises, with
+the fixed image's bins computed once (:func:`fixed_bins`) and an analytic gradient.
 """
 
 from __future__ import annotations
@@ -35,6 +37,69 @@ def _cubic_bspline(d: torch.Tensor) -> torch.Tensor:
     """Cubic B-spline kernel (support ``|d| < 2``), the Parzen window of Mattes et al. (2003)."""
     a = d.abs()
     return torch.where(a < 1, (4 - 6 * a**2 + 3 * a**3) / 6, torch.where(a < 2, (2 - a) ** 3 / 6, torch.zeros_like(a)))
+
+
+def parzen_window(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cubic B-spline Parzen window of intensities ``x`` (any shape, clamped to ``[0, 1]``) over
+    ``bins`` bins whose centres are ``0, 1/(bins-1), ..., 1``: for each value the 4 bins it
+    touches ``(..., 4)`` (int64; the edge bins absorb what falls beyond them), their weights
+    (summing to 1) and the weights' derivatives with respect to ``x`` (zero where ``x`` was clamped).
+    """
+    s = x.clamp(0, 1) * (bins - 1)
+    base = torch.floor(s) - 1
+    offsets = torch.arange(4, device=s.device)
+    d = s[..., None] - (base[..., None] + offsets.to(s.dtype))
+    slope = ((x >= 0) & (x <= 1)).to(s.dtype) * (bins - 1)
+    idx = (base[..., None].long() + offsets).clamp(0, bins - 1)
+    return idx, _cubic_bspline(d), _cubic_bspline_derivative(d) * slope[..., None]
+
+
+def fixed_bins(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """The hard (zero-order) bin of each fixed intensity in ``[0, 1]`` (clamped), int64: the
+    nearest of the centres ``0, 1/(bins-1), ..., 1``, for :func:`mattes_mutual_information`."""
+    return torch.round(x.clamp(0, 1) * (bins - 1)).long()
+
+
+class _MattesMI(torch.autograd.Function):
+    """Forward: MI of the joint histogram of hard fixed bins and B-spline moving windows.
+    Backward (``moving`` only): ``dMI/dh_ab = log(p_ab / (p_a p_b)) / S`` (``S`` the weight sum;
+    the other terms cancel because each moving window's weights sum to 1), chained through the
+    window weights' derivatives."""
+
+    @staticmethod
+    def forward(ctx, moving: torch.Tensor, fixed_bin: torch.Tensor, weights: torch.Tensor, bins: int) -> torch.Tensor:
+        idx, w, dw = parzen_window(moving, bins)
+        joint_idx = (fixed_bin[:, None] * bins + idx).reshape(-1)
+        h = moving.new_zeros(bins * bins).index_add_(0, joint_idx, (w * weights[:, None]).reshape(-1))
+        total = h.sum().clamp_min(1e-12)
+        p = (h / total).reshape(bins, bins)
+        ratio = p / (p.sum(dim=1, keepdim=True) * p.sum(dim=0, keepdim=True)).clamp_min(1e-12)
+        log_ratio = torch.log(ratio.clamp_min(1e-12))
+        ctx.save_for_backward(joint_idx, dw, weights, log_ratio.reshape(-1), total)
+        return (p * log_ratio).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        joint_idx, dw, weights, log_ratio, total = ctx.saved_tensors
+        g = (dw * log_ratio[joint_idx].reshape(dw.shape)).sum(dim=1) * weights / total
+        return grad_out * g, None, None, None
+
+
+def mattes_mutual_information(fixed_bin: torch.Tensor, moving: torch.Tensor, weights: torch.Tensor, bins: int) -> torch.Tensor:
+    """Mutual information (nats) of one image pair in the form of Mattes et al. (2003) and ITK's
+    ``MattesMutualInformation``: each fixed intensity falls in one bin (``fixed_bin``, from
+    :func:`fixed_bins`, computed once), each moving intensity (``(N,)``, ``[0, 1]``, clamped) is
+    spread over 4 bins by the cubic B-spline window; ``weights`` ``(N,)`` weigh the points (0 leaves
+    one out). A scalar, differentiable in ``moving`` by an analytic gradient (4 terms per point
+    instead of the 16 of the batched :func:`mutual_information`, which also smooths the fixed side).
+    """
+    return _MattesMI.apply(moving, fixed_bin, weights.to(moving.dtype), int(bins))
+
+
+def _cubic_bspline_derivative(d: torch.Tensor) -> torch.Tensor:
+    """Derivative of :func:`_cubic_bspline` with respect to ``d``."""
+    a = d.abs()
+    return torch.sign(d) * torch.where(a < 1, (9 * a**2 - 12 * a) / 6, torch.where(a < 2, -0.5 * (2 - a) ** 2, torch.zeros_like(a)))
 
 
 def joint_histogram(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, bins: int = 32) -> torch.Tensor:

@@ -273,3 +273,24 @@ def test_inside_runs_match_the_per_point_itk_bounds():
         assert np.array_equal(runs, inside), trial
         partial += bool(0 < inside.sum() < inside.size)
     assert partial >= 10  # most trials cut rows at the volume's edges
+
+
+def test_index_to_grid_samples_and_bounds_as_sample_at_indices():
+    """The refinement composes ``index_to_grid`` with its index map once and samples the
+    normalised points directly: the values and the inside rule must be those of
+    ``sample_at_indices`` (which converts every point) at the same continuous indices."""
+    from RigidResNetRegistrationLib.resample import grid_sample_points, index_to_grid, sample_at_indices
+
+    gen = torch.Generator().manual_seed(2)
+    image = torch.rand(1, 1, 12, 10, 15, generator=gen)
+    idx = torch.rand(5000, 3, generator=gen, dtype=torch.float64) * torch.tensor([14.0, 12.0, 17.0], dtype=torch.float64) - 1.0
+    to_grid, bound = index_to_grid((12, 10, 15))
+    grid = idx @ torch.as_tensor(to_grid[:3, :3]).T + torch.as_tensor(to_grid[:3, 3])
+    inside = (grid.abs() <= torch.as_tensor(bound)).all(dim=1)
+    ref = sample_at_indices(image, idx[None].float())[0, 0]
+    ours = grid_sample_points(image, grid[None].float())[0, 0] * inside
+    itk_inside = ((idx >= -0.5) & (idx <= torch.tensor([11.5, 9.5, 14.5], dtype=torch.float64))).all(dim=1)
+    assert torch.equal(inside, itk_inside) and 0.2 < float(inside.float().mean()) < 0.95
+    assert torch.allclose(ours, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="3D shape"):
+        index_to_grid((4, 5))

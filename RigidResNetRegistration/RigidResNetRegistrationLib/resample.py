@@ -42,6 +42,24 @@ def grid_sample_points(image: torch.Tensor, grid: torch.Tensor, min_points_per_t
     return out.reshape(n, c, per).transpose(0, 1).reshape(1, c, n * per)[:, :, :p]
 
 
+def index_to_grid(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """For a 3D image of ``shape`` (array order ``i, j, k``): the 4x4 float64 map from continuous
+    array indices ``(i, j, k, 1)`` to grid_sample's normalised coordinates ``(x, y, z, 1)``
+    (``align_corners=True``: index ``0 -> -1``, ``n - 1 -> +1``, axes reversed: ``x`` is ``k``),
+    and the ITK bound ``(3,)``: a point is inside when ``|x|, |y|, |z|`` are each at most that
+    (half a voxel beyond the edge voxels' centres). A size-1 axis maps every index to 0 (inside).
+    Compose it with an index map once, instead of converting every point as
+    :func:`sample_at_indices` does."""
+    sizes = np.asarray(shape, dtype=np.float64)
+    if sizes.shape != (3,):
+        raise ValueError(f"index_to_grid needs a 3D shape, not {tuple(shape)}")
+    scale = np.where(sizes > 1, 2.0 / np.maximum(sizes - 1, 1), 0.0)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(scale)[[2, 1, 0]]
+    m[:3, 3] = -np.where(sizes > 1, 1.0, 0.0)[[2, 1, 0]]
+    return m, 1.0 + 0.5 * scale[[2, 1, 0]]
+
+
 def sample_at_indices(image: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Sample ``image`` at continuous array indices (linear, ITK-style bounds, zero outside).
 
@@ -181,12 +199,8 @@ def _resample_general(
     (:func:`grid_sample_points`).
     """
     dev = moving.device
-    sizes = np.asarray(moving.shape, dtype=np.float64)
-    scale = np.where(sizes > 1, 2.0 / np.maximum(sizes - 1, 1), 0.0)  # size-1 axes sample index 0
-    norm_map = np.diag(np.r_[scale, 1.0]) @ np.asarray(index_map, dtype=np.float64)
-    norm_map[:3, 3] -= np.where(sizes > 1, 1.0, 0.0)
-    rows = norm_map[[2, 1, 0]]  # grid_sample's (x, y, z) = (k, j, i)
-    bound = 1.0 + 0.5 * scale[[2, 1, 0]]  # largest inside |x|, |y|, |z| (ITK: half a voxel beyond the edge)
+    to_grid, bound = index_to_grid(tuple(moving.shape))
+    rows = (to_grid @ np.asarray(index_map, dtype=np.float64))[:3]  # reference ijk -> grid_sample's (x, y, z)
     ni, nj, nk = (int(s) for s in reference_shape)
     out = torch.empty((ni, nj, nk), dtype=torch.float32, device=dev)
     vol = moving[None, None].float()

@@ -222,3 +222,16 @@ def test_coarse_levels_stop_at_a_tolerance_that_grows_with_the_level(scene, monk
     # the coarse levels stop sooner, and the last level still gets there
     assert sum(loose.steps_per_level[:2]) < sum(tight.steps_per_level[:2])
     assert max(errors(loose, truth, centre)) < 0.1 and max(errors(tight, truth, centre)) < 0.1
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (4, 2, 1), (3, 1, 5), (1, 1, 2)])
+def test_block_average_is_avg_pool3d(factors):
+    import torch.nn.functional as F
+
+    from RigidResNetRegistrationLib.refine import _block_average
+
+    x = torch.rand(37, 24, 19, generator=torch.Generator().manual_seed(0))  # partial blocks dropped
+    ours = _block_average(x, factors)
+    ref = F.avg_pool3d(x[None, None], kernel_size=factors, stride=factors)[0, 0]
+    assert ours.shape == ref.shape and ours.is_contiguous()
+    assert torch.allclose(ours, ref, atol=1e-6)

@@ -9,6 +9,7 @@ from conftest import ConstantPredictor, moved_copy, phantom_volume
 
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.engine import (
+    REFINE_PASS_TOLERANCE,
     RegistrationCancelled,
     RegistrationOptions,
     register_volumes,
@@ -249,10 +250,10 @@ def test_integer_voxel_types_do_not_overflow():
 def test_volume_mode_registers_max_slices_spread_over_the_brain():
     fixed, moving, truth, frame = _case()
     counter = ConstantPredictor(CARD, TRUTH)
-    result = register_volumes(fixed, moving, counter, RegistrationOptions(device="cpu", iterations=2, max_slices=5))
+    result = register_volumes(fixed, moving, counter, RegistrationOptions(device="cpu", iterations=2, max_slices=5, refine=False))
     used = np.flatnonzero(result.used)
     informative = np.flatnonzero(result.informative)
-    assert len(used) == 5 and counter.seen == 10  # 5 slices, 2 passes
+    assert len(used) == 5 and counter.seen == 10  # 5 slices, 2 passes (refinement off: a first pass never converges)
     assert set(used) <= set(informative)
     # spread: the picks span most of the informative range, not one end of it
     assert used.max() - used.min() >= 0.5 * (informative.max() - informative.min())
@@ -325,6 +326,24 @@ def test_passes_stop_once_a_correction_is_below_the_tolerance():
     assert every.passes == 6 and np.allclose(every.params, expected, atol=1e-9)  # later passes corrected nothing
     capped = register_volumes(fixed, moving, ConstantPredictor(CARD, queue), RegistrationOptions(device="cpu", iterations=2, tolerance=0.2, refine=False))
     assert capped.passes == 2
+
+
+def test_with_the_refinement_on_passes_stop_at_its_looser_tolerance_the_first_included():
+    fixed, moving, truth, frame = _case()
+    n = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False)).used.sum()
+
+    def passes(corrections, refine):
+        queue = np.vstack([np.repeat(np.asarray(c, dtype=float)[None], n, 0) for c in corrections])
+        opts = RegistrationOptions(device="cpu", iterations=6, tolerance=0.2, refine=refine)
+        return register_volumes(fixed, moving, ConstantPredictor(CARD, queue), opts).passes
+
+    small = [TRUTH, [0.5, 0.0, 0.3]] + [[0.0, 0.0, 0.0]] * 4  # first correction 4 deg / 3.6 mm
+    assert max(abs(TRUTH[0]), np.hypot(*TRUTH[1:])) < REFINE_PASS_TOLERANCE
+    assert passes(small, refine=True) == 1  # within the refinement's reach at once
+    assert passes(small, refine=False) == 3  # a first pass never counts as converged without it
+    big = [[REFINE_PASS_TOLERANCE + 2.0, 1.0, 0.0], [-(REFINE_PASS_TOLERANCE - 1.0), 2.0, -2.0],
+           [0.5, 0.0, 0.0]] + [[0.0, 0.0, 0.0]] * 3
+    assert passes(big, refine=True) == 2  # the second correction (9 deg) is below the tolerance
 
 
 # --------------------------------------------------------------------------- refinement and quality control

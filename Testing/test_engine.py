@@ -10,6 +10,7 @@ from conftest import ConstantPredictor, moved_copy, phantom_volume
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.engine import (
     REFINE_PASS_TOLERANCE,
+    SLICE_PASS_TOLERANCE,
     RegistrationCancelled,
     RegistrationOptions,
     register_volumes,
@@ -145,6 +146,20 @@ def test_slices_mode_predicts_each_slice_once_when_the_common_motion_explains_it
     assert oracle.seen == 2 * n_bulk + n_used
     assert result.passes == 3
     assert np.allclose(result.slice_params[result.used], TRUTH)
+
+
+def test_slices_mode_common_stage_stops_at_the_slice_tolerance():
+    """The common motion is only where every slice starts (each is then corrected on its own, and
+    predicted again from SLICE_PASS_TOLERANCE up): its passes stop there too, not at the finer
+    ``tolerance``."""
+    fixed, moving, truth, frame = _case()
+    n_used, n_bulk = _slices_mode_counts(fixed, moving)
+    second = np.array([0.8 * SLICE_PASS_TOLERANCE, 0.5, -0.5])  # above tolerance=0.2, below the slice tolerance
+    queue = np.vstack([np.repeat(TRUTH[None], n_bulk, 0), np.repeat(second[None], n_bulk, 0), np.zeros((2 * n_bulk + n_used, 3))])
+    oracle = ConstantPredictor(CARD, queue)
+    result = register_volumes(fixed, moving, oracle, RegistrationOptions(device="cpu", iterations=6, tolerance=0.2, refine=False, mode="slices"))
+    assert oracle.seen == 2 * n_bulk + n_used and result.passes == 3
+    assert np.allclose(result.slice_params[result.used], geo.compose_params_2d(second, TRUTH))
 
 
 def test_slices_mode_repredicts_only_slices_still_moving():

@@ -7,10 +7,12 @@ Steps (one implementation shared by the Slicer Logic, the command line and the b
    signal in both volumes; in ``volume`` mode keep ``max_slices`` of them spread over the brain;
 3. sample fixed and moving on the network grid of those slices, through their own headers (which
    resamples the moving volume onto the fixed grid), and predict slice-frame parameters in
-   batches (again on the re-warped moving slices, composing the estimates: ``iterations``);
-   ``slices`` mode first finds the motion common to all slices this way from ``max_slices``
-   slices, then predicts every slice once from there, and again only while a slice's own
-   correction is above the tolerance and shrinking;
+   batches (again on the re-warped moving slices, composing the estimates: ``iterations``,
+   until a pass corrects by less than ``tolerance``; with the refinement to follow, by less than
+   ``REFINE_PASS_TOLERANCE``, the first pass included); ``slices`` mode first finds the motion
+   common to all slices this way from ``max_slices`` slices (to ``SLICE_PASS_TOLERANCE``), then
+   predicts every slice once from there, and again only while a slice's own correction is above
+   ``SLICE_PASS_TOLERANCE`` and shrinking;
 4. ``volume`` mode: combine the per-slice estimates robustly (median/MAD outlier rejection, mean
    of the inliers) into one transform, then (``refine``) polish all six rigid parameters on
    image similarity; ``slices`` mode: keep one transform per slice;
@@ -483,8 +485,9 @@ def register_volumes(
     else:
         # slices mode: the motion common to all slices first, from a few slices spread over the
         # brain (as volume mode); then every slice, started there, for its own residual motion,
-        # re-predicting only the slices whose correction is still above the tolerance
-        common, passes = run_passes(first_rows, None, True, (0.05, 0.25), tolerance)
+        # re-predicting only the slices whose correction is still above the tolerance; the common
+        # motion is only where the slices start, so its passes stop at that tolerance too
+        common, passes = run_passes(first_rows, None, True, (0.05, 0.25), max(tolerance, SLICE_PASS_TOLERANCE))
         start = np.broadcast_to(common[0], (len(idx), card.n_params)).copy()
         current, more = run_passes(np.arange(len(idx)), start, False, (0.25, 0.8), max(tolerance, SLICE_PASS_TOLERANCE))
         passes += more

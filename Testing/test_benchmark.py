@@ -130,7 +130,15 @@ def test_sitk_2d_peer_speaks_the_slice_frame_convention(motion):
     assert rot < 0.2 and trans < 0.2, (est, truth)
 
 
-@pytest.mark.parametrize("kind", list(cases.MOTIONS))
+def test_motion_none_leaves_the_contrasts_as_delivered():
+    fixed = phantom_volume(shape=(48, 56, 40))
+    params = cases.draw_motion(cases.MOTIONS["none"], cases.stable_rng(7, "none"))
+    moving, truth = cases.apply_motion(fixed, cases.MOTIONS["none"], params)
+    assert np.all(params == 0) and np.allclose(truth, np.eye(4))
+    assert np.allclose(moving.array, fixed.array, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", [k for k in cases.MOTIONS if k != "none"])
 def test_motion_kinds_move_the_volume_as_their_truth_says(kind):
     """Each motion kind's moving volume, resampled with its true transform, is the fixed volume
     again; in-plane kinds are the demo's ``apply_known_motion`` (rotation about the slice normal)."""

@@ -47,6 +47,9 @@ MOTIONS: dict[str, MotionKind] = {
                           "in-plane as `normal`, uniform in +-20 deg and +-20 mm (capture range)"),
     "wide": MotionKind("wide", 30.0, 30.0, True,
                        "in-plane as `normal`, uniform in +-30 deg and +-30 mm (beyond the capture goal)"),
+    "none": MotionKind("none", 0.0, 0.0, True,
+                       "no motion: the contrasts as delivered (BraTS co-registered them); a method's error is how far "
+                       "from co-registered it finds them, which bounds how well any cross-contrast error can be measured"),
     "3d": MotionKind("3d", 10.0, 10.0, False,
                      "3D: rotations about R, A and S (each uniform in +-10 deg, about the volume centre), "
                      "translation along R, A, S (each uniform in +-10 mm)"),

@@ -72,6 +72,32 @@ def test_pairs_carry_the_registering_truth(tiny_data):
     assert at_truth < at_identity - 0.02
 
 
+def test_resampled_moving_slices_follow_each_pairs_own_estimate(tiny_data):
+    """Iterative evaluation re-samples every moving slice from its volume through its own
+    estimate (grouped by volume for speed): at the truth each same-contrast moving slice is its
+    fixed slice again, and each pair's slice is the one sampled for that pair alone."""
+    from RigidResNetRegistrationLib import geometry as geo
+    from RigidResNetRegistrationLib.resample import sample_volume_at_ras
+
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    batch = sample_pairs(subj, np.random.default_rng(4), 12, (32, 32), 2.5, cross_contrast=0.0)
+    assert len({id(src[0]) for src in batch.sources}) > 1  # several volumes in one batch
+    truth = batch.truth.double().numpy()
+    at_truth = batch.resample_moving(truth, "rigid", (32, 32), 2.5)
+    at_identity = batch.resample_moving(np.zeros_like(truth), "rigid", (32, 32), 2.5)
+    assert at_truth.shape == batch.fixed.shape
+    err_truth = (at_truth - batch.fixed).abs().mean(dim=(1, 2))
+    err_identity = (at_identity - batch.fixed).abs().mean(dim=(1, 2))
+    assert torch.all(err_truth < 0.35 * err_identity + 1e-3), (err_truth, err_identity)
+    est = np.random.default_rng(5).uniform(-3, 3, truth.shape)
+    grouped = batch.resample_moving(est, "rigid", (32, 32), 2.5)
+    for i, (sub, s, contrast, motion) in enumerate(batch.sources):
+        pts = geo.network_grid_points(sub.frame, (32, 32), 2.5, np.array([s]))[0]
+        both = geo.params_to_ras(motion, sub.frame, "rigid", s) @ geo.params_to_ras(est[i], sub.frame, "rigid", s)
+        alone = sample_volume_at_ras(sub.volumes[contrast], sub.ijk_to_ras[contrast], geo.apply_to_points(both, pts))
+        assert torch.allclose(grouped[i], alone.float(), atol=1e-4)
+
+
 def test_a_few_unsupervised_steps_reduce_the_loss(tiny_data):
     torch.manual_seed(0)
     subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
@@ -255,3 +281,27 @@ def test_init_starts_from_given_weights_and_bad_ones_are_one_line_errors(tiny_da
     wrong.init, wrong.hidden = str(source / "last.pt"), 64
     with pytest.raises(TrainError, match="do not fit"):
         train(wrong)
+
+
+def test_evaluation_predicts_at_the_engines_precision(tiny_data, monkeypatch):
+    """``evaluate`` (and the benchmark's 2D rows) measure the network as the engine runs it:
+    ``auto`` resolves as in the engine (bf16 where the CPU computes it natively), and an explicit
+    precision is passed through."""
+    import rrr_training.evaluate as ev
+
+    from RigidResNetRegistrationLib.engine import resolve_precision
+
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    batch = sample_pairs(subj, np.random.default_rng(0), 4, (32, 32), 2.5)
+    seen = []
+
+    def fake_predict(model, fixed, moving, batch_size, precision="fp32"):
+        seen.append(precision)
+        return np.zeros((len(fixed), 3))
+
+    monkeypatch.setattr(ev, "predict_parameters", fake_predict)
+    model = type("M", (), {"card": type("C", (), {"transform": "rigid", "n_params": 3, "input_size": (32, 32), "spacing_mm": 2.5})(),
+                           "device": "cpu"})()
+    ev.evaluate_batch(model, batch, 2)
+    ev.evaluate_batch(model, batch, 1, precision="fp32")
+    assert seen == [resolve_precision("auto", torch.device("cpu"))] * 2 + ["fp32"]

@@ -129,12 +129,20 @@ class PairBatch:
     def resample_moving(self, estimates: np.ndarray, kind: str, size: tuple[int, int], spacing_mm: float) -> torch.Tensor:
         """Moving slices re-sampled from their volumes after applying the current estimates
         ``(B, P)``: ``image(A(T(x)))``, for iterative (warp, re-predict, compose) evaluation."""
-        out = []
+        points = []
         for (subj, s, contrast, motion), est in zip(self.sources, estimates):
             pts = geo.network_grid_points(subj.frame, size, spacing_mm, np.array([s]))[0]
             both = geo.params_to_ras(motion, subj.frame, kind, s) @ geo.params_to_ras(est, subj.frame, kind, s)
-            out.append(sample_volume_at_ras(subj.volumes[contrast], subj.ijk_to_ras[contrast], geo.apply_to_points(both, pts)))
-        return torch.stack(out)
+            points.append(geo.apply_to_points(both, pts))
+        out = torch.empty((len(points), *size), dtype=torch.float32)
+        # one sampling call per source volume, for all its pairs at once
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, (subj, _, contrast, _) in enumerate(self.sources):
+            groups.setdefault((id(subj), contrast), []).append(i)
+        for rows in groups.values():
+            subj, contrast = self.sources[rows[0]][0], self.sources[rows[0]][2]
+            out[rows] = sample_volume_at_ras(subj.volumes[contrast], subj.ijk_to_ras[contrast], np.stack([points[i] for i in rows])).float()
+        return out
 
 
 def random_motion(rng: np.random.Generator, n: int, kind: str, max_rotation_deg: float, max_translation_mm: float,

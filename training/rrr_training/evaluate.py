@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from RigidResNetRegistrationLib import geometry as geo
-from RigidResNetRegistrationLib.engine import predict_parameters
+from RigidResNetRegistrationLib.engine import PRECISIONS, predict_parameters, resolve_precision
 from RigidResNetRegistrationLib.model import LoadedModel, load_model
 
 from .data import LoadedSubject, PairBatch, find_subjects, load_subject, sample_pairs
@@ -52,16 +52,19 @@ def draw_pairs(subjects: list[LoadedSubject], model: LoadedModel, n: int, max_ro
                         max_rot, max_trans, fixed_contrast=fixed_contrast, moving_contrasts=moving_contrasts)
 
 
-def evaluate_batch(model: LoadedModel, batch: PairBatch, iterations: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, float]:
-    """Network estimates (``iterations`` passes of warp, re-predict, compose) -> errors, time."""
+def evaluate_batch(model: LoadedModel, batch: PairBatch, iterations: int, batch_size: int = 32,
+                   precision: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
+    """Network estimates (``iterations`` passes of warp, re-predict, compose) -> errors, time.
+    ``precision``: as the engine's (``auto``: bf16 where the device computes it natively)."""
     card = model.card
+    precision = resolve_precision(precision, torch.device(model.device))
     estimate = np.zeros((len(batch.truth), card.n_params))
     moving = batch.moving
     t0 = time.perf_counter()
     for it in range(iterations):
         if it > 0:
             moving = batch.resample_moving(estimate, card.transform, card.input_size, card.spacing_mm)
-        delta = predict_parameters(model, batch.fixed, moving, batch_size)
+        delta = predict_parameters(model, batch.fixed, moving, batch_size, precision=precision)
         estimate = geo.compose_params_2d(delta, estimate, card.transform) if it > 0 else delta
     seconds = time.perf_counter() - t0
     rot, trans = geo.params_error_2d(estimate, batch.truth.double().numpy(), card.transform)
@@ -85,7 +88,7 @@ def markdown_table(rows: list[EvalRow]) -> str:
 
 
 def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, moving_contrasts: list[str], n: int,
-                     max_rot: float, max_trans: float, passes: list[int], seed: int) -> list[EvalRow]:
+                     max_rot: float, max_trans: float, passes: list[int], seed: int, precision: str = "auto") -> list[EvalRow]:
     """Whole-volume registrations (engine, ``volume`` mode) of the moving contrast moved by known
     random in-plane motions; one row per number of passes. ``ms_per_pair`` is then ms per volume."""
     from RigidResNetRegistrationLib.engine import RegistrationOptions, register_volumes
@@ -105,7 +108,8 @@ def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, mo
         moving, truth = apply_known_motion(read_volume(subj.images[contrast]), params)
         centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
         for p in passes:
-            opts = RegistrationOptions(device=str(model.device), iterations=p, compute_registered=False, compute_difference=False)
+            opts = RegistrationOptions(device=str(model.device), iterations=p, compute_registered=False, compute_difference=False,
+                                       precision=precision)
             result = register_volumes(fixed, moving, model, opts)
             rot, trans = geo.rigid_error(result.fixed_to_moving_ras, truth, centre)
             errors[p].append((rot, trans, result.seconds))
@@ -136,6 +140,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-translation-mm", type=float, default=5.0)
     p.add_argument("--iterations", type=int, nargs="+", default=[1], help="passes to report (e.g. 1 2 3)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="network precision, as the engine's (default auto: bf16 where the device computes it natively)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--volumes", type=int, default=0, metavar="N",
@@ -164,7 +170,8 @@ def _main(argv: list[str] | None = None) -> int:
                          + ": a subject is a folder of NIfTI volumes named by contrast (e.g. name_t1.nii.gz)")
     model = load_model(a.weights, a.device)
     card = model.card
-    print(f"model {card.name} (sha256 {str(card.sha256)[:12]}, trained={card.trained}), device {model.device}, "
+    print(f"model {card.name} (sha256 {str(card.sha256)[:12]}, trained={card.trained}), device {model.device} "
+          f"({resolve_precision(a.precision, torch.device(model.device))}), "
           f"subjects {[s.name for s in subjects]}, motions +-{a.max_rotation_deg} deg / +-{a.max_translation_mm} mm",
           flush=True)
     rows = []
@@ -175,7 +182,7 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"skipped {name}: {exc}", file=sys.stderr)
             continue
         for it in a.iterations:
-            rot, trans, seconds = evaluate_batch(model, batch, it)
+            rot, trans, seconds = evaluate_batch(model, batch, it, precision=a.precision)
             rows.append(summarise(name, it, rot, trans, seconds))
     print(markdown_table(rows))
     if a.volumes:
@@ -184,7 +191,7 @@ def _main(argv: list[str] | None = None) -> int:
         for name, fixed_c, moving_c in (("volumes T1 -> T1", "t1", ["t1"]), ("volumes T1 -> T2 / FLAIR", "t1", ["t2", "flair"])):
             try:
                 for row in evaluate_volumes(model, raw, fixed_c, moving_c, a.volumes, a.max_rotation_deg,
-                                            a.max_translation_mm, a.iterations, a.seed):
+                                            a.max_translation_mm, a.iterations, a.seed, a.precision):
                     row.pairs = name
                     vrows.append(row)
             except LookupError as exc:

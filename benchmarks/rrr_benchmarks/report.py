@@ -26,7 +26,7 @@ SHORT_LABELS = {"ours": "ours", "ours-net": "ours (net only)", "sitk": "SimpleIT
 def method_label(method: str, device: str = "cpu", dimension: str = "3d", passes: int | None = None) -> str:
     """Table label of a method; 2D rows of ours are the network on slice pairs (``passes``)."""
     if dimension == "2d":
-        net = f"ours (ResNet-34 network, {passes} passes)" if passes else "ours (ResNet-34 network)"
+        net = f"ours (ResNet-34 network, symmetric, {passes} passes)" if passes else "ours (ResNet-34 network, symmetric)"
         label = {"ours": net, "sitk": "SimpleITK rigid 2D (Mattes MI)"}.get(method, method)
     else:
         label = METHOD_LABELS.get(method, method)

@@ -454,6 +454,7 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         iterations: int = 6,
         batchSize: int = 32,
         refine: bool = True,
+        symmetric: bool = True,
         transformNode: Optional[vtkMRMLLinearTransformNode] = None,
         registeredVolume: Union[bool, vtkMRMLScalarVolumeNode, None] = True,
         differenceVolume: Union[bool, vtkMRMLScalarVolumeNode, None] = True,
@@ -476,6 +477,9 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         :param batchSize: slices per network batch (lower it if memory is short).
         :param refine: ``volume`` mode: refine the network's transform on image similarity over all
             six rigid parameters (NCC for same-contrast pairs, MI otherwise): a full 3D rigid result.
+        :param symmetric: predict every slice pair in both orders and combine the two estimates
+            inverse-consistently (default; cancels the network's order-independent errors at twice
+            the network work); False: one order only.
         :param transformNode: linear transform node to write into; None creates one.
         :param registeredVolume: moving volume resampled on the fixed grid: a node to write into,
             True (create one) or False (not computed). Same for ``differenceVolume``
@@ -506,7 +510,7 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
                 progress(0.0, _("loading the model"))
             predictor = load_model(cardPath, device)
         options = RegistrationOptions(mode=mode, axis=axis, device=device, batch_size=batchSize, iterations=iterations,
-                                      refine=refine)
+                                      refine=refine, symmetric=symmetric)
         out = slicer_nodes.register_nodes(
             fixedVolume,
             movingVolume,

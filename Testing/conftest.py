@@ -77,7 +77,12 @@ def moved_copy(fixed: Volume, truth_fixed_to_moving: np.ndarray, shape=None, **a
 
 
 class ConstantPredictor:
-    """Stands in for the network: returns fixed parameters (or a queue of per-slice ones)."""
+    """Stands in for the network: returns fixed parameters (or a queue of per-slice ones).
+
+    Like an ideal network it is inverse-consistent: given the engine's symmetric layout (a batch
+    of pairs followed by the same pairs swapped, ``(moving, fixed)``), it answers the pairs with
+    its parameters and the swapped pairs with their inverses. ``seen`` counts slice pairs (a pair
+    and its swapped copy count once); ``swapped_calls`` the calls made in that layout."""
 
     def __init__(self, card, params, per_call=None):
         self.card = card
@@ -85,15 +90,23 @@ class ConstantPredictor:
         self.per_call = per_call
         self.seen = 0
         self.calls = 0
+        self.swapped_calls = 0
 
     def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         b = pairs.shape[0]
+        swapped = b % 2 == 0 and b > 0 and torch.equal(pairs[b // 2 :], pairs[: b // 2].flip(1))
+        n = b // 2 if swapped else b
         if self.params.dim() == 2:
-            out = self.params[self.seen : self.seen + b]
+            out = self.params[self.seen : self.seen + n]
         else:
-            out = self.params.repeat(b, 1)
-        self.seen += b
+            out = self.params.repeat(n, 1)
+        self.seen += n
+        if swapped:
+            self.swapped_calls += 1
+            # float64: the engine's combination then returns the parameters to 1e-12
+            inverse = torch.as_tensor(geo.invert_params_2d(out.double().numpy(), self.card.transform))
+            out = torch.cat([out.double(), inverse])
         return out
 
 

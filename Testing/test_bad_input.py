@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -723,15 +724,21 @@ def test_out_of_memory_retries_with_smaller_batches_then_says_what_to_do():
     moving = moved_copy(fixed, np.eye(4))
     messages: list[str] = []
     small = _SmallDevice(limit=3)
-    opts = RegistrationOptions(device="cpu", iterations=1, refine=False, batch_size=16, max_slices=0)
+    opts = RegistrationOptions(device="cpu", iterations=1, refine=False, batch_size=16, max_slices=0, symmetric=False)
     result = register_volumes(fixed, moving, small, opts, progress=lambda f, m: messages.append(m))
     assert result.used.sum() > 16  # more slices than one batch: the halving is exercised
     assert small.sizes[0] == 16 and small.sizes[-1] <= small.limit
     assert any("out of memory" in m and "retrying" in m for m in messages)
     assert np.allclose(result.params, [1.0, 0.5, -0.5])
-    with pytest.raises(RuntimeError, match="out of memory .* even with one slice per batch") as caught:
-        register_volumes(fixed, moving, _SmallDevice(limit=0), opts)
-    assert "\n" not in str(caught.value)
+    # symmetric prediction (the default): a batch holds batch_size // 2 pairs and their swapped
+    # copies, so the network's batches never exceed batch_size; halving works the same way
+    small = _SmallDevice(limit=3)
+    register_volumes(fixed, moving, small, replace(opts, symmetric=True))
+    assert small.sizes[0] == 16 and max(small.sizes[1:]) <= 8 and small.sizes[-1] == 2
+    for symmetric in (False, True):
+        with pytest.raises(RuntimeError, match="out of memory .* even with one slice pair per batch") as caught:
+            register_volumes(fixed, moving, _SmallDevice(limit=0), replace(opts, symmetric=symmetric))
+        assert "\n" not in str(caught.value)
 
 
 # --------------------------------------------------------------------------- huge volumes

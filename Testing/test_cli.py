@@ -57,9 +57,10 @@ def test_outputs_and_report_contents(tmp_path, pair, card_factory):
     card = card_factory(bias=[2.0, 1.0, 0.5])
     out = tmp_path / "o"
     r = cli(str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz"), "-o", str(out), "--weights", str(card), "--iterations", "1", "--no-refine", "--device", "cpu",
-            "--mode", "slices", "--batch-size", "5")
+            "--mode", "slices", "--batch-size", "5", "--no-symmetric")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
+    assert report["symmetric"] is False  # one order: the constant network's answer is kept as it is
     for key in ("device", "seconds", "mode", "similarity", "fixed_to_moving_RAS", "moving_to_fixed_RAS", "total_seconds"):
         assert key in report
     assert report["mode"] == "slices" and report["device"] == "cpu"
@@ -86,7 +87,8 @@ def test_png_slices_are_registered_as_one_slice(tmp_path, card_factory):
     for name in ("f.png", "m.png"):
         Image.fromarray((255 * img / img.max()).astype(np.uint8)).save(tmp_path / name)
     out = tmp_path / "o"
-    r = cli(str(tmp_path / "f.png"), str(tmp_path / "m.png"), "-o", str(out), "--weights", str(card), "--iterations", "1", "--no-refine", "--device", "cpu")
+    r = cli(str(tmp_path / "f.png"), str(tmp_path / "m.png"), "-o", str(out), "--weights", str(card), "--iterations", "1", "--no-refine", "--device", "cpu",
+            "--no-symmetric")  # a constant network answers the motion in one order only
     assert r.returncode == 0, r.stderr
     assert (out / "registered.png").exists() and (out / "difference.png").exists()
     report = json.loads((out / "report.json").read_text())
@@ -158,5 +160,5 @@ def test_bad_input_gives_one_error_line(tmp_path, pair, case, expect, monkeypatc
 def test_help_lists_the_documented_options():
     r = cli("--help")
     assert r.returncode == 0
-    for option in ("--device", "--mode", "--axis", "--weights", "--batch-size", "-o"):
+    for option in ("--device", "--mode", "--axis", "--weights", "--batch-size", "--no-symmetric", "-o"):
         assert option in r.stdout

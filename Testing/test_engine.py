@@ -324,7 +324,7 @@ def test_out_of_memory_retries_with_smaller_batches_then_says_so():
     assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)
     assert max(s for s in hungry.sizes if s <= 3) == 2 and hungry.sizes[:3] == [16, 8, 4]
     assert any("retrying with 8 slices per batch" in m for m in messages)
-    with pytest.raises(RuntimeError, match="even with one slice per batch"):
+    with pytest.raises(RuntimeError, match="even with one slice pair per batch"):
         register_volumes(fixed, moving, _MemoryHungry(CARD, TRUTH, limit=0), opts)
 
 
@@ -435,3 +435,50 @@ def test_a_refinement_that_makes_the_slices_less_similar_is_rejected(monkeypatch
     result = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1))
     assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)  # the network's transform is kept
     assert result.refinement["rejected"] and any("refinement was rejected" in w for w in result.warnings)
+
+
+class _BiasedByContent:
+    """A fake network that reads the motion right but adds an error depending on the content,
+    whatever the order of the pair: theta = (mean(moving) - mean(fixed)) * 10 + 0.3 + 2 * mean(fixed * moving)."""
+
+    card = CARD
+
+    def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
+        f, m = pairs[:, 0].flatten(1), pairs[:, 1].flatten(1)
+        theta = (m.mean(1) - f.mean(1)) * 10 + 0.3 + 2 * (f * m).mean(1)
+        return torch.stack([theta, torch.zeros_like(theta), torch.zeros_like(theta)], 1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_symmetric_prediction_predicts_each_pair_swapped_and_cancels_order_independent_errors(batch_size):
+    """Each pair is predicted as (fixed, moving) and as (moving, fixed) and the two are combined:
+    the part of the answer that does not change sign with the order (here 0.3 + 2 mean(f m)) is
+    gone, the motion part (odd in the order) is kept, whatever the batch size."""
+    from RigidResNetRegistrationLib.engine import predict_parameters
+    from RigidResNetRegistrationLib.preprocess import normalise_slices
+
+    gen = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(7, 48, 48, generator=gen), torch.rand(7, 48, 48, generator=gen) ** 2
+    f, m = normalise_slices(fixed), normalise_slices(moving)
+    motion = ((m.flatten(1).mean(1) - f.flatten(1).mean(1)) * 10).double().numpy()
+    error = (0.3 + 2 * (f * m).flatten(1).mean(1)).double().numpy()
+    plain = predict_parameters(_BiasedByContent(), fixed, moving, batch_size)
+    both = predict_parameters(_BiasedByContent(), fixed, moving, batch_size, symmetric=True)
+    assert np.allclose(plain[:, 0], motion + error, atol=1e-5)
+    assert np.allclose(both[:, 0], motion, atol=1e-5) and np.allclose(both[:, 1:], 0.0)
+
+
+def test_symmetric_prediction_is_the_default_and_can_be_turned_off(card_factory):
+    """A network that answers the same bias for every pair (the order-independent error in its
+    purest form): the default (symmetric) volume transform has no in-plane rotation left; one
+    order only returns the bias."""
+    model = load_model(card_factory(bias=[2.0, 1.0, 0.5]), "cpu")
+    fixed, moving, _, _ = _case()
+    assert RegistrationOptions().symmetric
+    sym = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, refine=False))
+    one = register_volumes(fixed, moving, model, RegistrationOptions(device="cpu", iterations=1, refine=False, symmetric=False))
+    assert sym.symmetric and not one.symmetric
+    assert np.allclose(one.params, [2.0, 1.0, 0.5], atol=1e-3)
+    assert abs(sym.params[0]) < 1e-6 and np.hypot(*sym.params[1:]) < 0.02
+    with pytest.raises(InputError, match="symmetric must be"):
+        RegistrationOptions(symmetric="yes").validate()

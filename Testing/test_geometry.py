@@ -119,3 +119,28 @@ def test_rigid_error_measures_rotation_and_translation():
     assert np.isclose(rot, 3.0) and np.isclose(trans, 4.0)
     rot2, trans2 = geo.params_error_2d(np.array([10.0, 1, 0]), np.array([7.0, 1, 4]))
     assert np.isclose(rot2, 3.0) and np.isclose(trans2, 4.0)
+
+
+@pytest.mark.parametrize("kind", ["rigid", "affine"])
+def test_symmetric_estimate_is_the_forward_one_when_both_orders_agree(kind):
+    """A backward estimate that is exactly the inverse of the forward one changes nothing."""
+    p = RNG.uniform(-5, 5, (10, geo.N_PARAMS[kind]))
+    if kind == "affine":
+        p[:, :4] *= 0.01
+    assert np.allclose(geo.symmetric_params_2d(p, geo.invert_params_2d(p, kind), kind), p, atol=1e-12)
+
+
+def test_symmetric_estimate_cancels_an_error_made_in_both_orders():
+    """An estimator off by the same bias whichever image comes first: the symmetric estimate is
+    far closer to the truth than either order alone, and for identical images (the truth is the
+    identity, both orders answer the bias) it has no rotation and almost no translation."""
+    truth = np.column_stack([RNG.uniform(-5, 5, 50), RNG.uniform(-5, 5, (50, 2))])
+    bias = np.array([0.3, 0.25, -0.2])
+    forward = truth + bias
+    backward = geo.invert_params_2d(truth) + bias
+    rot_f, trans_f = geo.params_error_2d(forward, truth)
+    rot_s, trans_s = geo.params_error_2d(geo.symmetric_params_2d(forward, backward), truth)
+    assert np.all(rot_s < 0.02 * rot_f) and np.all(trans_s < 0.2 * trans_f)
+    same = geo.symmetric_params_2d(bias, bias)
+    assert same[0] == 0.0
+    assert np.isclose(np.hypot(*same[1:]), np.hypot(*bias[1:]) * np.sin(np.deg2rad(bias[0]) / 2), rtol=1e-9)

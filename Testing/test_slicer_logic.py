@@ -235,7 +235,8 @@ def test_logic_register_with_a_real_model_card(module, constant_card):
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, truth = case(scene, "LPS anisotropic", "oblique")
     before = state(fixed_node), state(moving_node)
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu", model=str(constant_card))
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu", model=str(constant_card),
+                                                         symmetric=False)  # a constant network: one order
 
     # transform: modeling direction, "to parent" of the moving volume, linear, with references
     t = out.transform_node
@@ -333,7 +334,7 @@ def test_mrml_transform_file_equals_the_command_line_transform_file(module, cons
     fixed_node, moving_node, truth = case(scene, "oblique", "LPS anisotropic")
     fixed = slicer_nodes.volume_from_node(fixed_node, "fixed")
     moving = slicer_nodes.volume_from_node(moving_node, "moving")
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu", model=str(constant_card),
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False, device="cpu", model=str(constant_card), symmetric=False,
                                                           differenceVolume=False, sliceTable=False)
 
     storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
@@ -344,7 +345,7 @@ def test_mrml_transform_file_equals_the_command_line_transform_file(module, cons
     write_volume(fixed, tmp_path / "fixed.nii.gz")
     write_volume(moving, tmp_path / "moving.nii.gz")
     cli_out = tmp_path / "cli"
-    code = main([str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "-o", str(cli_out), "--device", "cpu", "--iterations", "1", "--no-refine",
+    code = main([str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "-o", str(cli_out), "--device", "cpu", "--iterations", "1", "--no-refine", "--no-symmetric",
                  "--weights", str(constant_card), "--no-overview", "--quiet"])
     assert code == 0
     from_cli = read_tfm(cli_out / "transform.tfm")
@@ -530,7 +531,8 @@ def test_register_nodes_directly_with_options(constant_card):
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, truth = case(scene, "sagittal")
     out = slicer_nodes.register_nodes(fixed_node, moving_node, load_model(constant_card, "cpu"),
-                                      RegistrationOptions(device="cpu", batch_size=7, iterations=1, refine=False), apply_transform=False)
+                                      RegistrationOptions(device="cpu", batch_size=7, iterations=1, refine=False, symmetric=False),
+                                      apply_transform=False)
     assert out.result.frame.orientation == "axial"
     assert np.allclose(out.moving_to_fixed_world, geo.invert(truth), atol=1e-5)
     assert out.created == [out.transform_node, out.registered_volume_node, out.difference_volume_node, out.table_node]

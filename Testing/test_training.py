@@ -285,8 +285,8 @@ def test_init_starts_from_given_weights_and_bad_ones_are_one_line_errors(tiny_da
 
 def test_evaluation_predicts_at_the_engines_precision(tiny_data, monkeypatch):
     """``evaluate`` (and the benchmark's 2D rows) measure the network as the engine runs it:
-    ``auto`` resolves as in the engine (bf16 where the CPU computes it natively), and an explicit
-    precision is passed through."""
+    ``auto`` resolves as in the engine (bf16 where the CPU computes it natively), pairs are
+    predicted in both orders by default, and explicit choices are passed through."""
     import rrr_training.evaluate as ev
 
     from RigidResNetRegistrationLib.engine import resolve_precision
@@ -295,13 +295,14 @@ def test_evaluation_predicts_at_the_engines_precision(tiny_data, monkeypatch):
     batch = sample_pairs(subj, np.random.default_rng(0), 4, (32, 32), 2.5)
     seen = []
 
-    def fake_predict(model, fixed, moving, batch_size, precision="fp32"):
-        seen.append(precision)
+    def fake_predict(model, fixed, moving, batch_size, precision="fp32", symmetric=False):
+        seen.append((precision, symmetric))
         return np.zeros((len(fixed), 3))
 
     monkeypatch.setattr(ev, "predict_parameters", fake_predict)
     model = type("M", (), {"card": type("C", (), {"transform": "rigid", "n_params": 3, "input_size": (32, 32), "spacing_mm": 2.5})(),
                            "device": "cpu"})()
     ev.evaluate_batch(model, batch, 2)
-    ev.evaluate_batch(model, batch, 1, precision="fp32")
-    assert seen == [resolve_precision("auto", torch.device("cpu"))] * 2 + ["fp32"]
+    ev.evaluate_batch(model, batch, 1, precision="fp32", symmetric=False)
+    # symmetric (both orders) by default, as the engine
+    assert seen == [(resolve_precision("auto", torch.device("cpu")), True)] * 2 + [("fp32", False)]

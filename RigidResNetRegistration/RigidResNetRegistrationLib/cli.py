@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="similarity the refinement maximises (auto: NCC for same-contrast pairs, MI otherwise)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="network arithmetic (auto: bf16 where the device computes it natively, else fp32)")
+    p.add_argument("--no-symmetric", dest="symmetric", action="store_false",
+                   help="predict each slice pair in one order only (half the network work, less accurate); by "
+                   "default it is also predicted swapped and the two estimates are combined inverse-consistently")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--demo", action="store_true",
@@ -133,7 +136,8 @@ def run(args: argparse.Namespace) -> dict:
     card = read_model_card(card_path or DEFAULT_CARD)  # JSON only: the grid the inputs are checked against
     options = RegistrationOptions(mode=args.mode, axis=args.axis, device=args.device, batch_size=args.batch_size,
                                   iterations=args.iterations, tolerance=args.tolerance, max_slices=args.max_slices,
-                                  precision=args.precision, refine=args.refine, metric=args.metric)
+                                  precision=args.precision, symmetric=args.symmetric, refine=args.refine,
+                                  metric=args.metric)
     options.validate()
     resolve_device(args.device)  # CUDA asked for but absent: say so before reading anything
     truth = None

@@ -289,6 +289,24 @@ def invert_params_2d(params: np.ndarray, kind: TransformKind = "rigid") -> np.nd
     return matrix_to_params_2d(np.linalg.inv(params_to_matrix_2d(params, kind)), kind)
 
 
+def symmetric_params_2d(forward: np.ndarray, backward: np.ndarray, kind: TransformKind = "rigid") -> np.ndarray:
+    """Inverse-consistent estimate ``(..., P)`` from two estimates of one slice pair.
+
+    ``forward`` registers (fixed, moving): the resampling map fixed point -> moving point;
+    ``backward`` registers the swapped pair (moving, fixed), i.e. estimates the inverse map. Both
+    in the slice frame (centred in-plane mm, rotation about the grid centre). Returns the mean of
+    ``forward`` and the inverse of ``backward``, parameter by parameter (rigid: degrees, mm; the
+    two agree to within a few degrees, where the mean of angles is the midpoint rotation).
+
+    An error the estimator makes whatever the order of the images (a bias that depends on the
+    content, not on the direction of the motion) enters the two with opposite signs and cancels
+    to first order. For two identical images (``forward == backward``, a pure bias) a rigid result
+    has no rotation at all and a translation of ``|t| sin(theta / 2)`` (0.0003 mm for a bias of
+    0.2 deg and 0.2 mm).
+    """
+    return 0.5 * (np.asarray(forward, dtype=np.float64) + invert_params_2d(backward, kind))
+
+
 def compose_params_2d(first: np.ndarray, then: np.ndarray, kind: TransformKind = "rigid") -> np.ndarray:
     """Parameters of the point map ``p -> then(first(p))`` (both in the same slice frame)."""
     m = params_to_matrix_2d(then, kind) @ params_to_matrix_2d(first, kind)

@@ -42,6 +42,7 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
         "similarity": {k: round(v, 6) for k, v in result.similarity.items()},
         "passes": result.passes,
         "precision": result.precision,
+        "symmetric": result.symmetric,
         "refinement": None if result.refinement is None else {
             "metric": result.refinement["metric"],
             "similarity_before": round(float(result.refinement["similarity_before"]), 6),

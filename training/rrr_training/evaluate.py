@@ -53,9 +53,10 @@ def draw_pairs(subjects: list[LoadedSubject], model: LoadedModel, n: int, max_ro
 
 
 def evaluate_batch(model: LoadedModel, batch: PairBatch, iterations: int, batch_size: int = 32,
-                   precision: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
+                   precision: str = "auto", symmetric: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """Network estimates (``iterations`` passes of warp, re-predict, compose) -> errors, time.
-    ``precision``: as the engine's (``auto``: bf16 where the device computes it natively)."""
+    ``precision`` and ``symmetric`` (each pair also predicted swapped, the estimates combined
+    inverse-consistently) as the engine's: ``auto`` is bf16 where the device computes it natively."""
     card = model.card
     precision = resolve_precision(precision, torch.device(model.device))
     estimate = np.zeros((len(batch.truth), card.n_params))
@@ -64,7 +65,7 @@ def evaluate_batch(model: LoadedModel, batch: PairBatch, iterations: int, batch_
     for it in range(iterations):
         if it > 0:
             moving = batch.resample_moving(estimate, card.transform, card.input_size, card.spacing_mm)
-        delta = predict_parameters(model, batch.fixed, moving, batch_size, precision=precision)
+        delta = predict_parameters(model, batch.fixed, moving, batch_size, precision=precision, symmetric=symmetric)
         estimate = geo.compose_params_2d(delta, estimate, card.transform) if it > 0 else delta
     seconds = time.perf_counter() - t0
     rot, trans = geo.params_error_2d(estimate, batch.truth.double().numpy(), card.transform)
@@ -88,7 +89,8 @@ def markdown_table(rows: list[EvalRow]) -> str:
 
 
 def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, moving_contrasts: list[str], n: int,
-                     max_rot: float, max_trans: float, passes: list[int], seed: int, precision: str = "auto") -> list[EvalRow]:
+                     max_rot: float, max_trans: float, passes: list[int], seed: int, precision: str = "auto",
+                     symmetric: bool = True) -> list[EvalRow]:
     """Whole-volume registrations (engine, ``volume`` mode) of the moving contrast moved by known
     random in-plane motions; one row per number of passes. ``ms_per_pair`` is then ms per volume."""
     from RigidResNetRegistrationLib.engine import RegistrationOptions, register_volumes
@@ -109,7 +111,7 @@ def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, mo
         centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
         for p in passes:
             opts = RegistrationOptions(device=str(model.device), iterations=p, compute_registered=False, compute_difference=False,
-                                       precision=precision)
+                                       precision=precision, symmetric=symmetric)
             result = register_volumes(fixed, moving, model, opts)
             rot, trans = geo.rigid_error(result.fixed_to_moving_ras, truth, centre)
             errors[p].append((rot, trans, result.seconds))
@@ -142,6 +144,9 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="network precision, as the engine's (default auto: bf16 where the device computes it natively)")
+    p.add_argument("--no-symmetric", dest="symmetric", action="store_false",
+                   help="predict each pair in one order only (the engine's --no-symmetric); by default each pair is "
+                   "also predicted swapped and the two estimates combined inverse-consistently, as the engine does")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--volumes", type=int, default=0, metavar="N",
@@ -171,7 +176,7 @@ def _main(argv: list[str] | None = None) -> int:
     model = load_model(a.weights, a.device)
     card = model.card
     print(f"model {card.name} (sha256 {str(card.sha256)[:12]}, trained={card.trained}), device {model.device} "
-          f"({resolve_precision(a.precision, torch.device(model.device))}), "
+          f"({resolve_precision(a.precision, torch.device(model.device))}, {'symmetric' if a.symmetric else 'one order'}), "
           f"subjects {[s.name for s in subjects]}, motions +-{a.max_rotation_deg} deg / +-{a.max_translation_mm} mm",
           flush=True)
     rows = []
@@ -182,7 +187,7 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"skipped {name}: {exc}", file=sys.stderr)
             continue
         for it in a.iterations:
-            rot, trans, seconds = evaluate_batch(model, batch, it, precision=a.precision)
+            rot, trans, seconds = evaluate_batch(model, batch, it, precision=a.precision, symmetric=a.symmetric)
             rows.append(summarise(name, it, rot, trans, seconds))
     print(markdown_table(rows))
     if a.volumes:
@@ -191,7 +196,7 @@ def _main(argv: list[str] | None = None) -> int:
         for name, fixed_c, moving_c in (("volumes T1 -> T1", "t1", ["t1"]), ("volumes T1 -> T2 / FLAIR", "t1", ["t2", "flair"])):
             try:
                 for row in evaluate_volumes(model, raw, fixed_c, moving_c, a.volumes, a.max_rotation_deg,
-                                            a.max_translation_mm, a.iterations, a.seed, a.precision):
+                                            a.max_translation_mm, a.iterations, a.seed, a.precision, a.symmetric):
                     row.pairs = name
                     vrows.append(row)
             except LookupError as exc:

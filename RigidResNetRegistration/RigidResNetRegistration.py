@@ -117,7 +117,7 @@ class RigidResNetRegistrationParameterNode:
     device - auto (CUDA when available), cpu or cuda.
     mode - volume (one rigid transform) or slices (one in-plane transform per slice).
     model - key of a bundled model card (Resources/Models/<key>.json).
-    axis, iterations, batchSize - advanced engine options.
+    axis, iterations, batchSize, refine, symmetric - advanced engine options.
     outputTransform - the output transform (None: created on Register).
     applyTransform - make the moving volume observe the output transform.
     createRegisteredVolume/registeredVolume, createDifferenceVolume/differenceVolume,
@@ -132,6 +132,7 @@ class RigidResNetRegistrationParameterNode:
     axis: Annotated[str, Choice(list(slicer_nodes.AXES))] = "auto"
     iterations: Annotated[int, WithinRange(1, 20)] = 6
     refine: bool = True
+    symmetric: bool = True
     batchSize: Annotated[int, WithinRange(1, 512)] = 32
     outputTransform: vtkMRMLLinearTransformNode
     applyTransform: bool = True
@@ -341,6 +342,7 @@ class RigidResNetRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
                         axis=p.axis,
                         iterations=p.iterations,
                         refine=p.refine,
+                        symmetric=p.symmetric,
                         batchSize=p.batchSize,
                         transformNode=p.outputTransform,
                         registeredVolume=registered,

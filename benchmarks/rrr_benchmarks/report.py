@@ -113,7 +113,7 @@ def markdown_timing(workers: list[dict[str, Any]], rows: list[dict[str, Any]], d
         if w.get("slices_mode"):
             sm = w["slices_mode"]
             extra.insert(0, f"- Our engine in `slices` mode (one transform per slice, no registered volume) on case "
-                            f"`{sm['case']}`: {sm['seconds']:.2f} s for {sm['used_slices']} used slices = "
+                            f"`{sm['case']}`: {sm['seconds']:.2f} s (median of {len(sm.get('runs_s', [0]))} warm runs) for {sm['used_slices']} used slices = "
                             f"**{sm['ms_per_slice_pair']:.1f} ms per slice pair** (amortised; at most {sm['iterations']} passes).")
     return "\n".join(lines + [""] + extra) + "\n"
 

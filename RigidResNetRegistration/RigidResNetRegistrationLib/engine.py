@@ -63,6 +63,9 @@ REFINE_PASS_TOLERANCE = 10.0
 #: (degrees or mm) and shrinking: one slice's single-pass estimate is off by up to ~1-1.5 deg (p90,
 #: network noise), and re-predicting slices for corrections of that size made them worse on
 #: held-out scans with and without motion between slices (1 deg: p90 6.5 deg; 2 deg: p90 1.3 deg).
+#: With symmetric prediction (the default) 0.5 helped same-contrast scans with motion between
+#: slices (median 0.054 -> 0.030 deg) but hurt cross-contrast ones (0.32 -> 0.41 deg, success 92%
+#: -> 84%) and cost 25-65% more time: kept at 2.
 SLICE_PASS_TOLERANCE = 2.0
 ProgressCallback = Callable[[float, str], None]
 
@@ -92,7 +95,7 @@ class RegistrationOptions:
     computes it natively: recent NVIDIA GPUs, CPUs with AVX-512 BF16/AMX; fp32 elsewhere);
     ``symmetric``: every slice pair is predicted in both orders and the estimates combined
     inverse-consistently (:func:`geometry.symmetric_params_2d`; twice the network work, on
-    held-out slice pairs median errors 0.37 -> 0.04 deg same contrast after two passes);
+    held-out slice pairs median errors 0.33 -> 0.04 deg same contrast after two passes);
     ``refine``: ``volume`` mode only, polish the network's transform by optimising all six rigid
     parameters (3 rotations, 3 translations) on image similarity (:mod:`refine`): the result is a
     full 3D rigid transform, no longer only in-plane; ``metric``: the similarity refined, ``ncc``

@@ -82,7 +82,7 @@ class ConstantPredictor:
     Like an ideal network it is inverse-consistent: given the engine's symmetric layout (a batch
     of pairs followed by the same pairs swapped, ``(moving, fixed)``), it answers the pairs with
     its parameters and the swapped pairs with their inverses. ``seen`` counts slice pairs (a pair
-    and its swapped copy count once); ``swapped_calls`` the calls made in that layout."""
+    and its swapped copy count once)."""
 
     def __init__(self, card, params, per_call=None):
         self.card = card
@@ -90,7 +90,6 @@ class ConstantPredictor:
         self.per_call = per_call
         self.seen = 0
         self.calls = 0
-        self.swapped_calls = 0
 
     def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
         self.calls += 1
@@ -103,7 +102,6 @@ class ConstantPredictor:
             out = self.params.repeat(n, 1)
         self.seen += n
         if swapped:
-            self.swapped_calls += 1
             # float64: the engine's combination then returns the parameters to 1e-12
             inverse = torch.as_tensor(geo.invert_params_2d(out.double().numpy(), self.card.transform))
             out = torch.cat([out.double(), inverse])

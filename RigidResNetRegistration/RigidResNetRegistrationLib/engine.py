@@ -298,7 +298,8 @@ def predict_parameters(
                 ) from None
             size = max(1, size // 2)
             if notice is not None:
-                notice(f"out of memory on {device}: retrying with {size} slices per batch")
+                pairs_txt = f" ({max(1, size // 2)} slice pairs in both orders)" if symmetric else ""
+                notice(f"out of memory on {device}: retrying with {size} slices per batch{pairs_txt}")
             continue
         params = params.double().cpu().numpy()
         if symmetric:

@@ -13,7 +13,7 @@ from conftest import phantom_volume
 from PIL import Image
 
 from RigidResNetRegistrationLib.model import ResNetRegressor, load_model
-from rrr_training.data import contrast_of, find_subjects, load_subject, sample_pairs
+from rrr_training.data import SMALL_MOTION_SCALE, contrast_of, find_subjects, load_subject, random_motion, sample_pairs
 from rrr_training.losses import similarity_loss
 from rrr_training.train import TrainConfig, export, prepare_inputs, train
 
@@ -70,6 +70,23 @@ def test_pairs_carry_the_registering_truth(tiny_data):
     at_truth, _ = similarity_loss(f, m, batch.truth, batch.same_contrast, "rigid", 2.5)
     at_identity, _ = similarity_loss(f, m, torch.zeros_like(batch.truth), batch.same_contrast, "rigid", 2.5)
     assert at_truth < at_identity - 0.02
+
+
+def test_small_motion_share_draws_that_many_pairs_within_a_fifth_of_the_ranges():
+    """``--small-motion F``: about F of the motions lie within SMALL_MOTION_SCALE of the ranges, the rest
+    span them; with 0 the draws are exactly those of earlier runs (no extra random numbers)."""
+    n, rot, tr = 4000, 6.0, 6.0
+    plain = random_motion(np.random.default_rng(3), n, "rigid", rot, tr)
+    assert np.array_equal(random_motion(np.random.default_rng(3), n, "rigid", rot, tr, small_fraction=0.0), plain)
+    mixed = random_motion(np.random.default_rng(3), n, "rigid", rot, tr, small_fraction=0.4)
+    scaled = np.all(np.isclose(mixed, plain * SMALL_MOTION_SCALE), axis=1)
+    kept = np.all(mixed == plain, axis=1)
+    assert np.all(scaled | kept)
+    assert 0.36 < scaled.mean() < 0.44
+    assert np.abs(mixed[scaled]).max() <= SMALL_MOTION_SCALE * 6.0
+    assert np.abs(mixed[kept]).max() > 5.5  # the rest still spans the ranges
+    with pytest.raises(Exception, match="--small-motion"):
+        TrainConfig(data=["x"], out="o", holdout=["h"], small_motion=1.5).validate()
 
 
 def test_resampled_moving_slices_follow_each_pairs_own_estimate(tiny_data):

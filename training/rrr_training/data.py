@@ -145,11 +145,23 @@ class PairBatch:
         return out
 
 
+SMALL_MOTION_SCALE = 0.2  # "small" pairs move within a fifth of the ranges: what a second pass sees
+
+
 def random_motion(rng: np.random.Generator, n: int, kind: str, max_rotation_deg: float, max_translation_mm: float,
-                  max_affine: float = 0.05) -> np.ndarray:
-    """``(n, P)`` uniform random slice-frame parameters (rigid: +-deg, +-mm; affine adds +-max_affine)."""
+                  max_affine: float = 0.05, small_fraction: float = 0.0) -> np.ndarray:
+    """``(n, P)`` uniform random slice-frame parameters (rigid: +-deg, +-mm; affine adds +-max_affine).
+
+    A share ``small_fraction`` of the rows (drawn at random) has its rotation and translation ranges
+    scaled by :data:`SMALL_MOTION_SCALE`, so that training also sees the small residual motions the
+    engine's later passes predict. With 0 no extra random numbers are drawn (earlier runs reproduce).
+    """
     rot = rng.uniform(-max_rotation_deg, max_rotation_deg, n)
     tr = rng.uniform(-max_translation_mm, max_translation_mm, (n, 2))
+    if small_fraction > 0:
+        small = rng.random(n) < small_fraction
+        rot[small] *= SMALL_MOTION_SCALE
+        tr[small] *= SMALL_MOTION_SCALE
     if kind == "rigid":
         return np.column_stack([rot, tr])
     rig = geo.params_to_matrix_2d(np.column_stack([rot, tr]), "rigid")
@@ -170,9 +182,11 @@ def sample_pairs(
     cross_contrast: float = 0.5,
     fixed_contrast: str | None = None,
     moving_contrasts: list[str] | None = None,
+    small_motion: float = 0.0,
 ) -> PairBatch:
-    """Draw a batch: random slice (all subjects' slices equally likely), contrast pair and motion."""
-    motion = random_motion(rng, batch_size, kind, max_rotation_deg, max_translation_mm)
+    """Draw a batch: random slice (all subjects' slices equally likely), contrast pair and motion
+    (a share ``small_motion`` of the pairs within a fifth of the ranges, see :func:`random_motion`)."""
+    motion = random_motion(rng, batch_size, kind, max_rotation_deg, max_translation_mm, small_fraction=small_motion)
     fixed, moving, same, sources = [], [], [], []
     weights = np.array([len(s.slices) for s in subjects], dtype=np.float64)  # every slice equally likely
     for b in range(batch_size):

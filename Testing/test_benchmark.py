@@ -236,3 +236,60 @@ def test_missing_data_folder_is_one_line_error(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data folder not found") and "\n" not in err
+
+
+def test_synthetic_contrast_is_another_contrast_exactly_aligned_with_its_t1(tmp_path, card_factory):
+    """The `synth` pairing: moving = a T2-like contrast made point by point from the fixed T1 (own
+    noise), so its truth is exact; the engine must treat it as cross contrast (MI)."""
+    from RigidResNetRegistrationLib.engine import choose_metric
+    from RigidResNetRegistrationLib.similarity import mutual_information
+
+    t1 = phantom_volume(shape=(48, 56, 40))
+    before = t1.array.copy()
+    src = torch.from_numpy(t1.array.astype(np.float32))
+    synth = cases.synthetic_contrast(src)
+    assert np.array_equal(t1.array, before)  # input untouched
+    assert torch.equal(synth, cases.synthetic_contrast(src)) and not torch.equal(synth, cases.synthetic_contrast(src, seed=1))
+    assert torch.all(synth[src <= 0] == 0) and synth.max() > 0
+    fixed_slices, synth_slices = src.permute(2, 0, 1)[8:32], synth.permute(2, 0, 1)[8:32]
+    assert choose_metric(fixed_slices, fixed_slices) == "ncc" and choose_metric(fixed_slices, synth_slices) == "mi"
+    # aligned where it was made: MI is highest unshifted
+    def mi(shift):
+        f = (fixed_slices - fixed_slices.min()) / (fixed_slices.max() - fixed_slices.min())
+        m = torch.roll(synth_slices, shift, dims=1)
+        return float(mutual_information(f, (m - m.min()) / (m.max() - m.min())).mean())
+    assert mi(0) > max(mi(1), mi(-1), mi(2)) + 0.02
+
+    # 3D cases: the moving volume is the synthetic contrast moved by the case's truth
+    data = tmp_path / "BraTS2021_00000"
+    _write_brats_like(data)
+    from rrr_training.data import find_subjects
+
+    built = cases.build_volume_cases(find_subjects(data), ["normal"], ["synth"], 1, 3, tmp_path / "work", log=lambda *_: None)
+    assert len(built) == 1 and built[0]["moving_contrast"] == cases.SYNTHETIC
+    fixed, moving, truth = cases.load_case(built[0])
+    expected = cases.synthetic_contrast(torch.from_numpy(np.asarray(fixed.array, dtype=np.float32)))
+    # it is exactly the synthetic contrast of the fixed T1 moved by the case's motion (whose truth
+    # test_motion_kinds_move_the_volume_as_their_truth_says checks), and not the T1 itself moved
+    made = type(fixed)(expected.numpy(), fixed.ijk_to_ras, "synthetic")
+    moved, moved_truth = cases.apply_motion(made, cases.MOTIONS["normal"], np.array(built[0]["params"]), fixed)
+    assert np.allclose(moving.array, moved.array, atol=1e-3) and np.allclose(truth, moved_truth)
+    moved_t1, _ = cases.apply_motion(fixed, cases.MOTIONS["normal"], np.array(built[0]["params"]), fixed)
+    assert not np.allclose(moving.array, moved_t1.array, atol=1.0)
+
+    # 2D pairs: drawn (and re-sampled for later passes) from the synthetic volume, as cross contrast
+    from RigidResNetRegistrationLib.model_card import read_model_card
+    from RigidResNetRegistrationLib.resample import sample_volume_at_ras
+
+    card = read_model_card(card_factory(size=32, spacing=2.5))
+    loaded = cases.load_subjects_2d(data, card)
+    batch = cases.draw_pair_set(loaded, card, "normal", "synth", 6, 3)
+    assert len(batch.truth) == 6 and not batch.same_contrast.any()
+    assert {src[2] for src in batch.sources} == {cases.SYNTHETIC}
+    assert torch.allclose(batch.resample_moving(np.zeros((6, 3)), "rigid", (32, 32), 2.5), batch.moving, atol=1e-4)
+    at_truth = batch.resample_moving(batch.truth.double().numpy(), "rigid", (32, 32), 2.5)
+    for i, (subject, s, contrast, _) in enumerate(batch.sources):  # at the truth: the fixed slice's synthetic contrast
+        pts = geo.network_grid_points(subject.frame, (32, 32), 2.5, np.array([s]))[0]
+        made = sample_volume_at_ras(subject.volumes[contrast], subject.ijk_to_ras[contrast], pts)
+        assert torch.allclose(at_truth[i], made.float(), atol=1e-2), i
+        assert not torch.allclose(batch.moving[i], made.float(), atol=1.0)

@@ -10,6 +10,10 @@ entry in :data:`MOTIONS` (plus a branch in the two functions if it is neither of
 so every method's worker process reads exactly the same voxels. 2D slice-pair sets are the
 network-grid pairs of :func:`rrr_training.evaluate.draw_pairs` (saved as ``.npz``).
 
+Pairings (:data:`PAIRINGS`): T1 to T1, T1 to the real T2/FLAIR (co-registered by the data's
+providers, so their truth is only as good as that), and T1 to a synthetic T2-like contrast made
+from the same T1 (:func:`synthetic_contrast`), whose alignment is exact.
+
 Only numpy at import time (peer workers must not pay for torch); building cases imports torch.
 """
 
@@ -18,9 +22,12 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.volume import Volume
@@ -66,10 +73,43 @@ class Pairing:
     moving: tuple[str, ...]
 
 
+#: The synthetic contrast made from a subject's T1 by :func:`synthetic_contrast` (never on disk).
+SYNTHETIC = "t1-synth"
+
 PAIRINGS: dict[str, Pairing] = {
     "same": Pairing("same", "T1 -> T1", "t1", ("t1",)),
     "cross": Pairing("cross", "T1 -> T2 / FLAIR", "t1", ("t2", "flair")),
+    "synth": Pairing("synth", "T1 -> synthetic T2-like (exact truth)", "t1", (SYNTHETIC,)),
 }
+
+
+def synthetic_contrast(t1: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A T2-like contrast made from a T1 volume point by point, with its own noise: a cross-contrast
+    pair whose alignment is exact (real T2/FLAIR are only as aligned as the data's co-registration).
+
+    Inside the head (above ``lo + 0.05 (hi - lo)``, ``lo``/``hi`` the 1st/99th percentiles) the
+    normalised intensity ``v`` in [0, 1] becomes ``0.15 + 0.85 (1 - v)^1.5`` (white matter dark, CSF
+    bright); outside stays 0. The map is not monotone over the image (background 0, the darkest
+    tissue brightest), so only a statistical similarity (MI) relates it to the T1. Gaussian noise of
+    3% of the range (seeded, independent of the T1's own noise) is added inside the head, so the
+    pair does not share one noise pattern. Returns a new float32 tensor on the same grid.
+    """
+    import torch
+
+    from RigidResNetRegistrationLib.preprocess import intensity_range
+
+    x = t1.float()
+    lo, hi = intensity_range(x, 0.01, 0.99)
+    v = ((x - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
+    head = x > lo + 0.05 * (hi - lo)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * 0.03
+    return torch.where(head, 0.15 + 0.85 * (1 - v) ** 1.5 + noise, torch.zeros_like(x)).clamp_min(0) * 1000.0
+
+
+def has_contrast(images: dict, contrast: str) -> bool:
+    """Whether a subject (its ``images`` or ``volumes`` by contrast) can give ``contrast``
+    (the synthetic one is made from its T1)."""
+    return contrast in images or (contrast == SYNTHETIC and "t1" in images)
 
 
 def stable_rng(seed: int, *names: str) -> np.random.Generator:
@@ -135,7 +175,14 @@ def build_volume_cases(subjects: list, motions: list[str], pairings: list[str], 
     def source(subject, contrast):
         key = (subject.name, contrast)
         if key not in cache:
-            vol = read_volume(subject.images[contrast])
+            if contrast == SYNTHETIC:
+                import torch
+
+                t1, _ = source(subject, "t1")
+                vol = Volume(synthetic_contrast(torch.from_numpy(np.asarray(t1.array, dtype=np.float32))).numpy(),
+                             t1.ijk_to_ras.copy(), f"{subject.name} {SYNTHETIC}")
+            else:
+                vol = read_volume(subject.images[contrast])
             path = folder / f"{_safe(subject.name)}_{contrast}.npy"
             np.save(path, np.asarray(vol.array, dtype=np.float32))
             cache[key] = (vol, path)
@@ -146,14 +193,14 @@ def build_volume_cases(subjects: list, motions: list[str], pairings: list[str], 
         kind = MOTIONS[motion]
         for pname in pairings:
             pairing = PAIRINGS[pname]
-            usable = [s for s in subjects if pairing.fixed in s.images and any(c in s.images for c in pairing.moving)]
+            usable = [s for s in subjects if pairing.fixed in s.images and any(has_contrast(s.images, c) for c in pairing.moving)]
             if not usable:
                 log(f"skipped {pairing.label}: no subject has {pairing.fixed} and one of {', '.join(pairing.moving)}")
                 continue
             rng = stable_rng(seed, "volumes", motion, pname)
             for i in range(n):
                 subject = usable[i % len(usable)]
-                options = [c for c in pairing.moving if c in subject.images]
+                options = [c for c in pairing.moving if has_contrast(subject.images, c)]
                 contrast = options[i % len(options)]
                 fixed, fixed_path = source(subject, pairing.fixed)
                 moving_source, _ = source(subject, contrast)
@@ -211,6 +258,8 @@ def draw_pair_set(loaded: list, card, motion: str, pairing: str, n: int, seed: i
     kind, p = MOTIONS[motion], PAIRINGS[pairing]
     if not kind.in_plane:
         raise ValueError(f"slice pairs need an in-plane motion kind, not {motion}")
+    if SYNTHETIC in p.moving:
+        add_synthetic_contrast(loaded)
     pair_seed = int(stable_rng(seed, "pairs", motion, pairing).integers(2**31))
     drawn = draw_pairs(loaded, SimpleNamespace(card=card), n + n // 2 + 8, kind.max_rotation_deg,
                        kind.max_translation_mm, p.fixed, list(p.moving), pair_seed)
@@ -218,6 +267,18 @@ def draw_pair_set(loaded: list, card, motion: str, pairing: str, n: int, seed: i
             and _has_signal(drawn.moving[b], src[0], src[2])][:n]
     return PairBatch(drawn.fixed[keep], drawn.moving[keep], drawn.truth[keep], drawn.same_contrast[keep],
                      [drawn.sources[b] for b in keep])
+
+
+def add_synthetic_contrast(loaded: list) -> None:
+    """Give every loaded subject with a T1 the :data:`SYNTHETIC` contrast (made once; same grid),
+    so pairs are drawn and re-sampled from it as from any other volume."""
+    from RigidResNetRegistrationLib.preprocess import foreground_threshold
+
+    for subject in loaded:
+        if "t1" in subject.volumes and SYNTHETIC not in subject.volumes:
+            subject.volumes[SYNTHETIC] = synthetic_contrast(subject.volumes["t1"])
+            subject.ijk_to_ras[SYNTHETIC] = subject.ijk_to_ras["t1"]
+            subject.thresholds[SYNTHETIC] = foreground_threshold(subject.volumes[SYNTHETIC])
 
 
 #: A slice pair is used when both slices have at least this fraction of signal pixels.

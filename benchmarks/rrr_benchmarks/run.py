@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods to run (default: all): {', '.join(METHOD_LABELS)}")
     p.add_argument("--motions", "--motion", nargs="+", default=["normal", "hard"], choices=list(MOTIONS), metavar="KIND",
                    help="motion kinds: " + "; ".join(f"{k}: {m.description}" for k, m in MOTIONS.items()) + " (default: normal hard)")
-    p.add_argument("--pairings", nargs="+", default=list(PAIRINGS), choices=list(PAIRINGS),
-                   help="same: T1 -> T1; cross: T1 -> T2 / FLAIR alternating (default: both)")
+    p.add_argument("--pairings", nargs="+", default=["same", "cross"], choices=list(PAIRINGS),
+                   help="same: T1 -> T1; cross: T1 -> T2 / FLAIR alternating; synth: T1 -> a T2-like contrast made "
+                        "from the same T1, exactly aligned (default: same cross)")
     p.add_argument("--volumes", type=int, default=None, metavar="N", help="3D cases per (motion, pairing) (default 6; 0: none)")
     p.add_argument("--pairs", type=int, default=None, metavar="N", help="2D slice pairs per (motion, pairing) (default 50; 0: none)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every method (default 2)")

@@ -166,6 +166,50 @@ def test_motion_kinds_move_the_volume_as_their_truth_says(kind):
     assert np.allclose(cases.draw_motion(motion, cases.stable_rng(7, kind)), params)
 
 
+def test_motion_between_slices_moves_each_slice_as_its_own_truth_says():
+    """``interslice_motion``/``apply_interslice_motion``: slice s of the moving volume is the fixed
+    slice s moved by params[s]; resampled slice by slice with the per-slice truths it is the fixed
+    volume again, which neither the common motion alone nor the inverse transforms achieve."""
+    from RigidResNetRegistrationLib.resample import resample_per_slice
+
+    fixed = phantom_volume(shape=(48, 56, 40))
+    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+    common = np.array([2.0, 1.5, -1.0])
+    params = cases.interslice_motion(cases.stable_rng(5, "interslice"), fixed.shape[frame.axis], common, 8.0, 6.0)
+    assert params.shape == (fixed.shape[frame.axis], 3)
+    assert np.ptp(params, axis=0).max() > 3.0  # the head moved during the scan (large steps: a smooth phantom)
+    assert np.all(np.abs(params - common) <= 2 * np.r_[8.0, 6.0, 6.0] + 0.3 + 1e-9)
+    before = fixed.array.copy()
+    moving, truth = cases.apply_interslice_motion(fixed, params)
+    assert np.array_equal(fixed.array, before) and truth.shape == (len(params), 4, 4)
+    for s in (3, 20, 35):
+        assert np.allclose(geo.ras_to_params(truth[s], frame), params[s], atol=1e-9)
+    inner = (slice(8, -8), slice(8, -8), slice(4, -4))
+
+    def residual(transforms):
+        back = resample_per_slice(torch.from_numpy(moving.array), moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras,
+                                  frame.axis, transforms)
+        return np.mean(np.abs(back.numpy()[inner] - fixed.array[inner])) / np.mean(np.abs(fixed.array[inner]))
+
+    one = np.stack([geo.params_to_ras(common, frame, "rigid", s) for s in range(len(params))])
+    assert residual(truth) < 0.07
+    assert residual(truth) < 0.5 * min(residual(one), residual(np.stack([geo.invert(t) for t in truth])))
+
+
+def test_slice_errors_measure_each_used_slice_against_its_truth():
+    from types import SimpleNamespace
+
+    from rrr_benchmarks.worker import slice_errors
+
+    truth = np.zeros((5, 3))
+    est = np.array([[0.5, 0.0, 0.0], [0.0, 0.3, 0.4], [2.0, 0.0, 0.0], [0.1, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    out = SimpleNamespace(used=np.array([True, True, True, True, False]), slice_params=est)
+    acc = slice_errors(out, truth)
+    assert acc["n"] == 4 and acc["success"] == 0.75  # the unused slice (9 deg off) does not count
+    assert np.isclose(acc["rot_median"], 0.3) and np.isclose(acc["trans_median"], 0.0)  # of 0.5, 0, 2, 0.1 and 0, 0.5, 0, 0
+    assert np.isclose(acc["rot_p90"], 1.55) and np.isclose(acc["trans_p90"], 0.35)
+
+
 def _rows():
     rows = []
     for method, errs in (("ours", [(0.1, 0.2), (0.3, 0.1), (2.0, 0.5)]), ("sitk", [(0.01, 0.02), (float("nan"), float("nan"))])):
@@ -223,11 +267,15 @@ def test_quick_run_writes_the_report(tmp_path, card_factory):
         assert len(body) == 2, table  # one row per method
         assert sum(x.startswith("| ours") for x in body) == 1 and sum(x.startswith("| SimpleITK") for x in body) == 1
     assert "slices` mode" in text and "rigid-resnet-register" in text
+    assert "Per-slice error, one motion" in text and "Per-slice error, motion between slices" in text
     raw = json.loads((out / "benchmark.json").read_text())
     assert {r["method"] for r in raw["rows"]} == {"ours", "sitk"}
     sitk_3d = [r for r in raw["rows"] if r["method"] == "sitk" and r["dimension"] == "3d"]
     assert len(sitk_3d) == 1 and all(r["success"] for r in sitk_3d), sitk_3d  # the peer works on the phantom
     assert all(w["peak_rss_mb"] > 10 for w in raw["workers"] if w["kind"] in ("3d", "2d"))
+    accuracy = next(w["slices_mode"]["accuracy"] for w in raw["workers"] if w.get("slices_mode"))
+    assert set(accuracy) == {"one motion", "motion between slices"}
+    assert all(a["n"] > 0 and 0 <= a["success"] <= 1 and np.isfinite(a["rot_median"]) for a in accuracy.values())
     for png in ("errors_3d.png", "errors_2d.png", "time.png"):
         assert (out / png).stat().st_size > 1000
 

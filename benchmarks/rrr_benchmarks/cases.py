@@ -157,6 +157,33 @@ def apply_motion(volume: Any, kind: MotionKind, params: np.ndarray, fixed: Any =
     return Volume(data.numpy(), vol.ijk_to_ras.copy(), f"moving (known {kind.name} motion)"), truth
 
 
+def interslice_motion(rng: np.random.Generator, n_slices: int, common: np.ndarray, max_step_deg: float = 3.0,
+                      max_step_mm: float = 2.0, jitter: float = 0.3) -> np.ndarray:
+    """``(S, 3)`` in-plane parameters ``(theta_deg, tx_mm, ty_mm)`` per axial slice of a scan during
+    which the head moved: the motion ``common`` for every slice, plus two steps at random slices
+    (each uniform in +-``max_step_deg`` and +-``max_step_mm``) that last to the end of the scan, plus
+    independent jitter per slice (uniform in +-``jitter`` deg and mm)."""
+    params = np.tile(np.asarray(common, dtype=np.float64), (n_slices, 1))
+    for start in np.sort(rng.integers(n_slices // 5, 4 * n_slices // 5, 2)):
+        params[start:] += np.r_[rng.uniform(-max_step_deg, max_step_deg), rng.uniform(-max_step_mm, max_step_mm, 2)]
+    return params + rng.uniform(-jitter, jitter, (n_slices, 3))
+
+
+def apply_interslice_motion(volume: Any, params: np.ndarray):
+    """Moving volume (on ``volume``'s grid) whose axial slice ``s`` shows ``volume``'s anatomy moved
+    in-plane by ``params[s]`` (slice-frame parameters, :func:`interslice_motion`), and the true RAS
+    resampling transforms ``(S, 4, 4)`` (fixed -> moving) per slice: ``moving(truth[s](x)) =
+    volume(x)`` for ``x`` on slice ``s`` (in-plane motions keep a slice in its plane, so this is exact)."""
+    from RigidResNetRegistrationLib.preprocess import as_float_tensor
+    from RigidResNetRegistrationLib.resample import resample_per_slice
+
+    frame = geo.slice_frame(volume.ijk_to_ras, volume.shape)
+    truth = np.stack([geo.params_to_ras(p, frame, "rigid", s) for s, p in enumerate(params)])
+    inverse = np.stack([geo.invert(t) for t in truth])  # moving(y) = volume(truth[s]^-1 y)
+    data = resample_per_slice(as_float_tensor(volume), volume.ijk_to_ras, volume.shape, volume.ijk_to_ras, frame.axis, inverse)
+    return Volume(data.numpy(), np.asarray(volume.ijk_to_ras, dtype=np.float64).copy(), "moving (motion between slices)"), truth
+
+
 # --------------------------------------------------------------------------- 3D cases
 
 

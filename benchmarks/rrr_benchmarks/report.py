@@ -114,7 +114,14 @@ def markdown_timing(workers: list[dict[str, Any]], rows: list[dict[str, Any]], d
             sm = w["slices_mode"]
             extra.insert(0, f"- Our engine in `slices` mode (one transform per slice, no registered volume) on case "
                             f"`{sm['case']}`: {sm['seconds']:.2f} s (median of {len(sm.get('runs_s', [0]))} warm runs) for {sm['used_slices']} used slices = "
-                            f"**{sm['ms_per_slice_pair']:.1f} ms per slice pair** (amortised; at most {sm['iterations']} passes).")
+                            f"**{sm['ms_per_slice_pair']:.1f} ms per slice pair** (amortised; at most {sm['iterations']} passes)."
+                            + "".join(f" Per-slice error, {name}: {_f(a['rot_median'])} deg / {_f(a['trans_median'])} mm "
+                                      f"(median; p90 {_f(a['rot_p90'])} / {_f(a['trans_p90'])}), {100 * a['success']:.0f}% of "
+                                      f"{a['n']} slices within 1 deg / 1 mm." for name, a in sm.get("accuracy", {}).items()))
+            if "motion between slices" in sm.get("accuracy", {}):
+                extra.insert(1, "  (Motion between slices: the case's fixed volume re-made slice by slice with the case's motion, "
+                                "two steps of up to 3 deg / 2 mm during the scan and 0.3 deg / 0.3 mm jitter per slice, "
+                                "`cases.interslice_motion`; errors against each slice's own motion.)")
     return "\n".join(lines + [""] + extra) + "\n"
 
 

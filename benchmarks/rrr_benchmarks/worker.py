@@ -127,13 +127,16 @@ def run_3d(method: str, settings: Settings, cases: list[dict[str, Any]], result:
 
 def _time_slices_mode(register, case: dict[str, Any], result: dict[str, Any], runs: int = 3) -> None:
     """Our engine in ``slices`` mode on one volume (per-slice transforms only, no registered
-    volume): the median of ``runs`` warm runs' seconds / used slices = amortised time per slice pair."""
+    volume): the median of ``runs`` warm runs' seconds / used slices = amortised time per slice pair,
+    and each used slice's error against the case's truth. When the case is same contrast, also the
+    per-slice errors on a scan with motion *between* slices made from its fixed volume
+    (:func:`cases.interslice_motion`, seeded by the case id)."""
     from dataclasses import replace
 
     from RigidResNetRegistrationLib.engine import register_volumes
     from RigidResNetRegistrationLib.preprocess import Volume
 
-    fixed, moving, _ = bench_cases.load_case(case)
+    fixed, moving, truth = bench_cases.load_case(case)
     options = replace(register.options, mode="slices", compute_registered=False, compute_difference=False)
     f = Volume(fixed.array, fixed.ijk_to_ras, "fixed volume")
     m = Volume(moving.array, moving.ijk_to_ras, "moving volume")
@@ -145,10 +148,32 @@ def _time_slices_mode(register, case: dict[str, Any], result: dict[str, Any], ru
         times.append(time.perf_counter() - t0)
     seconds = float(np.median(times))
     used = int(np.count_nonzero(out.used))
+    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+    common = np.tile(geo.ras_to_params(truth, frame), (len(out.used), 1))
     result["slices_mode"] = {"case": case["id"], "seconds": seconds, "runs_s": times, "used_slices": used,
                              "ms_per_slice_pair": 1000.0 * seconds / max(used, 1), "iterations": options.iterations,
-                             "engine_timings_s": {k: float(v) for k, v in getattr(out, "timings", {}).items()}}
+                             "engine_timings_s": {k: float(v) for k, v in getattr(out, "timings", {}).items()},
+                             "accuracy": {"one motion": slice_errors(out, common)}}
     log(f"[ours slices mode] {case['id']}: {seconds:.2f} s for {used} used slices = {1000 * seconds / max(used, 1):.1f} ms per slice pair")
+    if case["moving_contrast"] == case["fixed_contrast"]:
+        rng = bench_cases.stable_rng(0, "interslice", case["id"])  # the same scan for the same case
+        params = bench_cases.interslice_motion(rng, fixed.shape[frame.axis], geo.ras_to_params(truth, frame))
+        moved, _ = bench_cases.apply_interslice_motion(fixed, params)
+        out = register_volumes(f, Volume(moved.array, moved.ijk_to_ras, "moving volume"), register.model, options)
+        result["slices_mode"]["accuracy"]["motion between slices"] = slice_errors(out, params)
+    for name, acc in result["slices_mode"]["accuracy"].items():
+        log(f"[ours slices mode] {name}: per-slice rotation error median {acc['rot_median']:.3f} deg, translation "
+            f"{acc['trans_median']:.3f} mm, {100 * acc['success']:.0f}% within 1 deg / 1 mm ({acc['n']} slices)")
+
+
+def slice_errors(out, truth_params: np.ndarray) -> dict[str, float]:
+    """Errors of a ``slices``-mode result's per-slice parameters against ``(S, 3)`` true slice-frame
+    parameters, over the slices it registered: medians, 90th percentiles, share within 1 deg / 1 mm."""
+    used = np.asarray(out.used, dtype=bool)
+    rot, trans = geo.params_error_2d(np.asarray(out.slice_params)[used], np.asarray(truth_params)[used])
+    return {"n": int(used.sum()), "rot_median": float(np.median(rot)), "rot_p90": float(np.percentile(rot, 90)),
+            "trans_median": float(np.median(trans)), "trans_p90": float(np.percentile(trans, 90)),
+            "success": float(np.mean((rot < SUCCESS_ROT_DEG) & (trans < SUCCESS_TRANS_MM)))}
 
 
 # --------------------------------------------------------------------------- 2D

@@ -84,10 +84,9 @@ class ConstantPredictor:
     its parameters and the swapped pairs with their inverses. ``seen`` counts slice pairs (a pair
     and its swapped copy count once)."""
 
-    def __init__(self, card, params, per_call=None):
+    def __init__(self, card, params):
         self.card = card
         self.params = torch.as_tensor(np.asarray(params, dtype=np.float32))
-        self.per_call = per_call
         self.seen = 0
         self.calls = 0
 

@@ -13,7 +13,16 @@ from conftest import phantom_volume
 from PIL import Image
 
 from RigidResNetRegistrationLib.model import ResNetRegressor, load_model
-from rrr_training.data import SMALL_MOTION_SCALE, contrast_of, find_subjects, load_subject, random_motion, sample_pairs
+from rrr_training.data import (
+    SMALL_MOTION_SCALE,
+    contrast_of,
+    find_subjects,
+    load_subject,
+    random_contrast,
+    random_motion,
+    remap_same_contrast,
+    sample_pairs,
+)
 from rrr_training.losses import similarity_loss
 from rrr_training.train import TrainConfig, export, prepare_inputs, train
 
@@ -87,6 +96,33 @@ def test_small_motion_share_draws_that_many_pairs_within_a_fifth_of_the_ranges()
     assert np.abs(mixed[kept]).max() > 5.5  # the rest still spans the ranges
     with pytest.raises(Exception, match="--small-motion"):
         TrainConfig(data=["x"], out="o", holdout=["h"], small_motion=1.5).validate()
+
+
+def test_remapped_pairs_are_new_contrasts_of_the_same_anatomy(tiny_data):
+    """``--remap P``: a share of the same-contrast pairs gets a random point-wise contrast on the
+    moving slice and is scored as cross contrast (MI); the anatomy (and so the truth) is unchanged,
+    so MI is still higher at the truth than without registering; background stays 0."""
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    batch = sample_pairs(subj, np.random.default_rng(2), 24, (32, 32), 2.5, cross_contrast=0.0)
+    assert batch.same_contrast.all()
+    assert remap_same_contrast(batch, torch.Generator().manual_seed(0), 0.0) is batch
+    out = remap_same_contrast(batch, torch.Generator().manual_seed(0), 0.5)
+    picked = ~out.same_contrast
+    assert 4 <= int(picked.sum()) <= 20 and torch.equal(out.fixed, batch.fixed) and torch.equal(out.truth, batch.truth)
+    assert torch.equal(out.moving[~picked], batch.moving[~picked]) and not torch.allclose(out.moving[picked], batch.moving[picked])
+    before = batch.moving.clone()
+    random_contrast(batch.moving, torch.Generator().manual_seed(1))
+    assert torch.equal(batch.moving, before)  # inputs are not modified
+    remapped = out.moving[picked]
+    background = batch.moving[picked] <= batch.moving[picked].amin(dim=(1, 2), keepdim=True)
+    assert torch.all(remapped[background] == 0)
+    _, f, m = prepare_inputs(out, None, 0.0)
+    # every picked pair is scored by MI alone: better at the truth than unregistered
+    at_truth, _ = similarity_loss(f[picked], m[picked], out.truth[picked], out.same_contrast[picked], "rigid", 2.5)
+    at_zero, _ = similarity_loss(f[picked], m[picked], torch.zeros_like(out.truth[picked]), out.same_contrast[picked], "rigid", 2.5)
+    assert at_truth < at_zero - 0.02
+    with pytest.raises(Exception, match="--remap"):
+        TrainConfig(data=["x"], out="o", holdout=["h"], remap=-0.1).validate()
 
 
 def test_resampled_moving_slices_follow_each_pairs_own_estimate(tiny_data):

@@ -215,6 +215,38 @@ def sample_pairs(
     return PairBatch(torch.stack(fixed), torch.stack(moving), truth, torch.tensor(same), sources)
 
 
+def random_contrast(images: torch.Tensor, generator: torch.Generator, knots: int = 6) -> torch.Tensor:
+    """A new random contrast per image ``(B, H, W)``: each image normalised to ``[0, 1]`` (1st/99th
+    percentiles) and passed through its own random piecewise-linear map (``knots`` values uniform in
+    [0.05, 1], not monotone), background (below 0.02) kept at 0 as in every skull-stripped MRI. A
+    point-wise map keeps the anatomy exactly where it was: with a moved copy of the fixed slice this
+    makes a cross-contrast pair whose alignment is exact."""
+    v = normalise_slices(images)
+    b = v.shape[0]
+    values = 0.05 + 0.95 * torch.rand(b, knots, generator=generator)
+    pos = v.clamp(0, 1) * (knots - 1)
+    lo = pos.floor().long().clamp(max=knots - 2)
+    frac = pos - lo
+    flat = values.view(b, 1, knots).expand(b, v.shape[1] * v.shape[2], knots).reshape(b, v.shape[1], v.shape[2], knots)
+    a = torch.gather(flat, 3, lo.unsqueeze(-1)).squeeze(-1)
+    c = torch.gather(flat, 3, (lo + 1).unsqueeze(-1)).squeeze(-1)
+    return torch.where(v > 0.02, a + (c - a) * frac, torch.zeros_like(v))
+
+
+def remap_same_contrast(batch: PairBatch, generator: torch.Generator, probability: float) -> PairBatch:
+    """A batch in which each same-contrast pair, with ``probability``, has its moving slice given a
+    :func:`random_contrast` and becomes a cross-contrast pair (MI loss); others are unchanged. With
+    0 nothing is drawn (earlier runs reproduce)."""
+    if probability <= 0:
+        return batch
+    pick = (torch.rand(len(batch.same_contrast), generator=generator) < probability) & batch.same_contrast
+    if not pick.any():
+        return batch
+    moving = batch.moving.clone()
+    moving[pick] = random_contrast(batch.moving[pick], generator)
+    return PairBatch(batch.fixed, moving, batch.truth, batch.same_contrast & ~pick, batch.sources)
+
+
 def augment_intensity(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """Random gamma, smooth multiplicative bias field and Gaussian noise on ``[0, 1]`` images
     ``(B, H, W)``, renormalised to ``[0, 1]``; the network must not learn one scanner's contrast."""

@@ -35,7 +35,7 @@ from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.model import MODELS_DIR, ModelCard, ResNetRegressor, resolve_device, save_weights
 from RigidResNetRegistrationLib.preprocess import normalise_slices
 
-from .data import LoadedSubject, PairBatch, augment_intensity, find_subjects, load_subject, sample_pairs
+from .data import LoadedSubject, PairBatch, augment_intensity, find_subjects, load_subject, remap_same_contrast, sample_pairs
 from .losses import similarity_loss
 
 EXIT_ERROR = 2
@@ -63,6 +63,7 @@ class TrainConfig:
     max_translation_mm: float = 5.0
     cross_contrast: float = 0.5
     small_motion: float = 0.0
+    remap: float = 0.0
     augment: float = 1.0
     flip: float = 0.5
     init: str = ""
@@ -85,7 +86,7 @@ class TrainConfig:
         if not isinstance(self.threads, int) or self.threads < 0:
             raise TrainError(f"--threads must be 0 (all cores) or a positive integer, not {self.threads!r}")
         ranges = {"spacing_mm": (0.1, 10.0), "lr": (0.0, 1.0), "weight_decay": (0.0, 1.0), "max_rotation_deg": (0.0, 45.0),
-                  "max_translation_mm": (0.0, 100.0), "cross_contrast": (0.0, 1.0), "small_motion": (0.0, 1.0), "augment": (0.0, 10.0), "flip": (0.0, 1.0)}
+                  "max_translation_mm": (0.0, 100.0), "cross_contrast": (0.0, 1.0), "small_motion": (0.0, 1.0), "remap": (0.0, 1.0), "augment": (0.0, 10.0), "flip": (0.0, 1.0)}
         for key, (lo, hi) in ranges.items():
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) or (key == "lr" and value == 0):
@@ -418,6 +419,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch
     while step < stop_at:
         batch = sample_pairs(train_subjects, rng, cfg.batch_size, size, cfg.spacing_mm, cfg.transform,
                              cfg.max_rotation_deg, cfg.max_translation_mm, cfg.cross_contrast, small_motion=cfg.small_motion)
+        batch = remap_same_contrast(batch, gen, cfg.remap)
         x, f, m = prepare_inputs(batch, gen, cfg.augment)
         both = mirror_pairs(torch.cat([x, torch.stack([f, m], 1)], 1), gen, cfg.flip)  # same mirror for inputs and loss images
         x, f, m = both[:, :2], both[:, 2], both[:, 3]
@@ -502,6 +504,7 @@ def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: st
         "training": {"data": cfg["data"], "holdout": cfg["holdout"], "steps": ck["step"],
                      "batch_size": cfg["batch_size"], "ranges": {"rotation_deg": cfg["max_rotation_deg"], "translation_mm": cfg["max_translation_mm"]},
                      "cross_contrast_fraction": cfg["cross_contrast"], "small_motion_fraction": cfg.get("small_motion", 0.0),
+                     "remap_fraction": cfg.get("remap", 0.0),
                      "losses": "1-NCC same contrast, -MI (Parzen, 32 bins) cross contrast",
                      "validation_at_checkpoint": ck.get("metrics", {})},
     }
@@ -555,7 +558,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     for key in ("transform", "size", "spacing_mm", "hidden", "batch_size", "steps", "lr", "weight_decay", "max_rotation_deg",
-                "max_translation_mm", "cross_contrast", "small_motion", "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
+                "max_translation_mm", "cross_contrast", "small_motion", "remap", "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
         default = getattr(d, key)
         p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, help=f"default {default}")
     a = p.parse_args(argv)

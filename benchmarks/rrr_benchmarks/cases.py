@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import torch
-
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.volume import Volume
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -157,8 +157,13 @@ def apply_motion(volume: Any, kind: MotionKind, params: np.ndarray, fixed: Any =
     return Volume(data.numpy(), vol.ijk_to_ras.copy(), f"moving (known {kind.name} motion)"), truth
 
 
-def interslice_motion(rng: np.random.Generator, n_slices: int, common: np.ndarray, max_step_deg: float = 3.0,
-                      max_step_mm: float = 2.0, jitter: float = 0.3) -> np.ndarray:
+#: Motion between slices (:func:`interslice_motion`): two steps of at most this many degrees and
+#: millimetres during the scan, and this much jitter (deg and mm) per slice.
+INTERSLICE_STEP_DEG, INTERSLICE_STEP_MM, INTERSLICE_JITTER = 3.0, 2.0, 0.3
+
+
+def interslice_motion(rng: np.random.Generator, n_slices: int, common: np.ndarray, max_step_deg: float = INTERSLICE_STEP_DEG,
+                      max_step_mm: float = INTERSLICE_STEP_MM, jitter: float = INTERSLICE_JITTER) -> np.ndarray:
     """``(S, 3)`` in-plane parameters ``(theta_deg, tx_mm, ty_mm)`` per axial slice of a scan during
     which the head moved: the motion ``common`` for every slice, plus two steps at random slices
     (each uniform in +-``max_step_deg`` and +-``max_step_mm``) that last to the end of the scan, plus

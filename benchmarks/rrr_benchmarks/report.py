@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .cases import INTERSLICE_JITTER, INTERSLICE_STEP_DEG, INTERSLICE_STEP_MM
 from .methods import METHOD_LABELS
 
 RSS_NOTE = ("peak RSS: the peak resident memory of the method's own worker process (Python interpreter, its "
@@ -120,7 +121,8 @@ def markdown_timing(workers: list[dict[str, Any]], rows: list[dict[str, Any]], d
                                       f"{a['n']} slices within 1 deg / 1 mm." for name, a in sm.get("accuracy", {}).items()))
             if "motion between slices" in sm.get("accuracy", {}):
                 extra.insert(1, "  (Motion between slices: the case's fixed volume re-made slice by slice with the case's motion, "
-                                "two steps of up to 3 deg / 2 mm during the scan and 0.3 deg / 0.3 mm jitter per slice, "
+                                f"two steps of up to {INTERSLICE_STEP_DEG:g} deg / {INTERSLICE_STEP_MM:g} mm during the scan and "
+                                f"{INTERSLICE_JITTER:g} deg / {INTERSLICE_JITTER:g} mm jitter per slice, "
                                 "`cases.interslice_motion`; errors against each slice's own motion.)")
     return "\n".join(lines + [""] + extra) + "\n"
 

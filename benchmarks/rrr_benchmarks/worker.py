@@ -149,7 +149,8 @@ def _time_slices_mode(register, case: dict[str, Any], result: dict[str, Any], ru
     seconds = float(np.median(times))
     used = int(np.count_nonzero(out.used))
     frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
-    common = np.tile(geo.ras_to_params(truth, frame), (len(out.used), 1))
+    motion = geo.ras_to_params(truth, frame)  # the case's in-plane motion, the same for every slice
+    common = np.tile(motion, (len(out.used), 1))
     result["slices_mode"] = {"case": case["id"], "seconds": seconds, "runs_s": times, "used_slices": used,
                              "ms_per_slice_pair": 1000.0 * seconds / max(used, 1), "iterations": options.iterations,
                              "engine_timings_s": {k: float(v) for k, v in getattr(out, "timings", {}).items()},
@@ -157,7 +158,7 @@ def _time_slices_mode(register, case: dict[str, Any], result: dict[str, Any], ru
     log(f"[ours slices mode] {case['id']}: {seconds:.2f} s for {used} used slices = {1000 * seconds / max(used, 1):.1f} ms per slice pair")
     if case["moving_contrast"] == case["fixed_contrast"]:
         rng = bench_cases.stable_rng(0, "interslice", case["id"])  # the same scan for the same case
-        params = bench_cases.interslice_motion(rng, fixed.shape[frame.axis], geo.ras_to_params(truth, frame))
+        params = bench_cases.interslice_motion(rng, fixed.shape[frame.axis], motion)
         moved, _ = bench_cases.apply_interslice_motion(fixed, params)
         out = register_volumes(f, Volume(moved.array, moved.ijk_to_ras, "moving volume"), register.model, options)
         result["slices_mode"]["accuracy"]["motion between slices"] = slice_errors(out, params)

@@ -227,9 +227,8 @@ def random_contrast(images: torch.Tensor, generator: torch.Generator, knots: int
     pos = v.clamp(0, 1) * (knots - 1)
     lo = pos.floor().long().clamp(max=knots - 2)
     frac = pos - lo
-    flat = values.view(b, 1, knots).expand(b, v.shape[1] * v.shape[2], knots).reshape(b, v.shape[1], v.shape[2], knots)
-    a = torch.gather(flat, 3, lo.unsqueeze(-1)).squeeze(-1)
-    c = torch.gather(flat, 3, (lo + 1).unsqueeze(-1)).squeeze(-1)
+    a = values.gather(1, lo.reshape(b, -1)).view_as(v)  # the map's values at the knots around each pixel
+    c = values.gather(1, (lo + 1).reshape(b, -1)).view_as(v)
     return torch.where(v > 0.02, a + (c - a) * frac, torch.zeros_like(v))
 
 

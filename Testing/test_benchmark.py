@@ -256,7 +256,7 @@ def test_quick_run_writes_the_report(tmp_path, card_factory):
     _write_brats_like(data)
     card = card_factory(size=48, spacing=2.0)
     out = tmp_path / "out"
-    code = main(["--data", str(data), "-o", str(out), "--quick", "--methods", "ours", "sitk", "--motions", "normal", "--pairings", "same",
+    code = main(["--data", str(data), "-o", str(out), "--quick", "--methods", "ours", "sitk", "--motions", "normal", "--pairings", "same", "cross",
                  "--weights", str(card), "--threads", "1"])
     assert code == 0
     text = (out / "benchmark.md").read_text()
@@ -264,18 +264,22 @@ def test_quick_run_writes_the_report(tmp_path, card_factory):
     table_2d = text.split("### Slice pairs (2D, 128 x 128 network grid), motion `normal`")[1].split("###")[0]
     for table in (table_3d, table_2d):
         body = [x for x in table.splitlines() if x.startswith("| ") and not x.startswith(("| method", "| ---"))]
-        assert len(body) == 2, table  # one row per method
-        assert sum(x.startswith("| ours") for x in body) == 1 and sum(x.startswith("| SimpleITK") for x in body) == 1
+        assert len(body) == 4, table  # one row per method and pairing
+        assert sum(x.startswith("| ours") for x in body) == 2 and sum(x.startswith("| SimpleITK") for x in body) == 2
     assert "slices` mode" in text and "rigid-resnet-register" in text
     assert "Per-slice error, one motion" in text and "Per-slice error, motion between slices" in text
     raw = json.loads((out / "benchmark.json").read_text())
     assert {r["method"] for r in raw["rows"]} == {"ours", "sitk"}
     sitk_3d = [r for r in raw["rows"] if r["method"] == "sitk" and r["dimension"] == "3d"]
-    assert len(sitk_3d) == 1 and all(r["success"] for r in sitk_3d), sitk_3d  # the peer works on the phantom
+    assert len(sitk_3d) == 2 and all(r["success"] for r in sitk_3d), sitk_3d  # the peer works on the phantom
     assert all(w["peak_rss_mb"] > 10 for w in raw["workers"] if w["kind"] in ("3d", "2d"))
-    accuracy = next(w["slices_mode"]["accuracy"] for w in raw["workers"] if w.get("slices_mode"))
-    assert set(accuracy) == {"one motion", "motion between slices"}
-    assert all(a["n"] > 0 and 0 <= a["success"] <= 1 and np.isfinite(a["rot_median"]) for a in accuracy.values())
+    slices_mode = next(w["slices_mode"] for w in raw["workers"] if w.get("slices_mode"))
+    expected = {"one motion", "motion between slices, T1 -> T1", "motion between slices, T1 -> T2 / FLAIR"}
+    for run in (slices_mode, slices_mode["one_order"]):  # symmetric (the default), then one order
+        assert set(run["accuracy"]) == expected
+        assert all(a["n"] > 0 and 0 <= a["success"] <= 1 and np.isfinite(a["rot_median"]) for a in run["accuracy"].values())
+        assert run["ms_per_slice_pair"] > 0 and run["used_slices"] > 0
+    assert "The same in one order (`--no-symmetric`)" in text
     for png in ("errors_3d.png", "errors_2d.png", "time.png"):
         assert (out / png).stat().st_size > 1000
 

@@ -235,7 +235,7 @@ def build_volume_cases(subjects: list, motions: list[str], pairings: list[str], 
                 options = [c for c in pairing.moving if has_contrast(subject.images, c)]
                 contrast = options[i % len(options)]
                 fixed, fixed_path = source(subject, pairing.fixed)
-                moving_source, _ = source(subject, contrast)
+                moving_source, moving_source_path = source(subject, contrast)
                 params = draw_motion(kind, rng)
                 moving, truth = apply_motion(moving_source, kind, params, fixed)
                 case_id = f"{motion}-{pname}-{i:03d}"
@@ -247,6 +247,8 @@ def build_volume_cases(subjects: list, motions: list[str], pairings: list[str], 
                     "params": [float(v) for v in params], "truth": np.asarray(truth).tolist(),
                     "fixed": str(fixed_path), "fixed_ijk_to_ras": np.asarray(fixed.ijk_to_ras).tolist(),
                     "moving": str(moving_path), "moving_ijk_to_ras": np.asarray(moving.ijk_to_ras).tolist(),
+                    "moving_source": str(moving_source_path),
+                    "moving_source_ijk_to_ras": np.asarray(moving_source.ijk_to_ras).tolist(),
                 })
                 log(f"case {case_id}: {subject.name} {pairing.fixed} -> {contrast}, motion {np.round(params, 2).tolist()}")
     return cases
@@ -257,6 +259,12 @@ def load_case(case: dict[str, Any]) -> tuple[Volume, Volume, np.ndarray]:
     fixed = Volume(np.load(case["fixed"]), np.array(case["fixed_ijk_to_ras"], dtype=np.float64), "fixed")
     moving = Volume(np.load(case["moving"]), np.array(case["moving_ijk_to_ras"], dtype=np.float64), "moving")
     return fixed, moving, np.array(case["truth"], dtype=np.float64)
+
+
+def load_moving_source(case: dict[str, Any]) -> Volume:
+    """The unmoved volume a stored 3D case's moving image was made from (the moving contrast,
+    co-registered with the fixed one as delivered; the fixed volume itself for same contrast)."""
+    return Volume(np.load(case["moving_source"]), np.array(case["moving_source_ijk_to_ras"], dtype=np.float64), "moving source")
 
 
 def _safe(name: str) -> str:

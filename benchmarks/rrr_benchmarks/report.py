@@ -112,19 +112,30 @@ def markdown_timing(workers: list[dict[str, Any]], rows: list[dict[str, Any]], d
         lines.append(f"| {method_label(w['method'], device, w['kind'], passes)} | {w['kind'].upper()} | {_f(w.get('setup_s'), 2)} "
                      f"| {_f(w.get('first_call_s'), 2)} ({first}) | {warm_txt} |")
         if w.get("slices_mode"):
-            sm = w["slices_mode"]
-            extra.insert(0, f"- Our engine in `slices` mode (one transform per slice, no registered volume) on case "
-                            f"`{sm['case']}`: {sm['seconds']:.2f} s (median of {len(sm.get('runs_s', [0]))} warm runs) for {sm['used_slices']} used slices = "
-                            f"**{sm['ms_per_slice_pair']:.1f} ms per slice pair** (amortised; at most {sm['iterations']} passes)."
-                            + "".join(f" Per-slice error, {name}: {_f(a['rot_median'])} deg / {_f(a['trans_median'])} mm "
-                                      f"(median; p90 {_f(a['rot_p90'])} / {_f(a['trans_p90'])}), {100 * a['success']:.0f}% of "
-                                      f"{a['n']} slices within 1 deg / 1 mm." for name, a in sm.get("accuracy", {}).items()))
-            if "motion between slices" in sm.get("accuracy", {}):
-                extra.insert(1, "  (Motion between slices: the case's fixed volume re-made slice by slice with the case's motion, "
-                                f"two steps of up to {INTERSLICE_STEP_DEG:g} deg / {INTERSLICE_STEP_MM:g} mm during the scan and "
-                                f"{INTERSLICE_JITTER:g} deg / {INTERSLICE_JITTER:g} mm jitter per slice, "
-                                "`cases.interslice_motion`; errors against each slice's own motion.)")
+            extra[:0] = _slices_mode_lines(w["slices_mode"])
     return "\n".join(lines + [""] + extra) + "\n"
+
+
+def _slices_mode_lines(sm: dict[str, Any]) -> list[str]:
+    """Report lines of our engine's ``slices`` mode: symmetric (the default), then one order."""
+    def errors(run: dict[str, Any]) -> str:
+        return "".join(f" Per-slice error, {name}: {_f(a['rot_median'])} deg / {_f(a['trans_median'])} mm "
+                       f"(median; p90 {_f(a['rot_p90'])} / {_f(a['trans_p90'])}), {100 * a['success']:.0f}% of "
+                       f"{a['n']} slices within 1 deg / 1 mm." for name, a in run.get("accuracy", {}).items())
+
+    lines = [f"- Our engine in `slices` mode (one transform per slice, no registered volume, symmetric) on case "
+             f"`{sm['case']}`: {sm['seconds']:.2f} s (median of {len(sm.get('runs_s', [0]))} warm runs) for {sm['used_slices']} used "
+             f"slices = **{sm['ms_per_slice_pair']:.1f} ms per slice pair** (amortised; at most {sm['iterations']} passes)." + errors(sm)]
+    if sm.get("one_order"):
+        one = sm["one_order"]
+        lines.append(f"- The same in one order (`--no-symmetric`): {one['seconds']:.2f} s for {one['used_slices']} used slices = "
+                     f"{one['ms_per_slice_pair']:.1f} ms per slice pair." + errors(one))
+    if any(name.startswith("motion between slices") for name in sm.get("accuracy", {})):
+        lines.append("  (Motion between slices: the unmoved moving contrast of the first case of each pairing re-made slice by "
+                     f"slice with that case's motion, two steps of up to {INTERSLICE_STEP_DEG:g} deg / {INTERSLICE_STEP_MM:g} mm "
+                     f"during the scan and {INTERSLICE_JITTER:g} deg / {INTERSLICE_JITTER:g} mm jitter per slice, "
+                     "`cases.interslice_motion`; errors against each slice's own motion.)")
+    return lines
 
 
 def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> str:

@@ -311,26 +311,33 @@ def predict_parameters(
     return np.concatenate(out, axis=0) if out else np.zeros((0, predictor.card.n_params))
 
 
+@dataclass(frozen=True)
+class _PassSettings:
+    """What every network pass of one registration shares (:func:`_network_passes`)."""
+
+    predictor: Predictor
+    frame: geo.SliceFrame
+    kind: str
+    iterations: int
+    floor: np.ndarray  # robust_combine's floor per parameter
+    batch_size: int
+    precision: str
+    report: ProgressCallback
+    cancel: Callable[[], bool] | None
+    symmetric: bool
+
+
 def _network_passes(
-    predictor: Predictor,
+    run: _PassSettings,
     sample_fixed: Callable[[np.ndarray], torch.Tensor],
     slice_indices: np.ndarray,
     moving_identity: torch.Tensor | None,
     sample_moving: Callable[[np.ndarray, np.ndarray], torch.Tensor],
-    frame: geo.SliceFrame,
-    kind: str,
     start: np.ndarray | None,
-    iterations: int,
     tolerance: float,
     combine: bool,
-    floor: np.ndarray,
-    batch_size: int,
-    precision: str,
-    report: ProgressCallback,
     span: tuple[float, float],
-    cancel: Callable[[], bool] | None,
     first_tolerance: float | None = None,
-    symmetric: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Predict slice-frame parameters ``(S, P)`` for ``S`` slices by up to ``iterations`` passes
     of warp, predict, compose; returns them and the number of passes made.
@@ -344,14 +351,17 @@ def _network_passes(
     keeps its own estimate and only the slices whose own last correction was at least
     ``tolerance`` and smaller than the one before are predicted again. A first pass from the
     identity counts as converged (``combine`` only) when its median correction is below
-    ``first_tolerance``, never when that is None. ``symmetric``: as :func:`predict_parameters`.
+    ``first_tolerance``, never when that is None. ``run.iterations`` caps the passes;
+    ``run.symmetric``: as :func:`predict_parameters`.
     """
+    predictor, frame, kind, report = run.predictor, run.frame, run.kind, run.report
     n = len(slice_indices)
     current = np.zeros((n, predictor.card.n_params)) if start is None else np.array(start, dtype=np.float64)
     active = np.arange(n)
-    group = max(64, 2 * batch_size)  # slices sampled and predicted together
+    group = max(64, 2 * run.batch_size)  # slices sampled and predicted together
     last_size = np.full((n, 2), np.inf)  # each slice's last correction: degrees (or equivalent), mm
     passes = 0
+    iterations = run.iterations
     for it in range(iterations):
         first = it == 0 and start is None
         transforms = None if first else np.stack(
@@ -367,8 +377,8 @@ def _network_passes(
                 report(span[0] + (span[1] - span[0]) * fraction, f"pass {it + 1}: slice {g0 + done}/{len(active)}")
 
             delta[g0 : g0 + len(rows)] = predict_parameters(
-                predictor, sample_fixed(rows), moving, batch_size, on_batch, cancel, precision,
-                notice=lambda message: report(span[0], message), symmetric=symmetric)
+                predictor, sample_fixed(rows), moving, run.batch_size, on_batch, run.cancel, run.precision,
+                notice=lambda message: report(span[0], message), symmetric=run.symmetric)
         passes += 1
         # registered(x) = moving(T(D(x))): apply the new estimate D first, then the current T
         current[active] = delta if first else geo.compose_params_2d(delta, current[active], kind)
@@ -376,7 +386,7 @@ def _network_passes(
             limit = first_tolerance if first else tolerance
             if (limit is not None and _step_is_small(delta, kind, limit)) or it == iterations - 1:
                 break
-            current[:] = robust_combine(current, floor)[0]
+            current[:] = robust_combine(current, run.floor)[0]
         else:
             size = _step_size(delta, kind)
             # a slice goes on while its correction is above the tolerance and still shrinking
@@ -490,14 +500,16 @@ def register_volumes(
     # ---- predict, re-warp and predict again, composing in the slice frame
     t1 = time.perf_counter()
 
+    passes_run = _PassSettings(predictor, frame, kind, opts.iterations, _floor(kind, opts.outlier_floor), opts.batch_size,
+                               precision, report, cancel, opts.symmetric)
+
     def run_passes(rows: np.ndarray, start: np.ndarray | None, combine: bool, span: tuple[float, float],
                    tolerance: float, first_tolerance: float | None = None) -> tuple[np.ndarray, int]:
         """Network passes over the selected slices ``idx[rows]`` (module docstring, step 3)."""
         return _network_passes(
-            predictor, lambda r: fixed_rows(rows[r]), idx[rows], moving_start if start is None else None,
+            passes_run, lambda r: fixed_rows(rows[r]), idx[rows], moving_start if start is None else None,
             lambda sl, tr: sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, sl, tr),
-            frame, kind, start, opts.iterations, tolerance, combine, _floor(kind, opts.outlier_floor),
-            opts.batch_size, precision, report, span, cancel, first_tolerance, opts.symmetric,
+            start, tolerance, combine, span, first_tolerance,
         )
 
     # with the refinement to follow, the passes only need to bring the motion within its reach

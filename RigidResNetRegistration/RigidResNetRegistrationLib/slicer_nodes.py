@@ -451,7 +451,6 @@ def register_nodes(
     """
     from . import geometry as geo
     from .engine import RegistrationOptions, register_volumes
-    from .preprocess import check_before_registration
     from .report import result_report
 
     check_inputs(fixed_node, moving_node, transform_node, registered_volume, difference_volume, slice_table)
@@ -465,10 +464,8 @@ def register_nodes(
     moving_initial = parent_to_world(moving_node, "moving volume", skip=transform_node)
     fixed = volume_from_node(fixed_node, "fixed volume", fixed_world)
     moving = volume_from_node(moving_node, "moving volume", moving_initial)
-    opts.validate()
-    check_before_registration(fixed, moving, opts.axis, predictor.card.input_size, predictor.card.spacing_mm)
-
-    result = register_volumes(fixed, moving, predictor, opts, progress=progress, cancel=cancel)
+    result = register_volumes(  # validates the options and checks the volumes before any heavy work
+fixed, moving, predictor, opts, progress=progress, cancel=cancel)
 
     # the inputs may have been removed while events were processed during the run
     for node, role in ((fixed_node, "fixed volume"), (moving_node, "moving volume"), (transform_node, "output transform"),

@@ -241,6 +241,32 @@ def test_markdown_report_has_the_expected_columns_and_rows():
     assert "Python interpreter" in text and "`normal`" in text and "`hard`" in text
 
 
+def test_method_agreement_measures_estimates_against_each_other_not_the_truth():
+    """Two methods' 3D estimates on the same cases: the angle between them and how far apart they
+    send the case's centre, whichever comes first; cases without both estimates are left out."""
+    centre = np.array([10.0, -20.0, 5.0])
+    one_deg = geo.rigid_matrix_3d((0.0, 0.0, 1.0), (0.0, 0.0, 0.0), centre)  # about the centre: it stays put
+    shifted = geo.rigid_matrix_3d((0.0, 0.0, 0.0), (0.0, 0.3, 0.4), centre)
+    cases_ = [{"id": f"c{i}", "centre_ras": centre.tolist()} for i in range(3)]
+
+    def row(method, case, estimate, error=""):
+        return {"dimension": "3d", "method": method, "motion": "normal", "pairing": "T1 -> T1", "case": case,
+                "estimate": None if estimate is None else estimate.tolist(), "error": error}
+
+    rows = [row("ours", "c0", one_deg), row("sitk", "c0", np.eye(4)),
+            row("ours", "c1", shifted), row("sitk", "c1", np.eye(4)),
+            row("ours", "c2", np.eye(4)), row("sitk", "c2", None, "failed")]
+    (agree,) = report.method_agreement(rows, cases_)
+    assert agree["methods"] == ("ours", "sitk") and agree["n"] == 2
+    assert agree["rot_max"] == pytest.approx(1.0) and agree["trans_max"] == pytest.approx(0.5)
+    assert agree["rot_median"] == pytest.approx(0.5) and agree["trans_median"] == pytest.approx(0.25)
+    flipped = report.method_agreement(rows[1::2][:2] + rows[0::2][:2], cases_)[0]  # sitk's rows first
+    assert flipped["methods"] == ("sitk", "ours") and flipped["rot_max"] == pytest.approx(1.0) and flipped["trans_max"] == pytest.approx(0.5)
+    text = report.markdown_agreement([agree])
+    assert "### Agreement between methods (3D)" in text and "| `normal` | T1 -> T1 | ours vs SimpleITK | 2 | 0.500 (1.000) | 0.250 (0.500) |" in text
+    assert report.method_agreement(rows, []) == [] and report.markdown_agreement([]) == ""
+
+
 def _write_brats_like(folder):
     folder.mkdir(parents=True)
     t1 = phantom_volume(shape=(48, 56, 40))
@@ -268,6 +294,7 @@ def test_quick_run_writes_the_report(tmp_path, card_factory):
         assert sum(x.startswith("| ours") for x in body) == 2 and sum(x.startswith("| SimpleITK") for x in body) == 2
     assert "slices` mode" in text and "rigid-resnet-register" in text
     assert "Per-slice error, one motion" in text and "Per-slice error, motion between slices" in text
+    assert "| `normal` | T1 -> T2 / FLAIR | ours vs SimpleITK | 1 |" in text  # the methods' agreement
     raw = json.loads((out / "benchmark.json").read_text())
     assert {r["method"] for r in raw["rows"]} == {"ours", "sitk"}
     sitk_3d = [r for r in raw["rows"] if r["method"] == "sitk" and r["dimension"] == "3d"]

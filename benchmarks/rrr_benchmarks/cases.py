@@ -246,6 +246,7 @@ def build_volume_cases(subjects: list, motions: list[str], pairings: list[str], 
                     "fixed_contrast": pairing.fixed, "moving_contrast": contrast,
                     "params": [float(v) for v in params], "truth": np.asarray(truth).tolist(),
                     "fixed": str(fixed_path), "fixed_ijk_to_ras": np.asarray(fixed.ijk_to_ras).tolist(),
+                    "centre_ras": geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape).tolist(),  # where errors are measured
                     "moving": str(moving_path), "moving_ijk_to_ras": np.asarray(moving.ijk_to_ras).tolist(),
                     "moving_source": str(moving_source_path),
                     "moving_source_ijk_to_ras": np.asarray(moving_source.ijk_to_ras).tolist(),

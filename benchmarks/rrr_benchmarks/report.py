@@ -138,8 +138,53 @@ def _slices_mode_lines(sm: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> str:
-    """The whole ``benchmark.md``."""
+def method_agreement(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How far apart the methods' 3D estimates are on the same cases, whatever the truth: for each
+    (motion, pairing) and pair of methods with an estimate on the same cases, the rotation angle
+    between the two estimates and the distance between where they send the fixed volume's centre
+    (:func:`geometry.rigid_error`, which is symmetric in its two transforms), median and max over
+    the cases. Across contrasts this bounds how finely the data's own truth can be known."""
+    from RigidResNetRegistrationLib import geometry as geo
+
+    centres = {c["id"]: np.asarray(c["centre_ras"], dtype=np.float64) for c in cases if "centre_ras" in c}
+    estimates: dict[tuple[str, str], dict[str, dict[str, np.ndarray]]] = OrderedDict()
+    for r in rows:
+        if r["dimension"] == "3d" and r.get("estimate") is not None and not r.get("error") and r["case"] in centres:
+            estimates.setdefault((r["motion"], r["pairing"]), OrderedDict()).setdefault(r["method"], {})[r["case"]] = np.asarray(r["estimate"])
+    out = []
+    for (motion, pairing), by_method in estimates.items():
+        names = list(by_method)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                common = [c for c in by_method[a] if c in by_method[b]]
+                if not common:
+                    continue
+                diffs = np.array([geo.rigid_error(by_method[a][c], by_method[b][c], centres[c]) for c in common])
+                out.append({"motion": motion, "pairing": pairing, "methods": (a, b), "n": len(common),
+                            "rot_median": float(np.median(diffs[:, 0])), "rot_max": float(diffs[:, 0].max()),
+                            "trans_median": float(np.median(diffs[:, 1])), "trans_max": float(diffs[:, 1].max())})
+    return out
+
+
+def markdown_agreement(agreement: list[dict[str, Any]], device: str = "cpu") -> str:
+    """The table of :func:`method_agreement` (empty string when there is nothing to compare)."""
+    if not agreement:
+        return ""
+    lines = ["### Agreement between methods (3D)\n",
+             "How far apart two methods' transforms are on the same cases (not against the truth): rotation angle between "
+             "them and distance between where they send the fixed volume's centre, median (max) over the cases.\n",
+             "| motion | pairing | methods | n | rotation difference (deg) | translation difference (mm) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for a in agreement:
+        names = " vs ".join(SHORT_LABELS.get(m, m) for m in a["methods"])
+        lines.append(f"| `{a['motion']}` | {a['pairing']} | {names} | {a['n']} | {_f(a['rot_median'])} ({_f(a['rot_max'])}) "
+                     f"| {_f(a['trans_median'])} ({_f(a['trans_max'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]], workers: list[dict[str, Any]],
+                    cases: list[dict[str, Any]] | None = None) -> str:
+    """The whole ``benchmark.md`` (``cases``: the 3D cases, for the methods' agreement)."""
     device = meta.get("device", "cpu")
     rss = {(w["method"], w["kind"]): w["peak_rss_mb"] for w in workers if w.get("peak_rss_mb") is not None}
     summaries = summarise(rows, rss)
@@ -161,6 +206,9 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]], workers: l
     skipped = [f"- {method_label(w['method'], device)} ({w['kind']}): skipped: {w['skipped']}" for w in workers if w.get("skipped")]
     failed = [f"- {method_label(w['method'], device)} ({w['kind']}): failed: {w['failed']}" for w in workers if w.get("failed")]
     body = [markdown_tables(summaries, device), "### Start-up and the whole command\n", markdown_timing(workers, rows, device)]
+    agreement = markdown_agreement(method_agreement(rows, cases or []), device)
+    if agreement:
+        body.append(agreement)
     if skipped or failed:
         body += ["### Not run\n", *skipped, *failed, ""]
     if meta.get("plots"):

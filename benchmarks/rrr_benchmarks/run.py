@@ -194,7 +194,7 @@ def _main(argv: list[str]) -> int:
                          f"network passes on slice pairs: {a.pair_passes or a.iterations or 'engine default'}",
                 "wall time of the benchmark": f"{time.perf_counter() - started:.0f} s"}
         meta["plots"] = plot(rows, workers, out, a.device)
-        (out / "benchmark.md").write_text(markdown_report(meta, rows, workers), encoding="utf-8")
+        (out / "benchmark.md").write_text(markdown_report(meta, rows, workers, cases), encoding="utf-8")
         (out / "benchmark.json").write_text(json.dumps({"meta": meta, "cases": cases, "pair_sets": pair_sets,
                                                         "workers": [{k: v for k, v in w.items() if k != "rows"} for w in workers],
                                                         "rows": rows}, indent=1, default=float) + "\n", encoding="utf-8")

@@ -125,7 +125,9 @@ def _slices_mode_lines(sm: dict[str, Any]) -> list[str]:
 
     lines = [f"- Our engine in `slices` mode (one transform per slice, no registered volume, symmetric) on case "
              f"`{sm['case']}`: {sm['seconds']:.2f} s (median of {len(sm.get('runs_s', [0]))} warm runs) for {sm['used_slices']} used "
-             f"slices = **{sm['ms_per_slice_pair']:.1f} ms per slice pair** (amortised; at most {sm['iterations']} passes)." + errors(sm)]
+             f"slices = **{sm['ms_per_slice_pair']:.1f} ms per slice pair** (amortised; at most {sm['iterations']} passes)."
+             + (f" Peak RSS of the worker by the end of these runs: {sm['peak_rss_mb']:.0f} MB (the table's figure is "
+                "taken before them)." if sm.get("peak_rss_mb") else "") + errors(sm)]
     if sm.get("one_order"):
         one = sm["one_order"]
         lines.append(f"- The same in one order (`--no-symmetric`): {one['seconds']:.2f} s for {one['used_slices']} used slices = "

@@ -13,6 +13,7 @@ from conftest import phantom_volume
 from PIL import Image
 
 from RigidResNetRegistrationLib.model import ResNetRegressor, load_model
+from RigidResNetRegistrationLib.preprocess import normalise_slices
 from rrr_training.data import (
     SMALL_MOTION_SCALE,
     contrast_of,
@@ -123,6 +124,33 @@ def test_remapped_pairs_are_new_contrasts_of_the_same_anatomy(tiny_data):
     assert at_truth < at_zero - 0.02
     with pytest.raises(Exception, match="--remap"):
         TrainConfig(data=["x"], out="o", holdout=["h"], remap=-0.1).validate()
+
+
+def test_remap_loss_ncc_shows_the_remapped_slice_and_scores_the_original(tiny_data):
+    """``--remap-loss ncc``: the network input carries the remapped moving slice, the loss the
+    original one with the same-contrast flag (NCC); ``mi`` (the default) keeps the remapped slice
+    and MI in both. Pairs that were not remapped are the same either way."""
+    from rrr_training.train import training_inputs
+
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    batch = sample_pairs(subj, np.random.default_rng(3), 16, (32, 32), 2.5, cross_contrast=0.0)
+    remapped = remap_same_contrast(batch, torch.Generator().manual_seed(0), 0.5)
+    picked = ~remapped.same_contrast
+    assert picked.any() and (~picked).any()
+    x_ncc, f_ncc, m_ncc, same_ncc = training_inputs(batch, remapped, None, 0.0, "ncc")
+    x_mi, f_mi, m_mi, same_mi = training_inputs(batch, remapped, None, 0.0, "mi")
+    assert torch.equal(x_ncc, x_mi) and torch.equal(f_ncc, f_mi)  # the same input either way
+    assert torch.equal(x_ncc[:, 1], normalise_slices(remapped.moving))
+    assert torch.equal(m_ncc, normalise_slices(batch.moving)) and torch.equal(same_ncc, batch.same_contrast)
+    assert torch.equal(m_mi, normalise_slices(remapped.moving)) and torch.equal(same_mi, remapped.same_contrast)
+    assert not torch.allclose(m_ncc[picked], m_mi[picked]) and torch.equal(m_ncc[~picked], m_mi[~picked])
+    # scored by NCC on the original slice, the truth is as sharp an optimum as for any same-contrast pair
+    at_truth, _ = similarity_loss(f_ncc[picked], m_ncc[picked], batch.truth[picked], same_ncc[picked], "rigid", 2.5)
+    at_zero, _ = similarity_loss(f_ncc[picked], m_ncc[picked], torch.zeros_like(batch.truth[picked]), same_ncc[picked], "rigid", 2.5)
+    assert at_truth < at_zero - 0.05
+    assert training_inputs(batch, batch, None, 0.0, "ncc")[3] is batch.same_contrast  # nothing remapped: unchanged
+    with pytest.raises(Exception, match="--remap-loss"):
+        TrainConfig(data=["x"], out="o", holdout=["h"], remap_loss="nmi").validate()
 
 
 def test_resampled_moving_slices_follow_each_pairs_own_estimate(tiny_data):

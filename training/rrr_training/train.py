@@ -40,6 +40,8 @@ from .losses import similarity_loss
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+#: How ``--remap`` pairs are scored (:func:`training_inputs`).
+REMAP_LOSSES = ("mi", "ncc")
 
 
 class TrainError(ValueError):
@@ -64,6 +66,7 @@ class TrainConfig:
     cross_contrast: float = 0.5
     small_motion: float = 0.0
     remap: float = 0.0
+    remap_loss: str = "mi"
     augment: float = 1.0
     flip: float = 0.5
     init: str = ""
@@ -92,6 +95,8 @@ class TrainConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) or (key == "lr" and value == 0):
                 raise TrainError(f"--{key.replace('_', '-')} must be a number in [{lo:g}, {hi:g}]"
                                  f"{' above 0' if key == 'lr' else ''}, not {value!r}")
+        if self.remap_loss not in REMAP_LOSSES:
+            raise TrainError(f"--remap-loss must be {' or '.join(REMAP_LOSSES)}, not {self.remap_loss!r}")
         if not self.data:
             raise TrainError("give at least one data folder: --data FOLDER")
 
@@ -195,6 +200,20 @@ def prepare_inputs(batch: PairBatch, generator: torch.Generator | None, augment:
     else:
         x = torch.stack([f, m], 1)
     return x, f, m
+
+
+def training_inputs(batch: PairBatch, remapped: PairBatch, generator: torch.Generator | None, augment: float,
+                    remap_loss: str = "mi") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's network input ``(B, 2, H, W)``, loss images (fixed, moving) and ``(B,)``
+    same-contrast flags (NCC loss where True, MI where False). ``remapped`` is ``batch`` after
+    :func:`data.remap_same_contrast`. ``remap_loss`` ``mi``: a remapped pair is a cross-contrast
+    pair in the input and in the loss. ``ncc``: the network sees the remapped moving slice, but the
+    loss compares the *original* moving slice (the fixed one's contrast, the same anatomy) by NCC:
+    a cross-contrast input scored as sharply as a same-contrast pair, still without labels."""
+    x, f, m = prepare_inputs(remapped, generator, augment)
+    if remap_loss == "ncc" and remapped is not batch:
+        return x, f, normalise_slices(batch.moving), batch.same_contrast
+    return x, f, m, remapped.same_contrast
 
 
 def evaluate_batch(model: torch.nn.Module, batch: PairBatch, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -419,13 +438,12 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch
     while step < stop_at:
         batch = sample_pairs(train_subjects, rng, cfg.batch_size, size, cfg.spacing_mm, cfg.transform,
                              cfg.max_rotation_deg, cfg.max_translation_mm, cfg.cross_contrast, small_motion=cfg.small_motion)
-        batch = remap_same_contrast(batch, gen, cfg.remap)
-        x, f, m = prepare_inputs(batch, gen, cfg.augment)
+        x, f, m, same = training_inputs(batch, remap_same_contrast(batch, gen, cfg.remap), gen, cfg.augment, cfg.remap_loss)
         both = mirror_pairs(torch.cat([x, torch.stack([f, m], 1)], 1), gen, cfg.flip)  # same mirror for inputs and loss images
         x, f, m = both[:, :2], both[:, 2], both[:, 3]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = model(x.to(device))
-        loss, stats = similarity_loss(f.to(device), m.to(device), pred.float(), batch.same_contrast, cfg.transform, cfg.spacing_mm)
+        loss, stats = similarity_loss(f.to(device), m.to(device), pred.float(), same, cfg.transform, cfg.spacing_mm)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # DDP: gradients averaged over ranks here
         scaler.unscale_(opt)
@@ -504,7 +522,7 @@ def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: st
         "training": {"data": cfg["data"], "holdout": cfg["holdout"], "steps": ck["step"],
                      "batch_size": cfg["batch_size"], "ranges": {"rotation_deg": cfg["max_rotation_deg"], "translation_mm": cfg["max_translation_mm"]},
                      "cross_contrast_fraction": cfg["cross_contrast"], "small_motion_fraction": cfg.get("small_motion", 0.0),
-                     "remap_fraction": cfg.get("remap", 0.0),
+                     "remap_fraction": cfg.get("remap", 0.0), "remap_loss": cfg.get("remap_loss", "mi"),
                      "losses": "1-NCC same contrast, -MI (Parzen, 32 bins) cross contrast",
                      "validation_at_checkpoint": ck.get("metrics", {})},
     }
@@ -558,9 +576,10 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     for key in ("transform", "size", "spacing_mm", "hidden", "batch_size", "steps", "lr", "weight_decay", "max_rotation_deg",
-                "max_translation_mm", "cross_contrast", "small_motion", "remap", "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
+                "max_translation_mm", "cross_contrast", "small_motion", "remap", "remap_loss", "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
         default = getattr(d, key)
-        p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, help=f"default {default}")
+        choices = REMAP_LOSSES if key == "remap_loss" else None
+        p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, choices=choices, help=f"default {default}")
     a = p.parse_args(argv)
     cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k != "resume"})
     best = train(cfg, resume=a.resume)

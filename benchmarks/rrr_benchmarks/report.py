@@ -168,7 +168,7 @@ def method_agreement(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) ->
     return out
 
 
-def markdown_agreement(agreement: list[dict[str, Any]], device: str = "cpu") -> str:
+def markdown_agreement(agreement: list[dict[str, Any]]) -> str:
     """The table of :func:`method_agreement` (empty string when there is nothing to compare)."""
     if not agreement:
         return ""
@@ -208,7 +208,7 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]], workers: l
     skipped = [f"- {method_label(w['method'], device)} ({w['kind']}): skipped: {w['skipped']}" for w in workers if w.get("skipped")]
     failed = [f"- {method_label(w['method'], device)} ({w['kind']}): failed: {w['failed']}" for w in workers if w.get("failed")]
     body = [markdown_tables(summaries, device), "### Start-up and the whole command\n", markdown_timing(workers, rows, device)]
-    agreement = markdown_agreement(method_agreement(rows, cases or []), device)
+    agreement = markdown_agreement(method_agreement(rows, cases or []))
     if agreement:
         body.append(agreement)
     if skipped or failed:

@@ -136,12 +136,14 @@ def _time_slices_mode(register, cases: list[dict[str, Any]], result: dict[str, A
     (:func:`cases.interslice_motion`, seeded by the case id)."""
     from dataclasses import replace
 
-    firsts = list({case["pairing"]: case for case in reversed(cases)}.values())[::-1]  # first case of each pairing
+    firsts: dict[str, dict[str, Any]] = {}  # the first case of each pairing
+    for case in cases:
+        firsts.setdefault(case["pairing"], case)
     summary: dict[str, Any] = {}
     for symmetric in (True, False):
         options = replace(register.options, mode="slices", compute_registered=False, compute_difference=False, symmetric=symmetric)
         run = _slices_mode_run(register.model, cases[0], options, runs)
-        for case in firsts:
+        for case in firsts.values():
             errors = _interslice_errors(register.model, case, options)
             if errors is not None:
                 run["accuracy"][f"motion between slices, {case['pairing']}"] = errors

@@ -211,7 +211,7 @@ def training_inputs(batch: PairBatch, remapped: PairBatch, generator: torch.Gene
     loss compares the *original* moving slice (the fixed one's contrast, the same anatomy) by NCC:
     a cross-contrast input scored as sharply as a same-contrast pair, still without labels."""
     x, f, m = prepare_inputs(remapped, generator, augment)
-    if remap_loss == "ncc" and remapped is not batch:
+    if remap_loss == "ncc":
         return x, f, normalise_slices(batch.moving), batch.same_contrast
     return x, f, m, remapped.same_contrast
 

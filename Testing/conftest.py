@@ -80,9 +80,9 @@ class ConstantPredictor:
     """Stands in for the network: returns fixed parameters (or a queue of per-slice ones).
 
     Like an ideal network it is inverse-consistent: given the engine's symmetric layout (a batch
-    of pairs followed by the same pairs swapped, ``(moving, fixed)``), it answers the pairs with
-    its parameters and the swapped pairs with their inverses. ``seen`` counts slice pairs (a pair
-    and its swapped copy count once)."""
+    of pairs followed by some or all of the same pairs swapped, ``(moving, fixed)``, in order), it
+    answers the pairs with its parameters and the swapped pairs with their inverses. ``seen``
+    counts slice pairs (a pair and its swapped copy count once)."""
 
     def __init__(self, card, params):
         self.card = card
@@ -92,9 +92,7 @@ class ConstantPredictor:
 
     def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        b = pairs.shape[0]
-        swapped = b % 2 == 0 and b > 0 and torch.equal(pairs[b // 2 :], pairs[: b // 2].flip(1))
-        n = b // 2 if swapped else b
+        n, swapped = _split_swapped(pairs)
         if self.params.dim() == 2:
             out = self.params[self.seen : self.seen + n]
         else:
@@ -102,9 +100,28 @@ class ConstantPredictor:
         self.seen += n
         if swapped:
             # float64: the engine's combination then returns the parameters to 1e-12
-            inverse = torch.as_tensor(geo.invert_params_2d(out.double().numpy(), self.card.transform))
+            inverse = torch.as_tensor(geo.invert_params_2d(out[swapped].double().numpy(), self.card.transform))
             out = torch.cat([out.double(), inverse])
         return out
+
+
+def _split_swapped(pairs: torch.Tensor) -> tuple[int, list[int]]:
+    """For a batch of network inputs in the engine's layout: how many leading (fixed, moving)
+    pairs it holds, and which of them (in order) the trailing inputs are swapped copies of."""
+    b = pairs.shape[0]
+    for tail in range(b // 2, 0, -1):
+        head = b - tail
+        rows, j = [], 0
+        for swapped in pairs[head:].flip(1):
+            while j < head and not torch.equal(pairs[j], swapped):
+                j += 1
+            if j == head:
+                break
+            rows.append(j)
+            j += 1
+        else:
+            return head, rows
+    return b, []
 
 
 def write_card(folder: Path, size=48, spacing=2.0, transform="rigid", bias=None, seed=None, name="test_model") -> Path:

@@ -302,11 +302,13 @@ def test_quick_run_writes_the_report(tmp_path, card_factory):
     assert all(w["peak_rss_mb"] > 10 for w in raw["workers"] if w["kind"] in ("3d", "2d"))
     slices_mode = next(w["slices_mode"] for w in raw["workers"] if w.get("slices_mode"))
     expected = {"one motion", "motion between slices, T1 -> T1", "motion between slices, T1 -> T2 / FLAIR"}
-    for run in (slices_mode, slices_mode["one_order"]):  # symmetric (the default), then one order
+    assert slices_mode["symmetric_stride"] > 1 and slices_mode["every_slice"]["symmetric_stride"] == 1
+    assert slices_mode["symmetric"] and not slices_mode["one_order"]["symmetric"]
+    for run in (slices_mode, slices_mode["every_slice"], slices_mode["one_order"]):  # the defaults, every slice, one order
         assert set(run["accuracy"]) == expected
         assert all(a["n"] > 0 and 0 <= a["success"] <= 1 and np.isfinite(a["rot_median"]) for a in run["accuracy"].values())
         assert run["ms_per_slice_pair"] > 0 and run["used_slices"] > 0
-    assert "The same in one order (`--no-symmetric`)" in text
+    assert "The same in one order (`--no-symmetric`)" in text and "every slice in both orders (`--symmetric-stride 1`)" in text
     for png in ("errors_3d.png", "errors_2d.png", "time.png"):
         assert (out / png).stat().st_size > 1000
 

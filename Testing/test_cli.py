@@ -112,6 +112,7 @@ def _write(path: Path, data: np.ndarray, affine=None) -> Path:
     ("weights_missing", "model card not found"),
     ("cuda", "CUDA was requested"),
     ("no_output", "output folder"),
+    ("bad_stride", "symmetric stride must be"),
 ])
 def test_bad_input_gives_one_error_line(tmp_path, pair, case, expect, monkeypatch):
     fixed, moving = str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz")
@@ -145,6 +146,8 @@ def test_bad_input_gives_one_error_line(tmp_path, pair, case, expect, monkeypatc
 
         if torch.cuda.is_available():
             pytest.skip("CUDA is available here")
+    elif case == "bad_stride":
+        extra = ["--mode", "slices", "--symmetric-stride", "0"]
     elif case == "no_output":
         (tmp_path / "file").write_text("")
         extra = ["-o", str(tmp_path / "file" / "sub")]
@@ -160,5 +163,5 @@ def test_bad_input_gives_one_error_line(tmp_path, pair, case, expect, monkeypatc
 def test_help_lists_the_documented_options():
     r = cli("--help")
     assert r.returncode == 0
-    for option in ("--device", "--mode", "--axis", "--weights", "--batch-size", "--no-symmetric", "-o"):
+    for option in ("--device", "--mode", "--axis", "--weights", "--batch-size", "--no-symmetric", "--symmetric-stride", "-o"):
         assert option in r.stdout

@@ -468,6 +468,82 @@ def test_symmetric_prediction_predicts_each_pair_swapped_and_cancels_order_indep
     assert np.allclose(both[:, 0], motion, atol=1e-5) and np.allclose(both[:, 1:], 0.0)
 
 
+class _CountingInputs(_BiasedByContent):
+    """:class:`_BiasedByContent` that records how many network inputs each batch held."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(pairs.shape[0])
+        return super().__call__(pairs)
+
+
+@pytest.mark.parametrize("batch_size", [2, 5, 32])
+def test_symmetric_prediction_with_a_stride_predicts_every_nth_pair_swapped(batch_size):
+    """``stride`` 3 on 8 consecutive slices: rows 0, 3, 6 and the last (7) are predicted in both
+    orders (12 network inputs, not 16), and give the symmetric estimate; the others are their
+    one-order estimate minus the order-independent error interpolated between those rows
+    (:func:`geometry.symmetric_params_2d_interpolated`), whatever the batch size."""
+    from RigidResNetRegistrationLib.engine import predict_parameters
+
+    gen = torch.Generator().manual_seed(1)
+    fixed, moving = torch.rand(8, 48, 48, generator=gen), torch.rand(8, 48, 48, generator=gen) ** 2
+    plain = predict_parameters(_BiasedByContent(), fixed, moving, batch_size)
+    both = predict_parameters(_BiasedByContent(), fixed, moving, batch_size, symmetric=True)
+    net = _CountingInputs()
+    strided = predict_parameters(net, fixed, moving, batch_size, symmetric=True, stride=3)
+    assert sum(net.sizes) == 12 and max(net.sizes) <= batch_size
+    anchors = [0, 3, 6, 7]
+    backward = np.full_like(plain, np.nan)
+    backward[anchors] = predict_parameters(_BiasedByContent(), moving, fixed, batch_size)[anchors]
+    assert np.allclose(strided[anchors], both[anchors], atol=1e-6)
+    assert np.allclose(strided, geo.symmetric_params_2d_interpolated(plain, backward), atol=1e-6)
+    assert not np.allclose(strided[[1, 2, 4, 5]], plain[[1, 2, 4, 5]], atol=1e-3)  # corrected, not one order
+
+
+def test_slices_mode_predicts_every_third_slice_in_both_orders_by_default(card_factory):
+    """A network that answers the same bias for every pair: in ``slices`` mode the default (both
+    orders on every 3rd slice) cancels it on every slice, as both orders on every slice do, with
+    fewer network inputs; ``volume`` mode (a few slices spread over the brain) is not strided."""
+    model = load_model(card_factory(bias=[2.0, 1.0, 0.5]), "cpu")
+    fixed, moving, _, _ = _case()
+    assert RegistrationOptions().symmetric_stride == 3
+    inputs: dict[str, int] = {}
+    results = {}
+    for name, stride in (("strided", 3), ("every", 1)):
+        counted = _CountingModel(model)
+        results[name] = register_volumes(fixed, moving, counted, RegistrationOptions(
+            device="cpu", iterations=1, refine=False, mode="slices", symmetric_stride=stride))
+        inputs[name] = counted.inputs
+    used = results["every"].used
+    assert used.sum() > 6
+    # (the translation left is the symmetric estimate's own |t| sin(theta / 2), composed twice)
+    assert np.all(np.abs(results["strided"].slice_params[used, 0]) < 1e-6)
+    assert np.all(np.hypot(*results["strided"].slice_params[used, 1:].T) < 0.05)
+    assert np.allclose(results["strided"].slice_params, results["every"].slice_params, atol=1e-6)
+    assert inputs["strided"] < inputs["every"] - 0.5 * used.sum()
+    volume = {}
+    for stride in (1, 3):
+        counted = _CountingModel(model)
+        register_volumes(fixed, moving, counted, RegistrationOptions(device="cpu", iterations=1, refine=False, symmetric_stride=stride))
+        volume[stride] = counted.inputs
+    assert volume[1] == volume[3]
+    with pytest.raises(InputError, match="symmetric stride must be"):
+        RegistrationOptions(symmetric_stride=0).validate()
+
+
+class _CountingModel:
+    """A loaded model that counts the network inputs it is given."""
+
+    def __init__(self, model) -> None:
+        self.model, self.card, self.device, self.inputs = model, model.card, model.device, 0
+
+    def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
+        self.inputs += pairs.shape[0]
+        return self.model(pairs)
+
+
 def test_symmetric_prediction_is_the_default_and_can_be_turned_off(card_factory):
     """A network that answers the same bias for every pair (the order-independent error in its
     purest form): the default (symmetric) volume transform has no in-plane rotation left; one

@@ -130,6 +130,30 @@ def test_symmetric_estimate_is_the_forward_one_when_both_orders_agree(kind):
     assert np.allclose(geo.symmetric_params_2d(p, geo.invert_params_2d(p, kind), kind), p, atol=1e-12)
 
 
+def test_interpolated_symmetric_estimate_removes_an_error_that_varies_slowly_along_the_stack():
+    """Both orders on rows 0, 3, 6, 9 only, an order-independent error that changes linearly from
+    slice to slice: the other rows lose it too (to the symmetric estimate's own second-order
+    residue), rows with both orders are the plain symmetric estimate, and the error is held
+    constant beyond the last row with both orders."""
+    n = 11
+    truth = np.column_stack([RNG.uniform(-4, 4, n), RNG.uniform(-4, 4, (n, 2))])
+    bias = np.outer(np.arange(n), [0.05, 0.04, -0.03]) + [0.3, 0.2, -0.1]
+    forward = truth + bias
+    backward = np.full_like(forward, np.nan)
+    anchors = np.array([0, 3, 6, 9])
+    backward[anchors] = geo.invert_params_2d(truth[anchors]) + bias[anchors]
+    out = geo.symmetric_params_2d_interpolated(forward, backward)
+    assert np.allclose(out[anchors], geo.symmetric_params_2d(forward[anchors], backward[anchors]))
+    rot, trans = geo.params_error_2d(out, truth)
+    rot_f, trans_f = geo.params_error_2d(forward, truth)
+    inside = np.arange(n) <= 9
+    assert np.all(rot[inside] < 0.02 * rot_f[inside]) and np.all(trans[inside] < 0.2 * trans_f[inside])
+    held = forward[10] - (forward[9] - out[9])  # beyond the last anchor: its error, not extrapolated
+    assert np.allclose(out[10], held)
+    with pytest.raises(ValueError, match="at least one row"):
+        geo.symmetric_params_2d_interpolated(forward, np.full_like(forward, np.nan))
+
+
 def test_symmetric_estimate_cancels_an_error_made_in_both_orders():
     """An estimator off by the same bias whichever image comes first: the symmetric estimate is
     far closer to the truth than either order alone, and for identical images (the truth is the

@@ -492,6 +492,7 @@ BAD = {
     "constant volume": (lambda s, f, m: dict(movingVolume=_constant(s)), "constant"),
     "bad mode": (lambda s, f, m: dict(mode="sideways"), "mode must be"),
     "bad device": (lambda s, f, m: dict(device="tpu"), "device must be"),
+    "bad symmetric stride": (lambda s, f, m: dict(mode="slices", symmetricStride=0), "symmetric stride must be"),
     "unknown model": (lambda s, f, m: dict(model="no_such_model", predictor=None), "unknown model"),
 }
 

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-symmetric", dest="symmetric", action="store_false",
                    help="predict each slice pair in one order only (half the network work, less accurate); by "
                    "default it is also predicted swapped and the two estimates are combined inverse-consistently")
+    p.add_argument("--symmetric-stride", type=int, default=3, metavar="N",
+                   help="slices mode: predict every N-th slice (and the last) in both orders and the others in one "
+                   "order, corrected by the order-independent error interpolated between them (default 3; "
+                   "1: every slice in both orders, the most accurate and about 25%% slower)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--demo", action="store_true",
@@ -136,7 +140,8 @@ def run(args: argparse.Namespace) -> dict:
     card = read_model_card(card_path or DEFAULT_CARD)  # JSON only: the grid the inputs are checked against
     options = RegistrationOptions(mode=args.mode, axis=args.axis, device=args.device, batch_size=args.batch_size,
                                   iterations=args.iterations, tolerance=args.tolerance, max_slices=args.max_slices,
-                                  precision=args.precision, symmetric=args.symmetric, refine=args.refine,
+                                  precision=args.precision, symmetric=args.symmetric,
+                                  symmetric_stride=args.symmetric_stride, refine=args.refine,
                                   metric=args.metric)
     options.validate()
     resolve_device(args.device)  # CUDA asked for but absent: say so before reading anything

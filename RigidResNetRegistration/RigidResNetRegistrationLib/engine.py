@@ -96,6 +96,13 @@ class RegistrationOptions:
     ``symmetric``: every slice pair is predicted in both orders and the estimates combined
     inverse-consistently (:func:`geometry.symmetric_params_2d`; twice the network work, on
     held-out slice pairs median errors 0.24 -> 0.04 deg same contrast after two passes);
+    ``symmetric_stride``: ``slices`` mode, on the pass over every slice, only every n-th slice
+    (and the last) is predicted in both orders, the others in one order with the order-independent
+    error interpolated between them subtracted (:func:`geometry.symmetric_params_2d_interpolated`;
+    1 + 1/n network inputs per slice instead of 2; 1 = every slice in both orders). With 3 (the
+    default), on a held-out scan per-slice errors went from 0.021 to 0.041 deg (same contrast, one
+    motion) and 0.28 to 0.30 mm (across contrasts, motion between slices) for 14-20% less time;
+    ``volume`` mode (slices spread over the brain) always predicts both orders;
     ``refine``: ``volume`` mode only, polish the network's transform by optimising all six rigid
     parameters (3 rotations, 3 translations) on image similarity (:mod:`refine`): the result is a
     full 3D rigid transform, no longer only in-plane; ``metric``: the similarity refined, ``ncc``
@@ -114,6 +121,7 @@ class RegistrationOptions:
     max_slices: int = 8
     precision: str = "auto"
     symmetric: bool = True
+    symmetric_stride: int = 3
     refine: bool = True
     metric: str = "auto"
     refine_levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
@@ -139,6 +147,8 @@ class RegistrationOptions:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if not isinstance(self.symmetric, bool):
             raise InputError(f"symmetric must be True or False, not {self.symmetric!r}")
+        if not isinstance(self.symmetric_stride, int) or isinstance(self.symmetric_stride, bool) or not 1 <= self.symmetric_stride <= 64:
+            raise InputError(f"symmetric stride must be an integer from 1 to 64, not {self.symmetric_stride!r}")
         if self.metric not in ("auto", "ncc", "mi"):
             raise InputError(f"metric must be auto, ncc or mi, not {self.metric!r}")
         if not 0.0 <= self.min_foreground < 1.0:
@@ -258,6 +268,7 @@ def predict_parameters(
     precision: str = "fp32",
     notice: Callable[[str], None] | None = None,
     symmetric: bool = False,
+    stride: int = 1,
 ) -> np.ndarray:
     """Normalise fixed/moving network-grid slices ``(S, H, W)`` and predict ``(S, P)`` parameters
     in batches of ``batch_size`` network inputs (results do not depend on the batch size).
@@ -266,24 +277,36 @@ def predict_parameters(
     pair is also predicted swapped (moving, fixed), in the same batch (so ``batch_size // 2`` pairs,
     at least one, per batch), and the two estimates are combined by
     :func:`geometry.symmetric_params_2d` (twice the network work; the network's order-independent
-    errors cancel). When the device runs out of memory the batch is halved and retried
-    (``notice`` is told); at one slice pair per batch the error is raised as a
-    :class:`RuntimeError` that says what to do.
+    errors cancel). ``stride`` (symmetric only, for consecutive slices of one stack): only rows
+    0, ``stride``, 2 ``stride``, ... and the last are predicted in both orders, the others in one
+    order with the order-independent error interpolated from those rows subtracted
+    (:func:`geometry.symmetric_params_2d_interpolated`; 1 + 1/``stride`` network inputs per pair).
+    When the device runs out of memory the batch is halved and retried (``notice`` is told); at
+    one slice pair per batch the error is raised as a :class:`RuntimeError` that says what to do.
     """
-    out = []
     n = fixed_slices.shape[0]
+    n_params = predictor.card.n_params
+    both = np.zeros(n, dtype=bool)  # rows predicted in both orders
+    if symmetric and n:
+        both[:: max(1, int(stride))] = True
+        both[-1] = True
+    forward = np.zeros((n, n_params))
+    backward = np.full((n, n_params), np.nan)
     device = getattr(predictor, "device", fixed_slices.device)
     device_type = torch.device(device).type
     start, size = 0, max(1, int(batch_size))
     while start < n:
         if cancel is not None and cancel():
             raise RegistrationCancelled("registration cancelled")
-        step = max(1, size // 2) if symmetric else size  # slice pairs in this batch of network inputs
+        # slice pairs in this batch: as many as fit in `size` network inputs (two for a pair
+        # predicted in both orders), at least one
+        step = max(1, int(np.searchsorted(np.cumsum(1 + both[start:]), size, side="right")))
         f = normalise_slices(fixed_slices[start : start + step])
         m = normalise_slices(moving_slices[start : start + step])
+        two = both[start : start + f.shape[0]]
         pairs = torch.stack([f, m], dim=1)
-        if symmetric:  # (fixed, moving) pairs, then the same pairs swapped
-            pairs = torch.cat([pairs, pairs.flip(1)])
+        if two.any():  # (fixed, moving) pairs, then those predicted in both orders swapped
+            pairs = torch.cat([pairs, pairs[torch.from_numpy(two).to(pairs.device)].flip(1)])
         try:
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 params = predictor(pairs)
@@ -298,17 +321,22 @@ def predict_parameters(
                 ) from None
             size = max(1, size // 2)
             if notice is not None:
-                pairs_txt = f" ({max(1, size // 2)} slice pairs in both orders)" if symmetric else ""
+                pairs_txt = " (a pair predicted in both orders counts twice)" if symmetric else ""
                 notice(f"out of memory on {device}: retrying with {size} slices per batch{pairs_txt}")
             continue
         params = params.double().cpu().numpy()
-        if symmetric:
-            params = geo.symmetric_params_2d(params[: f.shape[0]], params[f.shape[0] :], predictor.card.transform)
-        out.append(params)
-        start += f.shape[0]
+        k = f.shape[0]
+        forward[start : start + k] = params[:k]
+        backward[start : start + k][two] = params[k:]
+        start += k
         if progress is not None:
             progress(start)
-    return np.concatenate(out, axis=0) if out else np.zeros((0, predictor.card.n_params))
+    if not symmetric or not n:
+        return forward
+    kind = predictor.card.transform
+    if both.all():
+        return geo.symmetric_params_2d(forward, backward, kind)
+    return geo.symmetric_params_2d_interpolated(forward, backward, kind)
 
 
 @dataclass(frozen=True)
@@ -325,6 +353,7 @@ class _PassSettings:
     report: ProgressCallback
     cancel: Callable[[], bool] | None
     symmetric: bool
+    stride: int  # symmetric_stride, used on a pass over every slice of the stack (slices mode)
 
 
 def _network_passes(
@@ -352,7 +381,9 @@ def _network_passes(
     ``tolerance`` and smaller than the one before are predicted again. A first pass from the
     identity counts as converged (``combine`` only) when its median correction is below
     ``first_tolerance``, never when that is None. ``run.iterations`` caps the passes;
-    ``run.symmetric``: as :func:`predict_parameters`.
+    ``run.symmetric``: as :func:`predict_parameters`, with its ``stride`` ``run.stride`` on a
+    pass over all slices without ``combine`` (consecutive slices of the stack: slices mode) and
+    1 otherwise (a few slices spread over the brain, or the slices left after a pass).
     """
     predictor, frame, kind, report = run.predictor, run.frame, run.kind, run.report
     n = len(slice_indices)
@@ -378,7 +409,8 @@ def _network_passes(
 
             delta[g0 : g0 + len(rows)] = predict_parameters(
                 predictor, sample_fixed(rows), moving, run.batch_size, on_batch, run.cancel, run.precision,
-                notice=lambda message: report(span[0], message), symmetric=run.symmetric)
+                notice=lambda message: report(span[0], message), symmetric=run.symmetric,
+                stride=run.stride if not combine and len(active) == n else 1)
         passes += 1
         # registered(x) = moving(T(D(x))): apply the new estimate D first, then the current T
         current[active] = delta if first else geo.compose_params_2d(delta, current[active], kind)
@@ -501,7 +533,7 @@ def register_volumes(
     t1 = time.perf_counter()
 
     passes_run = _PassSettings(predictor, frame, kind, opts.iterations, _floor(kind, opts.outlier_floor), opts.batch_size,
-                               precision, report, cancel, opts.symmetric)
+                               precision, report, cancel, opts.symmetric, opts.symmetric_stride)
 
     def run_passes(rows: np.ndarray, start: np.ndarray | None, combine: bool, span: tuple[float, float],
                    tolerance: float, first_tolerance: float | None = None) -> tuple[np.ndarray, int]:

@@ -307,6 +307,35 @@ def symmetric_params_2d(forward: np.ndarray, backward: np.ndarray, kind: Transfo
     return 0.5 * (np.asarray(forward, dtype=np.float64) + invert_params_2d(backward, kind))
 
 
+def symmetric_params_2d_interpolated(
+    forward: np.ndarray, backward: np.ndarray, kind: TransformKind = "rigid"
+) -> np.ndarray:
+    """:func:`symmetric_params_2d` for a stack of consecutive slices ``(S, P)`` of which only
+    some were predicted in both orders (``backward`` is NaN on the rows predicted in one order).
+
+    Rows with both orders get the symmetric estimate. Every other row gets its ``forward``
+    estimate minus the order-independent error (``forward - symmetric``) interpolated linearly
+    along the stack (by row) between the two-order rows around it, and held constant beyond the
+    first and last of them. This relies on that error varying slowly from slice to slice: it
+    depends on the slices' content (on held-out scans its correlation between neighbouring
+    slices is about 0.9). Slice-frame parameters (rigid: degrees, mm), resampling direction.
+    """
+    fwd = np.asarray(forward, dtype=np.float64)
+    bwd = np.asarray(backward, dtype=np.float64)
+    both = np.all(np.isfinite(bwd), axis=-1)
+    if fwd.ndim != 2 or bwd.shape != fwd.shape or not both.any():
+        raise ValueError("forward and backward must be (S, P) with at least one row predicted in both orders")
+    out = fwd.copy()
+    out[both] = symmetric_params_2d(fwd[both], bwd[both], kind)
+    if not both.all():
+        rows = np.arange(len(fwd))
+        error = fwd[both] - out[both]
+        one = ~both
+        out[one] = fwd[one] - np.column_stack(
+            [np.interp(rows[one], rows[both], error[:, p]) for p in range(fwd.shape[1])])
+    return out
+
+
 def compose_params_2d(first: np.ndarray, then: np.ndarray, kind: TransformKind = "rigid") -> np.ndarray:
     """Parameters of the point map ``p -> then(first(p))`` (both in the same slice frame)."""
     m = params_to_matrix_2d(then, kind) @ params_to_matrix_2d(first, kind)

@@ -117,17 +117,24 @@ def markdown_timing(workers: list[dict[str, Any]], rows: list[dict[str, Any]], d
 
 
 def _slices_mode_lines(sm: dict[str, Any]) -> list[str]:
-    """Report lines of our engine's ``slices`` mode: symmetric (the default), then one order."""
+    """Report lines of our engine's ``slices`` mode: the defaults, then every slice in both orders
+    and one order (when measured)."""
     def errors(run: dict[str, Any]) -> str:
         return "".join(f" Per-slice error, {name}: {_f(a['rot_median'])} deg / {_f(a['trans_median'])} mm "
                        f"(median; p90 {_f(a['rot_p90'])} / {_f(a['trans_p90'])}), {100 * a['success']:.0f}% of "
                        f"{a['n']} slices within 1 deg / 1 mm." for name, a in run.get("accuracy", {}).items())
 
-    lines = [f"- Our engine in `slices` mode (one transform per slice, no registered volume, symmetric) on case "
+    stride = sm.get("symmetric_stride", 1)
+    how = "symmetric" if stride == 1 else f"defaults: both orders on every {stride}th slice, one order between them"
+    lines = [f"- Our engine in `slices` mode (one transform per slice, no registered volume, {how}) on case "
              f"`{sm['case']}`: {sm['seconds']:.2f} s (median of {len(sm.get('runs_s', [0]))} warm runs) for {sm['used_slices']} used "
              f"slices = **{sm['ms_per_slice_pair']:.1f} ms per slice pair** (amortised; at most {sm['iterations']} passes)."
              + (f" Peak RSS of the worker by the end of these runs: {sm['peak_rss_mb']:.0f} MB (the table's figure is "
                 "taken before them)." if sm.get("peak_rss_mb") else "") + errors(sm)]
+    if sm.get("every_slice"):
+        every = sm["every_slice"]
+        lines.append(f"- The same with every slice in both orders (`--symmetric-stride 1`): {every['seconds']:.2f} s for "
+                     f"{every['used_slices']} used slices = {every['ms_per_slice_pair']:.1f} ms per slice pair." + errors(every))
     if sm.get("one_order"):
         one = sm["one_order"]
         lines.append(f"- The same in one order (`--no-symmetric`): {one['seconds']:.2f} s for {one['used_slices']} used slices = "

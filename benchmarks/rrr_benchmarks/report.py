@@ -125,7 +125,7 @@ def _slices_mode_lines(sm: dict[str, Any]) -> list[str]:
                        f"{a['n']} slices within 1 deg / 1 mm." for name, a in run.get("accuracy", {}).items())
 
     stride = sm.get("symmetric_stride", 1)
-    how = "symmetric" if stride == 1 else f"defaults: both orders on every {stride}th slice, one order between them"
+    how = "symmetric" if stride == 1 else f"defaults: both orders on one slice in {stride}, one order on the others"
     lines = [f"- Our engine in `slices` mode (one transform per slice, no registered volume, {how}) on case "
              f"`{sm['case']}`: {sm['seconds']:.2f} s (median of {len(sm.get('runs_s', [0]))} warm runs) for {sm['used_slices']} used "
              f"slices = **{sm['ms_per_slice_pair']:.1f} ms per slice pair** (amortised; at most {sm['iterations']} passes)."

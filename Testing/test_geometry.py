@@ -152,6 +152,21 @@ def test_interpolated_symmetric_estimate_removes_an_error_that_varies_slowly_alo
     assert np.allclose(out[10], held)
     with pytest.raises(ValueError, match="at least one row"):
         geo.symmetric_params_2d_interpolated(forward, np.full_like(forward, np.nan))
+    # slices with a gap between them (rows at slice indices 0, 1, 2, 20, 21): interpolated by
+    # position, an error linear in the slice index is still removed; by row it would not be
+    positions = np.array([0, 1, 2, 20, 21])
+    gap_truth = truth[:5]
+    gap_bias = np.outer(positions, [0.05, 0.04, -0.03]) + [0.3, 0.2, -0.1]
+    gap_forward = gap_truth + gap_bias
+    gap_backward = np.full_like(gap_forward, np.nan)
+    gap_backward[[0, 4]] = geo.invert_params_2d(gap_truth[[0, 4]]) + gap_bias[[0, 4]]
+    by_position = geo.symmetric_params_2d_interpolated(gap_forward, gap_backward, positions=positions)
+    by_row = geo.symmetric_params_2d_interpolated(gap_forward, gap_backward)
+    rot_p, _ = geo.params_error_2d(by_position, gap_truth)
+    rot_r, _ = geo.params_error_2d(by_row, gap_truth)
+    assert np.all(rot_p < 0.02) and rot_r[1:4].max() > 0.3
+    with pytest.raises(ValueError, match="increasing"):
+        geo.symmetric_params_2d_interpolated(gap_forward, gap_backward, positions=positions[::-1])
 
 
 def test_symmetric_estimate_cancels_an_error_made_in_both_orders():

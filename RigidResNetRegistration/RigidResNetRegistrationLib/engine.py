@@ -269,6 +269,7 @@ def predict_parameters(
     notice: Callable[[str], None] | None = None,
     symmetric: bool = False,
     stride: int = 1,
+    positions: np.ndarray | None = None,
 ) -> np.ndarray:
     """Normalise fixed/moving network-grid slices ``(S, H, W)`` and predict ``(S, P)`` parameters
     in batches of ``batch_size`` network inputs (results do not depend on the batch size).
@@ -280,7 +281,8 @@ def predict_parameters(
     errors cancel). ``stride`` (symmetric only, for consecutive slices of one stack): only rows
     0, ``stride``, 2 ``stride``, ... and the last are predicted in both orders, the others in one
     order with the order-independent error interpolated from those rows subtracted
-    (:func:`geometry.symmetric_params_2d_interpolated`; 1 + 1/``stride`` network inputs per pair).
+    (:func:`geometry.symmetric_params_2d_interpolated`, along ``positions``, the rows' slice
+    indices, consecutive when None; 1 + 1/``stride`` network inputs per pair).
     When the device runs out of memory the batch is halved and retried (``notice`` is told); at
     one slice pair per batch the error is raised as a :class:`RuntimeError` that says what to do.
     """
@@ -336,7 +338,7 @@ def predict_parameters(
     kind = predictor.card.transform
     if both.all():
         return geo.symmetric_params_2d(forward, backward, kind)
-    return geo.symmetric_params_2d_interpolated(forward, backward, kind)
+    return geo.symmetric_params_2d_interpolated(forward, backward, kind, positions)
 
 
 @dataclass(frozen=True)
@@ -410,7 +412,7 @@ def _network_passes(
             delta[g0 : g0 + len(rows)] = predict_parameters(
                 predictor, sample_fixed(rows), moving, run.batch_size, on_batch, run.cancel, run.precision,
                 notice=lambda message: report(span[0], message), symmetric=run.symmetric,
-                stride=run.stride if not combine and len(active) == n else 1)
+                stride=run.stride if not combine and len(active) == n else 1, positions=slice_indices[rows])
         passes += 1
         # registered(x) = moving(T(D(x))): apply the new estimate D first, then the current T
         current[active] = delta if first else geo.compose_params_2d(delta, current[active], kind)

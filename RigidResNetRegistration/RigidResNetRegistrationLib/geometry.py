@@ -308,15 +308,16 @@ def symmetric_params_2d(forward: np.ndarray, backward: np.ndarray, kind: Transfo
 
 
 def symmetric_params_2d_interpolated(
-    forward: np.ndarray, backward: np.ndarray, kind: TransformKind = "rigid"
+    forward: np.ndarray, backward: np.ndarray, kind: TransformKind = "rigid", positions: np.ndarray | None = None
 ) -> np.ndarray:
-    """:func:`symmetric_params_2d` for a stack of consecutive slices ``(S, P)`` of which only
-    some were predicted in both orders (``backward`` is NaN on the rows predicted in one order).
+    """:func:`symmetric_params_2d` for a stack of slices ``(S, P)`` of which only some were
+    predicted in both orders (``backward`` is NaN on the rows predicted in one order).
 
     Rows with both orders get the symmetric estimate. Every other row gets its ``forward``
     estimate minus the order-independent error (``forward - symmetric``) interpolated linearly
-    along the stack (by row) between the two-order rows around it, and held constant beyond the
-    first and last of them. This relies on that error varying slowly from slice to slice: it
+    along the stack between the two-order rows around it, and held constant beyond the first and
+    last of them. ``positions`` ``(S,)``: where each row lies along the stack (its slice index;
+    increasing), so that gaps between slices count; None: consecutive slices. This relies on that error varying slowly from slice to slice: it
     depends on the slices' content (on held-out scans its correlation between neighbouring
     slices is about 0.9). Slice-frame parameters (rigid: degrees, mm), resampling direction.
     """
@@ -328,7 +329,9 @@ def symmetric_params_2d_interpolated(
     out = fwd.copy()
     out[both] = symmetric_params_2d(fwd[both], bwd[both], kind)
     if not both.all():
-        rows = np.arange(len(fwd))
+        rows = np.arange(len(fwd), dtype=np.float64) if positions is None else np.asarray(positions, dtype=np.float64)
+        if rows.shape != (len(fwd),) or np.any(np.diff(rows) <= 0):
+            raise ValueError("positions must be (S,) and increasing")
         error = fwd[both] - out[both]
         one = ~both
         out[one] = fwd[one] - np.column_stack(

@@ -485,7 +485,7 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
             the network work); False: one order only.
         :param symmetricStride: ``slices`` mode with ``symmetric``: predict every n-th slice in both
             orders and the others in one order, corrected by the order-independent error
-            interpolated between them (default 3; 1: every slice in both orders, about 25% slower).
+            interpolated between them (default 3; 1: every slice in both orders, 25-35% more time).
         :param transformNode: linear transform node to write into; None creates one.
         :param registeredVolume: moving volume resampled on the fixed grid: a node to write into,
             True (create one) or False (not computed). Same for ``differenceVolume``

@@ -101,7 +101,7 @@ class RegistrationOptions:
     error interpolated between them subtracted (:func:`geometry.symmetric_params_2d_interpolated`;
     1 + 1/n network inputs per slice instead of 2; 1 = every slice in both orders). With 3 (the
     default), on a held-out scan per-slice errors went from 0.021 to 0.041 deg (same contrast, one
-    motion) and 0.28 to 0.30 mm (across contrasts, motion between slices) for 14-20% less time;
+    motion) and 0.28 to 0.30 mm (across contrasts, motion between slices) for 20-26% less time;
     ``volume`` mode (slices spread over the brain) always predicts both orders;
     ``refine``: ``volume`` mode only, polish the network's transform by optimising all six rigid
     parameters (3 rotations, 3 translations) on image similarity (:mod:`refine`): the result is a
@@ -278,7 +278,7 @@ def predict_parameters(
     pair is also predicted swapped (moving, fixed), in the same batch (so ``batch_size // 2`` pairs,
     at least one, per batch), and the two estimates are combined by
     :func:`geometry.symmetric_params_2d` (twice the network work; the network's order-independent
-    errors cancel). ``stride`` (symmetric only, for consecutive slices of one stack): only rows
+    errors cancel). ``stride`` (symmetric only, for the slices of one stack, in order): only rows
     0, ``stride``, 2 ``stride``, ... and the last are predicted in both orders, the others in one
     order with the order-independent error interpolated from those rows subtracted
     (:func:`geometry.symmetric_params_2d_interpolated`, along ``positions``, the rows' slice

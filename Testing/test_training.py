@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -222,6 +223,29 @@ def test_checkpoint_resumes_to_the_same_state_and_export_round_trips(tiny_data, 
     ref.load_state_dict(torch.load(straight / "best.pt", weights_only=True)["model"])
     x = torch.rand(3, 2, 32, 32)
     assert torch.allclose(model(x), ref.eval()(x), atol=2e-2 + 2e-2 * ref(x).abs().max().item())  # fp16 weights
+
+
+def test_freeze_bn_keeps_the_batch_norm_statistics_of_the_initial_weights(tiny_data, tmp_path):
+    """``--freeze-bn``: a fine-tune from ``--init`` leaves every batch norm's running statistics
+    as they were (the weights still train); without it they move. Recorded in the exported card."""
+    init = tmp_path / "init.pt"
+    torch.manual_seed(0)
+    torch.save(ResNetRegressor(3).state_dict(), init)
+    start = torch.load(init, weights_only=True)
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    ends = {}
+    for freeze in (True, False):
+        out = tmp_path / f"freeze-{freeze}"
+        train(replace(_cfg(tiny_data, out, steps=3), init=str(init), freeze_bn=freeze))
+        ends[freeze] = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(ends[True][k], start[k]) for k in stats)
+    assert not all(torch.equal(ends[False][k], start[k]) for k in stats)
+    assert not torch.equal(ends[True]["features.conv1.weight"], start["features.conv1.weight"])
+    card = json.loads(export(tmp_path / "freeze-True" / "last.pt", tmp_path / "models", name="frozen").read_text())
+    assert card["training"]["batch_norm_frozen"] is True
+    with pytest.raises(Exception, match="freeze_bn"):
+        TrainConfig(data=["x"], out="o", holdout=["h"], freeze_bn="yes").validate()
 
 
 _DDP_WORKER = '''

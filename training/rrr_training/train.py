@@ -67,6 +67,7 @@ class TrainConfig:
     small_motion: float = 0.0
     remap: float = 0.0
     remap_loss: str = "mi"
+    freeze_bn: bool = False
     augment: float = 1.0
     flip: float = 0.5
     init: str = ""
@@ -97,6 +98,8 @@ class TrainConfig:
                                  f"{' above 0' if key == 'lr' else ''}, not {value!r}")
         if self.remap_loss not in REMAP_LOSSES:
             raise TrainError(f"--remap-loss must be {' or '.join(REMAP_LOSSES)}, not {self.remap_loss!r}")
+        if not isinstance(self.freeze_bn, bool):
+            raise TrainError(f"freeze_bn must be True or False, not {self.freeze_bn!r}")
         if not self.data:
             raise TrainError("give at least one data folder: --data FOLDER")
 
@@ -216,6 +219,18 @@ def training_inputs(batch: PairBatch, remapped: PairBatch, generator: torch.Gene
     return x, f, m, remapped.same_contrast
 
 
+def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
+    """``model.train()``; with ``freeze_bn`` every batch norm stays in evaluation mode: it
+    normalises with its running statistics and does not update them (its scale and shift still
+    learn), so a fine-tune on another mix of pairs cannot move the statistics the network was
+    trained with."""
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def evaluate_batch(model: torch.nn.Module, batch: PairBatch, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
     """Validation metrics: loss, and median rotation/translation errors (same / cross contrast)."""
     model.eval()
@@ -230,7 +245,7 @@ def evaluate_batch(model: torch.nn.Module, batch: PairBatch, cfg: TrainConfig, d
         out[f"rot_med_{name}"] = float(np.median(rot[sel])) if sel.any() else float("nan")
         out[f"trans_med_{name}"] = float(np.median(tr[sel])) if sel.any() else float("nan")
     out["score"] = float(np.median(rot) + np.median(tr))
-    model.train()
+    set_train_mode(model, cfg.freeze_bn)
     return out
 
 
@@ -433,7 +448,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch
     running: list[float] = []
     ncc_run: list[float] = []
     mi_run: list[float] = []
-    model.train()
+    set_train_mode(model, cfg.freeze_bn)
     stop_at = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     while step < stop_at:
         batch = sample_pairs(train_subjects, rng, cfg.batch_size, size, cfg.spacing_mm, cfg.transform,
@@ -523,6 +538,7 @@ def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: st
                      "batch_size": cfg["batch_size"], "ranges": {"rotation_deg": cfg["max_rotation_deg"], "translation_mm": cfg["max_translation_mm"]},
                      "cross_contrast_fraction": cfg["cross_contrast"], "small_motion_fraction": cfg.get("small_motion", 0.0),
                      "remap_fraction": cfg.get("remap", 0.0), "remap_loss": cfg.get("remap_loss", "mi"),
+                     "batch_norm_frozen": cfg.get("freeze_bn", False),
                      "losses": "1-NCC same contrast, -MI (Parzen, 32 bins) cross contrast",
                      "validation_at_checkpoint": ck.get("metrics", {})},
     }
@@ -575,6 +591,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--holdout", nargs="+", required=True, help="subject folder names kept out for validation")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="keep every batch norm's running statistics as they are (for fine-tunes from --init)")
     for key in ("transform", "size", "spacing_mm", "hidden", "batch_size", "steps", "lr", "weight_decay", "max_rotation_deg",
                 "max_translation_mm", "cross_contrast", "small_motion", "remap", "remap_loss", "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
         default = getattr(d, key)

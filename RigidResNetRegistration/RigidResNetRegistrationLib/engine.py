@@ -335,10 +335,8 @@ def predict_parameters(
             progress(start)
     if not symmetric or not n:
         return forward
-    kind = predictor.card.transform
-    if both.all():
-        return geo.symmetric_params_2d(forward, backward, kind)
-    return geo.symmetric_params_2d_interpolated(forward, backward, kind, positions)
+    # rows with both orders: the symmetric estimate; the others (stride > 1) corrected between them
+    return geo.symmetric_params_2d_interpolated(forward, backward, predictor.card.transform, positions)
 
 
 @dataclass(frozen=True)

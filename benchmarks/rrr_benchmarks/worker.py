@@ -131,10 +131,10 @@ def _time_slices_mode(register, cases: list[dict[str, Any]], result: dict[str, A
     """Our engine in ``slices`` mode (per-slice transforms only, no registered volume) with the
     engine's defaults (both orders on every ``symmetric_stride``-th slice), with every slice in
     both orders (``--symmetric-stride 1``) and in one order (``--no-symmetric``): on the first
-    case, the median of ``runs`` warm runs' seconds / used slices = amortised time per slice pair, and each used slice's error
-    against the case's truth; on the first case of each pairing, the per-slice errors on a scan
-    with motion *between* slices made from that case's unmoved moving contrast
-    (:func:`cases.interslice_motion`, seeded by the case id)."""
+    case, the median of ``runs`` warm runs' seconds / used slices = amortised time per slice
+    pair, and each used slice's error against the case's truth; on the first case of each
+    pairing, the per-slice errors on a scan with motion *between* slices made from that case's
+    unmoved moving contrast (:func:`cases.interslice_motion`, seeded by the case id)."""
     from dataclasses import replace
 
     firsts: dict[str, dict[str, Any]] = {}  # the first case of each pairing

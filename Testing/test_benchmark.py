@@ -304,11 +304,14 @@ def test_quick_run_writes_the_report(tmp_path, card_factory):
     expected = {"one motion", "motion between slices, T1 -> T1", "motion between slices, T1 -> T2 / FLAIR"}
     assert slices_mode["symmetric_stride"] > 1 and slices_mode["every_slice"]["symmetric_stride"] == 1
     assert slices_mode["symmetric"] and not slices_mode["one_order"]["symmetric"]
-    for run in (slices_mode, slices_mode["every_slice"], slices_mode["one_order"]):  # the defaults, every slice, one order
+    assert slices_mode["refined"]["refine_slices"] and not slices_mode["refine_slices"]
+    # the defaults, every slice, one order, the defaults with the per-slice refinement
+    for run in (slices_mode, slices_mode["every_slice"], slices_mode["one_order"], slices_mode["refined"]):
         assert set(run["accuracy"]) == expected
         assert all(a["n"] > 0 and 0 <= a["success"] <= 1 and np.isfinite(a["rot_median"]) for a in run["accuracy"].values())
         assert run["ms_per_slice_pair"] > 0 and run["used_slices"] > 0
     assert "The same in one order (`--no-symmetric`)" in text and "every slice in both orders (`--symmetric-stride 1`)" in text
+    assert "each slice refined on its image similarity (`--refine-slices`)" in text
     for png in ("errors_3d.png", "errors_2d.png", "time.png"):
         assert (out / png).stat().st_size > 1000
 

@@ -404,6 +404,18 @@ def test_slices_mode_fills_the_table_with_per_slice_motion(module):
     assert out.table_node.GetAttribute("RigidResNetRegistration.Mode") == "slices"
 
 
+def test_refine_slices_reaches_the_engine(module):
+    scene = slicer.vtkMRMLScene()
+    fixed_node, moving_node, _ = case(scene, "RAS")
+    kw = dict(iterations=1, refine=False, mode="slices", registeredVolume=False, differenceVolume=False, applyTransform=False)
+    plain = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, predictor=ConstantPredictor(ORACLE, MOTION), **kw)
+    refined = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, predictor=ConstantPredictor(ORACLE, MOTION),
+                                                             refineSlices=True, **kw)
+    assert plain.result.refinement is None
+    assert refined.result.refinement["scope"] == "slices" and refined.result.refinement["slices_refined"] > 0
+    assert not np.allclose(refined.result.slice_params, plain.result.slice_params)
+
+
 def test_cancel_leaves_no_nodes_and_inputs_untouched(module):
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, _ = case(scene)

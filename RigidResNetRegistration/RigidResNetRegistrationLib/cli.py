@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="volume mode: keep the network's in-plane transform; by default it is refined on image "
                    "similarity over all six rigid parameters (3D rotations and translations)")
+    p.add_argument("--refine-slices", action="store_true",
+                   help="slices mode: also refine each slice's in-plane transform on its own image similarity "
+                   "(classical-grade per-slice accuracy for about 5 ms (NCC) or 10 ms (MI) more per slice on a CPU)")
     p.add_argument("--metric", default="auto", choices=["auto", "ncc", "mi"],
                    help="similarity the refinement maximises (auto: NCC for same-contrast pairs, MI otherwise)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                                   iterations=args.iterations, tolerance=args.tolerance, max_slices=args.max_slices,
                                   precision=args.precision, symmetric=args.symmetric,
                                   symmetric_stride=args.symmetric_stride, refine=args.refine,
-                                  metric=args.metric)
+                                  refine_slices=args.refine_slices, metric=args.metric)
     options.validate()
     resolve_device(args.device)  # CUDA asked for but absent: say so before reading anything
     truth = None
@@ -200,12 +203,17 @@ def summary(report: dict, out: Path) -> str:
         f"registered on {report['device']} in {report['seconds']:.2f} s (whole run {report['total_seconds']:.2f} s), "
         f"mode {report['mode']}, {report['slices']['used']} of {report['slices']['total']} {report['slice_orientation']} slices used",
         f"similarity NCC {s['ncc_before']:.3f} -> {s['ncc_after']:.3f}, MI {s['mi_before']:.3f} -> {s['mi_after']:.3f}",
-        "network estimate: " + ", ".join(f"{k} {v:+.3f}" for k, v in report["parameters"].items()),
+        ("estimate (slices refined, combined): " if (report.get("refinement") or {}).get("scope") == "slices"
+         else "network estimate: ") + ", ".join(f"{k} {v:+.3f}" for k, v in report["parameters"].items()),
     ]
     if report.get("refinement"):
         r = report["refinement"]
-        lines.append(f"refined (6 rigid parameters, {r['metric'].upper()}): {r['similarity_before']:.4f} -> {r['similarity_after']:.4f} "
-                     f"in {r['steps']} steps")
+        if r.get("scope") == "slices":
+            lines.append(f"refined {r['slices_refined']} slices' in-plane transforms ({r['metric'].upper()}): mean "
+                         f"{r['similarity_before']:.4f} -> {r['similarity_after']:.4f} in {r['steps']} steps")
+        else:
+            lines.append(f"refined (6 rigid parameters, {r['metric'].upper()}): {r['similarity_before']:.4f} -> "
+                         f"{r['similarity_after']:.4f} in {r['steps']} steps")
     for warning in report.get("quality", {}).get("warnings", []):
         lines.append(f"WARNING: registration likely failed: {warning}")
     if "demo" in report:

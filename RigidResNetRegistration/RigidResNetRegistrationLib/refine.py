@@ -436,3 +436,192 @@ def refine_rigid(
         seconds=time.perf_counter() - t_start,
         steps_per_level=tuple(per_level),
     )
+
+
+# --------------------------------------------------------------------------- slices mode
+
+
+@dataclass
+class SliceRefineResult:
+    """What :func:`refine_slices` did. ``params``: ``(S, 3)`` refined slice-frame rigid parameters
+    ``(theta_deg, tx_mm, ty_mm)``, resampling direction (as the network's); ``similarity_before`` /
+    ``similarity_after``: ``(S,)`` each slice's similarity at its start and its result (NaN for a
+    slice with too little signal to refine, which keeps its start); ``improved``: ``(S,)`` the
+    slices whose parameters changed."""
+
+    params: np.ndarray
+    metric: str
+    similarity_before: np.ndarray
+    similarity_after: np.ndarray
+    improved: np.ndarray
+    steps: int
+    seconds: float
+
+
+#: A slice with fewer sample points on signal than this keeps its starting parameters.
+MIN_SLICE_POINTS = 64
+
+
+def refine_slices(
+    fixed: torch.Tensor,
+    fixed_ijk_to_ras: np.ndarray,
+    moving: torch.Tensor,
+    moving_ijk_to_ras: np.ndarray,
+    frame: geo.SliceFrame,
+    slice_indices: np.ndarray,
+    params: np.ndarray,
+    size: tuple[int, int],
+    spacing_mm: float,
+    metric: str = "ncc",
+    steps: int = 20,
+    max_points: int = 4096,
+    bins: int = 32,
+    cancel: Callable[[], bool] | None = None,
+) -> SliceRefineResult:
+    """Refine each slice's own in-plane rigid transform on image similarity (``slices`` mode).
+
+    Slice-frame convention (:mod:`geometry`): slice ``s = slice_indices[r]`` has centre ``c_s``
+    (``frame.slice_centre(s)``) and in-plane axes ``E = [ex, ey]``; its parameters
+    ``params[r] = (theta_deg, tx_mm, ty_mm)`` send the in-plane point ``q`` (mm from ``c_s``) of the
+    fixed slice to the moving point ``c_s + E (R(theta) q + t)``: a resampling transform (fixed ->
+    moving), the one :func:`geometry.params_to_ras` embeds in 3D. ``fixed`` and ``moving`` are
+    ``(I, J, K)`` tensors (``array[i, j, k]``) on one device with their ``ijk_to_ras`` matrices.
+
+    Sample points: the network grid of each slice (``size`` pixels at ``spacing_mm``, as
+    :func:`geometry.network_grid_points`), each moved by a pseudo-random jitter inside its pixel
+    (seeded by the slice index; points on a regular grid would favour transforms that land on the
+    moving voxel centres), where the fixed slice has signal (:func:`preprocess.foreground_threshold`), at most
+    ``max_points`` per slice. Fixed values are interpolated there once; moving values at the moved
+    points, both linearly (:func:`resample.grid_sample_points`, ITK bounds: points moved outside the
+    moving volume are left out). ``metric``: ``ncc`` or ``mi`` (Mattes, ``bins`` bins, both volumes
+    mapped to ``[0, 1]`` by their 1st/99th percentiles, as :func:`refine_rigid`).
+
+    Optimiser: ``steps`` iterations of Rprop on the sum of the slices' losses. A slice's parameters
+    change only its own loss and Rprop adapts every parameter's step from the signs of its own
+    gradient, so this is one independent 3-parameter optimisation per slice, run as one batch
+    (steps from 0.05 up to 0.5 deg or mm, down to 1e-4). Each slice keeps the best parameters it
+    was evaluated at, its start included: no slice ends less similar than it started.
+    ``cancel()`` is polled before every iteration (``engine.RegistrationCancelled`` when True);
+    a ``ValueError`` (one line) is raised for bad arguments.
+    """
+    t_start = time.perf_counter()
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
+    p0 = np.asarray(params, dtype=np.float64)
+    idx = np.asarray(slice_indices, dtype=np.int64)
+    if p0.ndim != 2 or p0.shape[1] != 3 or p0.shape[0] != len(idx):
+        raise ValueError(f"params must be (S, 3) rigid parameters for the {len(idx)} slices, not {p0.shape}")
+    if not np.all(np.isfinite(p0)):
+        raise ValueError("params must be finite")
+    if int(steps) < 0 or int(max_points) < MIN_SLICE_POINTS or int(bins) < 4:
+        raise ValueError(f"steps must be >= 0, max_points >= {MIN_SLICE_POINTS} and bins >= 4, not {steps}, {max_points}, {bins}")
+    dev = fixed.device
+    n_sl, (h, w) = len(idx), size
+    fixed_f, moving_f = fixed.float(), moving.float()
+
+    def ras_to_grid(ijk_to_ras: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        to_grid, bound = index_to_grid(shape)
+        m = torch.as_tensor(to_grid @ geo.invert(np.asarray(ijk_to_ras, dtype=np.float64)), dtype=torch.float64, device=dev)
+        return m, torch.as_tensor(bound, dtype=torch.float32, device=dev)
+
+    f_grid, f_bound = ras_to_grid(fixed_ijk_to_ras, tuple(fixed.shape))
+    m_grid, m_bound = ras_to_grid(moving_ijk_to_ras, tuple(moving.shape))
+    basis = torch.as_tensor(np.stack([frame.ex, frame.ey], axis=1), dtype=torch.float64, device=dev)  # (3, 2)
+    centres = torch.as_tensor(np.stack([frame.slice_centre(int(s)) for s in idx]) if n_sl else np.zeros((0, 3)),
+                              dtype=torch.float64, device=dev)
+
+    def to_grid(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Normalised grid coordinates in a volume (``m``: its RAS -> grid map) of the in-plane points
+        ``q`` ``(S, P, 2)`` (mm from each slice's centre): ``m (c_s + E q)``."""
+        lin = (m[:3, :3] @ basis).float()  # (3, 2)
+        off = (centres @ m[:3, :3].T + m[:3, 3]).float()  # (S, 3)
+        return q @ lin.T + off[:, None, :]
+
+    def sample(volume: torch.Tensor, grid: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = grid_sample_points(volume[None, None], grid.reshape(1, -1, 3))[0, 0].reshape(grid.shape[:2])
+        inside = (grid.detach().abs() <= bound).all(dim=-1)
+        return values, inside
+
+    # the network grid's in-plane points (row r, column c at ((c - (W-1)/2) s, (r - (H-1)/2) s))
+    xs = (torch.arange(w, dtype=torch.float32) - (w - 1) / 2.0) * spacing_mm
+    ys = (torch.arange(h, dtype=torch.float32) - (h - 1) / 2.0) * spacing_mm
+    plane = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)  # (H*W, 2), x first
+    threshold = foreground_threshold(fixed_f)
+    chosen, counts = [], []
+    with torch.no_grad():  # every slice's grid at once: (S, H*W) values
+        values, inside = sample(fixed_f, to_grid(f_grid, plane.to(dev)[None].expand(n_sl, -1, -1)), f_bound)
+        signal = ((values > threshold) & inside).cpu()
+    # each slice's points from its own seed (its slice index; a CPU generator, so the same on every
+    # device): a slice's result does not depend on which other slices are refined with it
+    gens = [torch.Generator().manual_seed(int(s)) for s in idx]
+    for r in range(n_sl):
+        keep = torch.nonzero(signal[r]).flatten()
+        if keep.numel() > max_points:
+            keep = keep[torch.randperm(keep.numel(), generator=gens[r])[: int(max_points)].sort().values]
+        chosen.append(keep)
+        counts.append(int(keep.numel()))
+    n_pts = max(counts, default=0)
+    active = np.array([c >= MIN_SLICE_POINTS for c in counts], dtype=bool)
+    before = np.full(n_sl, np.nan)
+    after = np.full(n_sl, np.nan)
+    if n_pts == 0 or not active.any():
+        return SliceRefineResult(p0.copy(), metric, before, after, np.zeros(n_sl, dtype=bool), 0, time.perf_counter() - t_start)
+    q = torch.zeros((n_sl, n_pts, 2), dtype=torch.float32)
+    valid = torch.zeros((n_sl, n_pts), dtype=torch.bool)
+    for r, keep in enumerate(chosen):
+        jitter = (torch.rand((keep.numel(), 2), generator=gens[r]) - 0.5) * spacing_mm
+        q[r, : keep.numel()] = plane[keep] + jitter
+        valid[r, : keep.numel()] = bool(active[r])
+    q, valid = q.to(dev), valid.to(dev)
+    with torch.no_grad():
+        fixed_values, f_inside = sample(fixed_f, to_grid(f_grid, q), f_bound)
+    valid &= f_inside
+
+    if metric == "mi":
+        f_lo, f_hi = intensity_range(fixed_f)
+        m_lo, m_hi = intensity_range(moving_f)
+        fixed_bin = fixed_bins((fixed_values - f_lo) / ((f_hi - f_lo) or 1.0), bins)
+        m_span = (m_hi - m_lo) or 1.0
+
+        def similarity(moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            return mattes_mutual_information(fixed_bin, (moving_values - m_lo) / m_span, weights, bins)
+    else:
+
+        def similarity(moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            return ncc(fixed_values, moving_values, weights)
+
+    def evaluate(p: torch.Tensor) -> torch.Tensor:
+        """Each slice's similarity ``(S,)`` at parameters ``p`` ``(S, 3)`` (degrees, mm)."""
+        theta = torch.deg2rad(p[:, 0]).float()
+        c, s = torch.cos(theta), torch.sin(theta)
+        rot = torch.stack([torch.stack([c, -s], dim=-1), torch.stack([s, c], dim=-1)], dim=-2)  # (S, 2, 2)
+        moved = q @ rot.transpose(1, 2) + p[:, None, 1:].float()
+        values, inside = sample(moving_f, to_grid(m_grid, moved), m_bound)
+        return similarity(values, (valid & inside).float())
+
+    p = torch.tensor(p0, dtype=torch.float64, device=dev, requires_grad=True)
+    best_p = p.detach().clone()
+    best = torch.full((n_sl,), -math.inf, dtype=torch.float64, device=dev)
+    opt = torch.optim.Rprop([p], lr=0.05, etas=(0.5, 1.2), step_sizes=(1e-4, 0.5))
+    mask = torch.as_tensor(active, device=dev)
+    done = 0
+    for it in range(int(steps) + 1):  # the last evaluation only scores the last step
+        if cancel is not None and cancel():
+            raise _cancelled()
+        opt.zero_grad(set_to_none=True)
+        sim = evaluate(p)
+        better = (sim.detach().double() > best) & mask
+        best = torch.where(better, sim.detach().double(), best)
+        best_p[better] = p.detach()[better]
+        if it == 0:
+            before = np.where(active, sim.detach().double().cpu().numpy(), np.nan)
+        if it == int(steps):
+            break
+        (-LOSS_SCALE * sim[mask].sum()).backward()
+        opt.step()
+        done += 1
+    out = best_p.cpu().numpy()
+    out[~active] = p0[~active]
+    after = np.where(active, best.cpu().numpy(), np.nan)
+    improved = active & np.any(out != p0, axis=1)
+    return SliceRefineResult(out, metric, before, after, improved, done, time.perf_counter() - t_start)

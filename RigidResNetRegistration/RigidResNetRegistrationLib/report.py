@@ -48,8 +48,12 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
             "similarity_before": round(float(result.refinement["similarity_before"]), 6),
             "similarity_after": round(float(result.refinement["similarity_after"]), 6),
             "steps": int(result.refinement["steps"]),
-            "note": "'parameters' are the network's in-plane estimate; the refinement changed all six rigid parameters "
-            "and fixed_to_moving_RAS holds its result",
+            **({"scope": "slices", "slices_refined": int(result.refinement["slices_refined"]),
+                "note": "each slice's in-plane transform was refined on its own image similarity (similarities: means "
+                "over the refined slices); slices.csv and 'parameters' hold the refined estimates"}
+               if result.refinement.get("scope") == "slices" else
+               {"note": "'parameters' are the network's in-plane estimate; the refinement changed all six rigid "
+                "parameters and fixed_to_moving_RAS holds its result"}),
         },
         "quality": {"likely_failed": result.likely_failed, "warnings": list(result.warnings)},
         "fixed_to_moving_RAS": {

@@ -3,8 +3,9 @@
 One implementation, used for the unsupervised training losses, the quality figures reported
 by the engine (before/after) and the benchmarks. :func:`ncc` and :func:`mutual_information` are
 batched over the first axis, differentiable, and accept an optional mask of the pixels to use.
-:func:`mattes_mutual_information` is the single-pair form the 6-DOF refinement optimises, with
-the fixed image's bins computed once (:func:`fixed_bins`) and an analytic gradient.
+:func:`mattes_mutual_information` is the form the refinements optimise (one pair, or a batch of
+slice pairs with one histogram each), with the fixed image's bins computed once (:func:`fixed_bins`)
+and an analytic gradient.
 """
 
 from __future__ import annotations
@@ -68,31 +69,37 @@ class _MattesMI(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, moving: torch.Tensor, fixed_bin: torch.Tensor, weights: torch.Tensor, bins: int) -> torch.Tensor:
+        # (B, N): B independent pairs, each with its own histogram at offset b * bins**2
         idx, w, dw = parzen_window(moving, bins)
-        joint_idx = (fixed_bin[:, None] * bins + idx).reshape(-1)
-        h = moving.new_zeros(bins * bins).index_add_(0, joint_idx, (w * weights[:, None]).reshape(-1))
-        total = h.sum().clamp_min(1e-12)
-        p = (h / total).reshape(bins, bins)
-        ratio = p / (p.sum(dim=1, keepdim=True) * p.sum(dim=0, keepdim=True)).clamp_min(1e-12)
+        pair = torch.arange(moving.shape[0], device=moving.device)[:, None, None] * (bins * bins)
+        joint_idx = (pair + fixed_bin[..., None] * bins + idx).reshape(-1)
+        h = moving.new_zeros(moving.shape[0] * bins * bins).index_add_(0, joint_idx, (w * weights[..., None]).reshape(-1))
+        h = h.reshape(-1, bins, bins)
+        total = h.sum(dim=(1, 2)).clamp_min(1e-12)
+        p = h / total[:, None, None]
+        ratio = p / (p.sum(dim=2, keepdim=True) * p.sum(dim=1, keepdim=True)).clamp_min(1e-12)
         log_ratio = torch.log(ratio.clamp_min(1e-12))
         ctx.save_for_backward(joint_idx, dw, weights, log_ratio.reshape(-1), total)
-        return (p * log_ratio).sum()
+        return (p * log_ratio).sum(dim=(1, 2))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         joint_idx, dw, weights, log_ratio, total = ctx.saved_tensors
-        g = (dw * log_ratio[joint_idx].reshape(dw.shape)).sum(dim=1) * weights / total
-        return grad_out * g, None, None, None
+        g = (dw * log_ratio[joint_idx].reshape(dw.shape)).sum(dim=-1) * weights / total[:, None]
+        return grad_out[:, None] * g, None, None, None
 
 
 def mattes_mutual_information(fixed_bin: torch.Tensor, moving: torch.Tensor, weights: torch.Tensor, bins: int) -> torch.Tensor:
-    """Mutual information (nats) of one image pair in the form of Mattes et al. (2003) and ITK's
+    """Mutual information (nats) of an image pair in the form of Mattes et al. (2003) and ITK's
     ``MattesMutualInformation``: each fixed intensity falls in one bin (``fixed_bin``, from
     :func:`fixed_bins`, computed once), each moving intensity (``(N,)``, ``[0, 1]``, clamped) is
     spread over 4 bins by the cubic B-spline window; ``weights`` ``(N,)`` weigh the points (0 leaves
     one out). A scalar, differentiable in ``moving`` by an analytic gradient (4 terms per point
     instead of the 16 of the batched :func:`mutual_information`, which also smooths the fixed side).
+    ``(B, N)`` inputs give ``B`` independent pairs (one histogram each) and a ``(B,)`` result.
     """
+    if moving.dim() == 1:
+        return _MattesMI.apply(moving[None], fixed_bin[None], weights[None].to(moving.dtype), int(bins))[0]
     return _MattesMI.apply(moving, fixed_bin, weights.to(moving.dtype), int(bins))
 
 

@@ -117,8 +117,8 @@ def markdown_timing(workers: list[dict[str, Any]], rows: list[dict[str, Any]], d
 
 
 def _slices_mode_lines(sm: dict[str, Any]) -> list[str]:
-    """Report lines of our engine's ``slices`` mode: the defaults, then every slice in both orders
-    and one order (when measured)."""
+    """Report lines of our engine's ``slices`` mode: the defaults, then every slice in both orders,
+    one order and the defaults with the per-slice refinement (when measured)."""
     def errors(run: dict[str, Any]) -> str:
         return "".join(f" Per-slice error, {name}: {_f(a['rot_median'])} deg / {_f(a['trans_median'])} mm "
                        f"(median; p90 {_f(a['rot_p90'])} / {_f(a['trans_p90'])}), {100 * a['success']:.0f}% of "
@@ -139,6 +139,10 @@ def _slices_mode_lines(sm: dict[str, Any]) -> list[str]:
         one = sm["one_order"]
         lines.append(f"- The same in one order (`--no-symmetric`): {one['seconds']:.2f} s for {one['used_slices']} used slices = "
                      f"{one['ms_per_slice_pair']:.1f} ms per slice pair." + errors(one))
+    if sm.get("refined"):
+        ref = sm["refined"]
+        lines.append(f"- The defaults with each slice refined on its image similarity (`--refine-slices`): {ref['seconds']:.2f} s "
+                     f"for {ref['used_slices']} used slices = {ref['ms_per_slice_pair']:.1f} ms per slice pair." + errors(ref))
     if any(name.startswith("motion between slices") for name in sm.get("accuracy", {})):
         lines.append("  (Motion between slices: the unmoved moving contrast of the first case of each pairing re-made slice by "
                      f"slice with that case's motion, two steps of up to {INTERSLICE_STEP_DEG:g} deg / {INTERSLICE_STEP_MM:g} mm "

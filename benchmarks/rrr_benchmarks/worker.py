@@ -130,7 +130,8 @@ def run_3d(method: str, settings: Settings, cases: list[dict[str, Any]], result:
 def _time_slices_mode(register, cases: list[dict[str, Any]], result: dict[str, Any], runs: int = 3) -> None:
     """Our engine in ``slices`` mode (per-slice transforms only, no registered volume) with the
     engine's defaults (both orders on every ``symmetric_stride``-th slice), with every slice in
-    both orders (``--symmetric-stride 1``) and in one order (``--no-symmetric``): on the first
+    both orders (``--symmetric-stride 1``), in one order (``--no-symmetric``) and with each slice
+    refined on its image similarity (``--refine-slices``): on the first
     case, the median of ``runs`` warm runs' seconds / used slices = amortised time per slice
     pair, and each used slice's error against the case's truth; on the first case of each
     pairing, the per-slice errors on a scan with motion *between* slices made from that case's
@@ -143,7 +144,7 @@ def _time_slices_mode(register, cases: list[dict[str, Any]], result: dict[str, A
     summary: dict[str, Any] = {}
     base = replace(register.options, mode="slices", compute_registered=False, compute_difference=False)
     variants = {"default": base, "every_slice": replace(base, symmetric=True, symmetric_stride=1),
-                "one_order": replace(base, symmetric=False)}
+                "one_order": replace(base, symmetric=False), "refined": replace(base, refine_slices=True)}
     for key, options in variants.items():
         run = _slices_mode_run(register.model, cases[0], options, runs)
         for case in firsts.values():
@@ -163,6 +164,8 @@ def _time_slices_mode(register, cases: list[dict[str, Any]], result: dict[str, A
 def _variant_label(options) -> str:
     """How a ``slices``-mode run predicts its slice pairs: one order, or both orders on every
     ``symmetric_stride``-th slice."""
+    if options.refine_slices:
+        return "defaults + per-slice refinement"
     if not options.symmetric:
         return "one order"
     return "symmetric" if options.symmetric_stride == 1 else f"symmetric every {options.symmetric_stride} slices"
@@ -191,7 +194,7 @@ def _slices_mode_run(model, case: dict[str, Any], options, runs: int) -> dict[st
         f"used slices = {1000 * seconds / max(used, 1):.1f} ms per slice pair")
     return {"case": case["id"], "seconds": seconds, "runs_s": times, "used_slices": used,
             "ms_per_slice_pair": 1000.0 * seconds / max(used, 1), "iterations": options.iterations,
-            "symmetric": options.symmetric, "symmetric_stride": options.symmetric_stride,
+            "symmetric": options.symmetric, "symmetric_stride": options.symmetric_stride, "refine_slices": options.refine_slices,
             "engine_timings_s": {k: float(v) for k, v in getattr(out, "timings", {}).items()},
             "accuracy": {"one motion": slice_errors(out, np.tile(motion, (len(out.used), 1)))}}
 

@@ -585,10 +585,12 @@ def register_volumes(
         except ValueError as exc:
             raise InputError(str(exc)) from None
         current = sliced.params
-        refinement = {"metric": metric, "scope": "slices",
-                      "similarity_before": float(np.nanmean(sliced.similarity_before)) if sliced.improved.any() else float("nan"),
-                      "similarity_after": float(np.nanmean(sliced.similarity_after)) if sliced.improved.any() else float("nan"),
-                      "steps": sliced.steps, "slices_refined": int(sliced.improved.sum()), "seconds": sliced.seconds}
+        scored = np.isfinite(sliced.similarity_before)  # the slices with enough signal to refine
+        if scored.any():
+            refinement = {"metric": metric, "scope": "slices",
+                          "similarity_before": float(sliced.similarity_before[scored].mean()),
+                          "similarity_after": float(sliced.similarity_after[scored].mean()),
+                          "steps": sliced.steps, "slices_refined": int(sliced.improved.sum()), "seconds": sliced.seconds}
         timings["refine"] = time.perf_counter() - t_r
 
     # ---- combine

@@ -183,3 +183,9 @@ def test_symmetric_estimate_cancels_an_error_made_in_both_orders():
     same = geo.symmetric_params_2d(bias, bias)
     assert same[0] == 0.0
     assert np.isclose(np.hypot(*same[1:]), np.hypot(*bias[1:]) * np.sin(np.deg2rad(bias[0]) / 2), rtol=1e-9)
+
+
+def test_network_grid_plane_is_centred_columns_along_x_rows_along_y():
+    xy = geo.network_grid_plane((2, 3), 2.0)
+    assert xy.shape == (2, 3, 2)
+    assert np.allclose(xy[..., 0], [[-2, 0, 2], [-2, 0, 2]]) and np.allclose(xy[..., 1], [[-1, -1, -1], [1, 1, 1]])

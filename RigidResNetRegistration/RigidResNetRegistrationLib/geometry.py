@@ -388,19 +388,27 @@ def ras_to_params(matrix_ras: np.ndarray, frame: SliceFrame, kind: TransformKind
     return matrix_to_params_2d(m2, kind)
 
 
+def network_grid_plane(size: tuple[int, int], spacing_mm: float) -> np.ndarray:
+    """In-plane slice-frame coordinates ``(x, y)`` in mm of the network grid's pixels, ``(H, W, 2)``:
+    pixel ``[r, c]`` is at ``((c - (W-1)/2) s, (r - (H-1)/2) s)`` from the slice centre (columns
+    along ``ex``, rows along ``ey``)."""
+    h, w = size
+    xs = (np.arange(w) - (w - 1) / 2.0) * spacing_mm
+    ys = (np.arange(h) - (h - 1) / 2.0) * spacing_mm
+    return np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1)
+
+
 def network_grid_points(
     frame: SliceFrame, size: tuple[int, int], spacing_mm: float, slices: np.ndarray | None = None
 ) -> np.ndarray:
     """RAS points of the network input grid for the given slices, shape ``(S, H, W, 3)``.
 
     Pixel ``[r, c]`` of slice ``s`` is at ``centre_s + (c - (W-1)/2) s ex + (r - (H-1)/2) s ey``:
-    image columns run along ``ex``, rows along ``ey``.
+    image columns run along ``ex``, rows along ``ey`` (:func:`network_grid_plane`).
     """
-    h, w = size
     idx = np.arange(len(frame.offsets)) if slices is None else np.asarray(slices)
-    xs = (np.arange(w) - (w - 1) / 2.0) * spacing_mm
-    ys = (np.arange(h) - (h - 1) / 2.0) * spacing_mm
-    plane = ys[:, None, None] * frame.ey + xs[None, :, None] * frame.ex  # (H, W, 3)
+    xy = network_grid_plane(size, spacing_mm)
+    plane = xy[..., :1] * frame.ex + xy[..., 1:] * frame.ey  # (H, W, 3)
     centres = frame.centre + frame.offsets[idx][:, None] * frame.n  # (S, 3)
     return centres[:, None, None, :] + plane[None]
 

@@ -516,7 +516,7 @@ def refine_slices(
     if int(steps) < 0 or int(max_points) < MIN_SLICE_POINTS or int(bins) < 4:
         raise ValueError(f"steps must be >= 0, max_points >= {MIN_SLICE_POINTS} and bins >= 4, not {steps}, {max_points}, {bins}")
     dev = fixed.device
-    n_sl, (h, w) = len(idx), size
+    n_sl = len(idx)
     fixed_f, moving_f = fixed.float(), moving.float()
 
     def ras_to_grid(ijk_to_ras: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -542,10 +542,7 @@ def refine_slices(
         inside = (grid.detach().abs() <= bound).all(dim=-1)
         return values, inside
 
-    # the network grid's in-plane points (row r, column c at ((c - (W-1)/2) s, (r - (H-1)/2) s))
-    xs = (torch.arange(w, dtype=torch.float32) - (w - 1) / 2.0) * spacing_mm
-    ys = (torch.arange(h, dtype=torch.float32) - (h - 1) / 2.0) * spacing_mm
-    plane = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)  # (H*W, 2), x first
+    plane = torch.as_tensor(geo.network_grid_plane(size, spacing_mm), dtype=torch.float32).reshape(-1, 2)  # (H*W, 2)
     threshold = foreground_threshold(fixed_f)
     chosen, counts = [], []
     with torch.no_grad():  # every slice's grid at once: (S, H*W) values

@@ -133,6 +133,7 @@ def _write(path: Path, data: np.ndarray, affine=None) -> Path:
     ("cuda", "CUDA was requested"),
     ("no_output", "output folder"),
     ("bad_stride", "symmetric stride must be"),
+    ("refine_slices_in_volume_mode", "--refine-slices refines each slice of --mode slices"),
 ])
 def test_bad_input_gives_one_error_line(tmp_path, pair, case, expect, monkeypatch):
     fixed, moving = str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz")
@@ -168,6 +169,8 @@ def test_bad_input_gives_one_error_line(tmp_path, pair, case, expect, monkeypatc
             pytest.skip("CUDA is available here")
     elif case == "bad_stride":
         extra = ["--mode", "slices", "--symmetric-stride", "0"]
+    elif case == "refine_slices_in_volume_mode":
+        extra = ["--refine-slices"]
     elif case == "no_output":
         (tmp_path / "file").write_text("")
         extra = ["-o", str(tmp_path / "file" / "sub")]

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     from .engine import RegistrationOptions, register_volumes
     from .io import read_volume, staged_outputs, write_csv, write_image_2d, write_json, write_tfm, write_volume
     from .model import DEFAULT_CARD, load_model, read_model_card, resolve_device
-    from .preprocess import check_before_registration
+    from .preprocess import InputError, check_before_registration
     from .report import overview_figure, result_report
 
     t0 = time.perf_counter()
@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> dict:
                                   symmetric_stride=args.symmetric_stride, refine=args.refine,
                                   refine_slices=args.refine_slices, metric=args.metric)
     options.validate()
+    if args.refine_slices and args.mode != "slices":  # the panel and the Logic ignore it in volume mode
+        raise InputError("--refine-slices refines each slice of --mode slices; volume mode is refined by default (--no-refine turns that off)")
     resolve_device(args.device)  # CUDA asked for but absent: say so before reading anything
     truth = None
     if args.demo:

@@ -186,3 +186,14 @@ def test_refine_slices_leaves_volume_mode_alone_and_must_be_a_bool(scene, bundle
     assert out.refinement is None and out.mode == "volume"
     with pytest.raises(InputError, match="refine_slices must be True or False"):
         RegistrationOptions(refine_slices="yes").validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(scene, start):
+    fixed, moving, _, frame = scene
+    idx, params = start
+    args = (frame, idx, params, *GRID)
+    cpu = refine_slices(as_float_tensor(fixed), fixed.ijk_to_ras, as_float_tensor(moving), moving.ijk_to_ras, *args)
+    gpu = refine_slices(as_float_tensor(fixed, "cuda"), fixed.ijk_to_ras, as_float_tensor(moving, "cuda"), moving.ijk_to_ras, *args)
+    rot, trans = geo.params_error_2d(gpu.params, cpu.params)
+    assert rot.max() < 0.01 and trans.max() < 0.01

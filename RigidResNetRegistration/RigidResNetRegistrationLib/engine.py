@@ -15,7 +15,8 @@ Steps (one implementation shared by the Slicer Logic, the command line and the b
    ``SLICE_PASS_TOLERANCE`` and shrinking;
 4. ``volume`` mode: combine the per-slice estimates robustly (median/MAD outlier rejection, mean
    of the inliers) into one transform, then (``refine``) polish all six rigid parameters on
-   image similarity; ``slices`` mode: keep one transform per slice;
+   image similarity; ``slices`` mode: keep one transform per slice (``refine_slices``: each
+   polished on its own slice's similarity first, :func:`refine.refine_slices`);
 5. resample the moving volume onto the fixed grid, compute |fixed - registered| and the
    similarity of each slice before and after.
 

@@ -1,4 +1,6 @@
-"""Optional refinement: 6-DOF rigid optimisation on image similarity, started from an estimate.
+"""Optional refinement: 6-DOF rigid optimisation on image similarity, started from an estimate
+(:func:`refine_rigid`, ``volume`` mode), and the per-slice in-plane variant of ``slices`` mode
+(:func:`refine_slices`, described in its docstring; the rest of this text is about the former).
 
 The network's estimate (or any initial transform) is polished by maximising NCC (same contrast)
 or Mattes mutual information (cross contrast) over the six rigid parameters with L-BFGS, coarse

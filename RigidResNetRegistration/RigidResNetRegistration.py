@@ -488,7 +488,7 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
             the network work); False: one order only.
         :param symmetricStride: ``slices`` mode with ``symmetric``: predict every n-th slice in both
             orders and the others in one order, corrected by the order-independent error
-            interpolated between them (default 3; 1: every slice in both orders, 25-35% more time).
+            interpolated between them (default 3; 1: every slice in both orders, 13-35% more time).
         :param refineSlices: ``slices`` mode: also refine each slice's in-plane transform on its own
             image similarity (NCC or MI, as ``refine``; off by default: about 5-10 ms more per slice).
         :param transformNode: linear transform node to write into; None creates one.

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric-stride", type=int, default=3, metavar="N",
                    help="slices mode: predict every N-th slice (and the last) in both orders and the others in one "
                    "order, corrected by the order-independent error interpolated between them (default 3; "
-                   "1: every slice in both orders, the most accurate, with 25-35%% more time)")
+                   "1: every slice in both orders, the most accurate, with 13-35%% more time)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--demo", action="store_true",

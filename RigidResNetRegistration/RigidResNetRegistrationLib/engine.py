@@ -102,7 +102,7 @@ class RegistrationOptions:
     error interpolated between them subtracted (:func:`geometry.symmetric_params_2d_interpolated`;
     1 + 1/n network inputs per slice instead of 2; 1 = every slice in both orders). With 3 (the
     default), on a held-out scan per-slice errors went from 0.021 to 0.041 deg (same contrast, one
-    motion) and 0.28 to 0.30 mm (across contrasts, motion between slices) for 20-26% less time;
+    motion) and 0.28 to 0.30 mm (across contrasts, motion between slices) for 11-26% less time;
     ``volume`` mode (slices spread over the brain) always predicts both orders;
     ``refine``: ``volume`` mode only, polish the network's transform by optimising all six rigid
     parameters (3 rotations, 3 translations) on image similarity (:mod:`refine`): the result is a

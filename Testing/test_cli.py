@@ -91,6 +91,7 @@ def test_refine_slices_moves_each_slice_towards_its_truth_and_says_so(tmp_path, 
     assert ref["scope"] == "slices" and ref["metric"] == "ncc" and ref["slices_refined"] > 0
     assert ref["similarity_after"] > ref["similarity_before"]
     assert "slices' in-plane transforms (NCC)" in r.stdout
+    assert ref["slices_moved_over_1"] > 0 and "moved more than 1 deg / 1 mm from the network's estimate" in r.stdout
     used = [row for row in csv.DictReader(open(out / "slices.csv")) if row["used"] == "True"]
     est = np.array([[float(row[k]) for k in ("theta_deg", "tx_mm", "ty_mm")] for row in used])
     truth = np.broadcast_to([3.0, 2.0, -1.0], est.shape)  # write_phantom_pair's motion

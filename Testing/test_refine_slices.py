@@ -176,6 +176,7 @@ def test_slices_mode_with_refine_slices_is_closer_per_slice(scene, bundled):
     assert np.percentile(rot1, 90) < 0.05 and np.percentile(trans1, 90) < 0.05
     assert refined.refinement["scope"] == "slices" and refined.refinement["metric"] == "ncc"
     assert refined.refinement["slices_refined"] > 0.9 * used.sum() and "refine" in refined.timings
+    assert refined.refinement["slices_moved_over_1"] == 0  # the network was already close on every slice
     assert plain.refinement is None  # off by default
 
 
@@ -216,3 +217,29 @@ def test_a_moving_volume_on_another_grid_gives_the_same_answer(scene, start):
     res = refine_slices(as_float_tensor(fixed), fixed.ijk_to_ras, regridded, other, frame, idx, params, *GRID)
     rot, trans = geo.params_error_2d(res.params, np.broadcast_to(MOTION, params.shape))
     assert rot.max() < 0.1 and trans.max() < 0.1, (rot, trans)
+
+
+def test_slices_the_similarity_moves_far_from_the_network_are_counted(scene):
+    """A network that answers 2 deg / 2 mm off on every slice: the refinement brings the slices to
+    the motion and reports how many it moved more than 1 deg / 1 mm from the network's estimate."""
+    from conftest import ConstantPredictor
+
+    from RigidResNetRegistrationLib.model import ModelCard
+
+    fixed, moving, _, _ = scene
+    card = ModelCard.from_dict({"name": "oracle", "transform": "rigid", "input": {"size": [128, 128], "spacing_mm": 1.5}})
+    off = geo.compose_params_2d(np.array([2.0, 2.0, -2.0]), MOTION)  # MOTION, then 2 deg / 2.8 mm more
+    opts = dict(device="cpu", iterations=1, refine=False, compute_registered=False, compute_difference=False)
+    first = register_volumes(fixed, moving, ConstantPredictor(card, off), RegistrationOptions(**opts))
+    n_common, n_used = int(first.used.sum()), int(first.informative.sum())
+    # slices mode: the common motion answered `off`, then every slice's own pass answered "no more motion"
+    answers = np.vstack([np.tile(off, (n_common, 1)), np.zeros((n_used, 3))])
+    opts["mode"] = "slices"
+    plain = register_volumes(fixed, moving, ConstantPredictor(card, answers), RegistrationOptions(**opts))
+    refined = register_volumes(fixed, moving, ConstantPredictor(card, answers), RegistrationOptions(**opts, refine_slices=True))
+    used = refined.used
+    rot0, _ = geo.params_error_2d(plain.slice_params[used], np.broadcast_to(MOTION, (int(used.sum()), 3)))
+    rot, trans = geo.params_error_2d(refined.slice_params[used], np.broadcast_to(MOTION, (int(used.sum()), 3)))
+    assert np.median(rot0) > 1.0 and np.median(rot) < 0.1 and np.median(trans) < 0.1
+    far = refined.refinement["slices_moved_over_1"]
+    assert 0.9 * used.sum() <= far <= used.sum()

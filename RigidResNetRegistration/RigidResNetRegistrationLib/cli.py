@@ -211,8 +211,10 @@ def summary(report: dict, out: Path) -> str:
     if report.get("refinement"):
         r = report["refinement"]
         if r.get("scope") == "slices":
+            far = r.get("slices_moved_over_1", 0)
             lines.append(f"refined {r['slices_refined']} slices' in-plane transforms ({r['metric'].upper()}): mean "
-                         f"{r['similarity_before']:.4f} -> {r['similarity_after']:.4f} in {r['steps']} steps")
+                         f"{r['similarity_before']:.4f} -> {r['similarity_after']:.4f} in {r['steps']} steps"
+                         + (f"; {far} moved more than 1 deg / 1 mm from the network's estimate" if far else ""))
         else:
             lines.append(f"refined (6 rigid parameters, {r['metric'].upper()}): {r['similarity_before']:.4f} -> "
                          f"{r['similarity_after']:.4f} in {r['steps']} steps")

@@ -585,13 +585,18 @@ def register_volumes(
                                    metric=metric, cancel=cancel)
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        # how far the image similarity took each slice from the network's estimate: more than 1 deg /
+        # 1 mm means the two disagree on that slice (a network miss, or a similarity optimum elsewhere)
+        moved_rot, moved_mm = geo.params_error_2d(sliced.params, current)
         current = sliced.params
         scored = np.isfinite(sliced.similarity_before)  # the slices with enough signal to refine
         if scored.any():
             refinement = {"metric": metric, "scope": "slices",
                           "similarity_before": float(sliced.similarity_before[scored].mean()),
                           "similarity_after": float(sliced.similarity_after[scored].mean()),
-                          "steps": sliced.steps, "slices_refined": int(sliced.improved.sum()), "seconds": sliced.seconds}
+                          "steps": sliced.steps, "slices_refined": int(sliced.improved.sum()),
+                          "slices_moved_over_1": int(np.sum((moved_rot > 1.0) | (moved_mm > 1.0))),
+                          "seconds": sliced.seconds}
         timings["refine"] = time.perf_counter() - t_r
 
     # ---- combine

@@ -49,8 +49,10 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
             "similarity_after": round(float(result.refinement["similarity_after"]), 6),
             "steps": int(result.refinement["steps"]),
             **({"scope": "slices", "slices_refined": int(result.refinement["slices_refined"]),
+                "slices_moved_over_1": int(result.refinement["slices_moved_over_1"]),
                 "note": "each slice's in-plane transform was refined on its own image similarity (similarities: means "
-                "over the refined slices); slices.csv and 'parameters' hold the refined estimates"}
+                "over the refined slices; slices_moved_over_1: slices it moved more than 1 deg / 1 mm from the network's "
+                "estimate, where the two disagree); slices.csv and 'parameters' hold the refined estimates"}
                if result.refinement.get("scope") == "slices" else
                {"note": "'parameters' are the network's in-plane estimate; the refinement changed all six rigid "
                 "parameters and fixed_to_moving_RAS holds its result"}),

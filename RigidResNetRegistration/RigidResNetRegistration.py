@@ -260,6 +260,9 @@ class RigidResNetRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
             self.ui.registeredVolumeSelector.enabled = p.createRegisteredVolume
             self.ui.differenceVolumeSelector.enabled = p.createDifferenceVolume
             self.ui.sliceTableSelector.enabled = p.createSliceTable
+            # each refinement belongs to one mode: the 6-DOF one to volume mode, the per-slice one to slices mode
+            self.ui.refineCheckBox.enabled = p.mode == "volume"
+            self.ui.refineSlicesCheckBox.enabled = p.mode == "slices"
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         """Register is enabled only when the inputs are valid (and is Cancel while running)."""

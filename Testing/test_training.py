@@ -411,3 +411,25 @@ def test_evaluation_predicts_at_the_engines_precision(tiny_data, monkeypatch):
     ev.evaluate_batch(model, batch, 1, precision="fp32", symmetric=False)
     # symmetric (both orders) by default, as the engine
     assert seen == [(resolve_precision("auto", torch.device("cpu")), True)] * 2 + [("fp32", False)]
+
+
+def test_pair_refinement_brings_estimates_back_to_the_truth(tiny_data):
+    """``evaluate --refine-slices``: each pair's estimate refined on its own volumes comes back to the
+    pair's truth (the composition with the pair's motion is the right way round), and an estimate
+    at the truth stays there."""
+    import rrr_training.evaluate as ev
+
+    from RigidResNetRegistrationLib import geometry as geo
+
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    batch = sample_pairs(subj, np.random.default_rng(1), 12, (32, 32), 2.5, max_rotation_deg=8.0, max_translation_mm=8.0,
+                         fixed_contrast="t1", moving_contrasts=["t1"])
+    truth = batch.truth.double().numpy()
+    start = truth + np.random.default_rng(2).uniform(-1.5, 1.5, truth.shape)
+    refined = ev.refine_pair_estimates(batch, start, "t1", (32, 32), 2.5, "ncc")
+    rot0, trans0 = geo.params_error_2d(start, truth)
+    rot, trans = geo.params_error_2d(refined, truth)
+    assert np.median(trans) < 0.2 * np.median(trans0) and np.median(rot) < 0.3 * np.median(rot0), (rot, trans)
+    stay = ev.refine_pair_estimates(batch, truth, "t1", (32, 32), 2.5, "ncc")
+    rot, trans = geo.params_error_2d(stay, truth)
+    assert rot.max() < 0.05 and trans.max() < 0.05

@@ -564,6 +564,8 @@ class RigidResNetRegistrationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_RegisterSampleWithKnownMotion()
         self.setUp()
+        self.test_SlicesModeWithRefinement()
+        self.setUp()
         self.test_BadInputsAndCancel()
 
     def _requireTorch(self, logic) -> None:
@@ -647,6 +649,30 @@ class RigidResNetRegistrationTest(ScriptedLoadableModuleTest):
         f = slicer.util.arrayFromVolume(fixedNode).astype(np.float64)
         m = slicer.util.arrayFromVolume(movingNode).astype(np.float64)
         return float(np.mean(np.abs(scaled(f) - scaled(m))))
+
+    def test_SlicesModeWithRefinement(self):
+        import numpy as np
+
+        self.delayDisplay("Slices mode with the per-slice refinement")
+        logic = RigidResNetRegistrationLogic()
+        self._requireTorch(logic)
+        from RigidResNetRegistrationLib import geometry
+
+        fixedNode, movingNode, truth = self._sampleWithKnownMotion()
+        out = logic.register(fixedNode, movingNode, device="auto", mode="slices", refineSlices=True,
+                             registeredVolume=False, differenceVolume=False, applyTransform=False)
+        logging.info(f"self-test (slices): {out.summary()}")
+        table = out.table_node.GetTable()
+        self.assertEqual(table.GetNumberOfRows(), len(out.result.used))
+        self.assertEqual(out.result.refinement["scope"], "slices")
+        used = out.result.used
+        motion = geometry.ras_to_params(truth, out.result.frame)  # the same in-plane motion on every slice
+        rot, trans = geometry.params_error_2d(out.result.slice_params[used], np.tile(motion, (int(used.sum()), 1)))
+        self.delayDisplay(f"per-slice error, median {np.median(rot):.3f} deg / {np.median(trans):.3f} mm")
+        if out.model_trained:
+            self.assertLess(float(np.median(rot)), 0.1)
+            self.assertLess(float(np.median(trans)), 0.1)
+        self.delayDisplay("Test passed")
 
     def test_BadInputsAndCancel(self):
         self.delayDisplay("Bad inputs and cancel")

@@ -416,6 +416,32 @@ def test_refine_slices_reaches_the_engine(module):
     assert not np.allclose(refined.result.slice_params, plain.result.slice_params)
 
 
+def test_the_self_tests_slices_mode_check_holds_with_the_bundled_model(module):
+    """What ``RigidResNetRegistrationTest.test_SlicesModeWithRefinement`` asserts inside Slicer,
+    run here on real MRML nodes: the embedded sample moved by the demo motion, slices mode with the
+    per-slice refinement, every slice within 0.1 deg / 0.1 mm (median) of the motion."""
+    from RigidResNetRegistrationLib import sample
+    from RigidResNetRegistrationLib.model import load_model
+
+    model = load_model(None, "cpu")
+    if not model.card.trained:
+        pytest.skip("the bundled model is an untrained placeholder")
+    scene = slicer.vtkMRMLScene()
+    fixed = sample.load_sample()
+    moving, truth = sample.apply_known_motion(fixed)
+    fixed_node = slicer_nodes.add_volume_node(scene, fixed.array, fixed.ijk_to_ras, "MNI152_T1")
+    moving_node = slicer_nodes.add_volume_node(scene, moving.array, moving.ijk_to_ras, "moved")
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, device="cpu", mode="slices", refineSlices=True,
+                                                         registeredVolume=False, differenceVolume=False, applyTransform=False,
+                                                         predictor=model)
+    assert out.table_node.GetTable().GetNumberOfRows() == len(out.result.used)
+    assert out.result.refinement["scope"] == "slices"
+    used = out.result.used
+    motion = geo.ras_to_params(truth, out.result.frame)
+    rot, trans = geo.params_error_2d(out.result.slice_params[used], np.tile(motion, (int(used.sum()), 1)))
+    assert np.median(rot) < 0.1 and np.median(trans) < 0.1
+
+
 def test_cancel_leaves_no_nodes_and_inputs_untouched(module):
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, _ = case(scene)

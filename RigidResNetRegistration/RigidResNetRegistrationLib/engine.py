@@ -575,11 +575,10 @@ def register_volumes(
         report(0.8, "refining every slice on image similarity")
         t_r = time.perf_counter()
         metric = opts.metric
-        if metric == "auto":  # on the common-motion stage's slices, as the network left them
-            sample_rows = np.searchsorted(idx, select_slices(survey, opts.max_slices or 8))
-            net = np.stack([geo.params_to_ras(p, frame, kind, int(s)) for p, s in zip(current[sample_rows], idx[sample_rows])])
-            metric = choose_metric(fixed_rows(sample_rows),
-                                   sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx[sample_rows], net))
+        if metric == "auto":  # on the common-motion stage's slices (first_rows), as the network left them
+            net = np.stack([geo.params_to_ras(p, frame, kind, int(s)) for p, s in zip(current[first_rows], idx[first_rows])])
+            metric = choose_metric(fixed_rows(first_rows),
+                                   sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx[first_rows], net))
         try:
             sliced = refine_slices(f_t, fixed.ijk_to_ras, m_t, moving.ijk_to_ras, frame, idx, current, size, spacing,
                                    metric=metric, cancel=cancel)

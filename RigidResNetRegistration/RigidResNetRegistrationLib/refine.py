@@ -50,7 +50,7 @@ import torch
 
 from . import geometry as geo
 from .preprocess import foreground_threshold, intensity_range
-from .resample import grid_sample_points, index_to_grid, sample_at_indices
+from .resample import grid_sample_points, index_to_grid, sample_at_indices, torch_params_to_matrix_2d
 from .similarity import fixed_bins, mattes_mutual_information, ncc
 
 METRICS = ("ncc", "mi")
@@ -186,6 +186,15 @@ class _Level:
     fixed_bin: torch.Tensor | None = None  # (N,) int64 MI bin of each fixed value (metric "mi")
 
 
+def _ras_to_grid(ijk_to_ras: np.ndarray, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4x4 float64 map from RAS points to grid_sample's normalised coordinates in a volume of
+    ``shape`` with ``ijk_to_ras`` (:func:`resample.index_to_grid` after RAS -> IJK), and the ITK
+    bound of those coordinates, float32."""
+    to_grid, bound = index_to_grid(tuple(shape))
+    m = to_grid @ geo.invert(np.asarray(ijk_to_ras, dtype=np.float64))
+    return (torch.as_tensor(m, dtype=torch.float64, device=device), torch.as_tensor(bound, dtype=torch.float32, device=device))
+
+
 def _prepare_level(
     level_mm: float,
     full_resolution: bool,
@@ -223,14 +232,13 @@ def _prepare_level(
     m = torch.as_tensor(to_ras, dtype=torch.float64, device=dev)
     points = pos @ m[:3, :3].T + m[:3, 3] - torch.as_tensor(centre, dtype=torch.float64, device=dev)
     moving = moving_pyr.get(mf)
-    to_grid, bound = index_to_grid(tuple(moving.shape))
-    ras_to_grid = to_grid @ geo.invert(geo.compose(moving_ijk_to_ras, _block_matrix(mf)))
+    ras_to_grid, bound = _ras_to_grid(geo.compose(moving_ijk_to_ras, _block_matrix(mf)), tuple(moving.shape), dev)
     return _Level(
         points=points.float(),
         fixed_values=values.float().contiguous(),
         moving=moving[None, None],
-        ras_to_grid=torch.as_tensor(ras_to_grid, dtype=torch.float64, device=dev),
-        bound=torch.as_tensor(bound, dtype=torch.float32, device=dev),
+        ras_to_grid=ras_to_grid,
+        bound=bound,
     )
 
 
@@ -520,14 +528,8 @@ def refine_slices(
     dev = fixed.device
     n_sl = len(idx)
     fixed_f, moving_f = fixed.float(), moving.float()
-
-    def ras_to_grid(ijk_to_ras: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        to_grid, bound = index_to_grid(shape)
-        m = torch.as_tensor(to_grid @ geo.invert(np.asarray(ijk_to_ras, dtype=np.float64)), dtype=torch.float64, device=dev)
-        return m, torch.as_tensor(bound, dtype=torch.float32, device=dev)
-
-    f_grid, f_bound = ras_to_grid(fixed_ijk_to_ras, tuple(fixed.shape))
-    m_grid, m_bound = ras_to_grid(moving_ijk_to_ras, tuple(moving.shape))
+    f_grid, f_bound = _ras_to_grid(fixed_ijk_to_ras, tuple(fixed.shape), dev)
+    m_grid, m_bound = _ras_to_grid(moving_ijk_to_ras, tuple(moving.shape), dev)
     basis = torch.as_tensor(np.stack([frame.ex, frame.ey], axis=1), dtype=torch.float64, device=dev)  # (3, 2)
     centres = torch.as_tensor(np.stack([frame.slice_centre(int(s)) for s in idx]) if n_sl else np.zeros((0, 3)),
                               dtype=torch.float64, device=dev)
@@ -591,10 +593,8 @@ def refine_slices(
 
     def evaluate(p: torch.Tensor) -> torch.Tensor:
         """Each slice's similarity ``(S,)`` at parameters ``p`` ``(S, 3)`` (degrees, mm)."""
-        theta = torch.deg2rad(p[:, 0]).float()
-        c, s = torch.cos(theta), torch.sin(theta)
-        rot = torch.stack([torch.stack([c, -s], dim=-1), torch.stack([s, c], dim=-1)], dim=-2)  # (S, 2, 2)
-        moved = q @ rot.transpose(1, 2) + p[:, None, 1:].float()
+        a = torch_params_to_matrix_2d(p, "rigid").float()  # (S, 3, 3), geometry.params_to_matrix_2d's convention
+        moved = q @ a[:, :2, :2].transpose(1, 2) + a[:, None, :2, 2]
         values, inside = sample(moving_f, to_grid(m_grid, moved), m_bound)
         return similarity(values, (valid & inside).float())
 

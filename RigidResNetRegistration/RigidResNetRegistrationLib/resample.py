@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import SliceFrame, compose, invert, network_grid_affine
+from .geometry import SliceFrame, compose, invert, network_grid_affine, network_grid_plane
 
 
 def grid_sample_points(image: torch.Tensor, grid: torch.Tensor, min_points_per_thread: int = 4096) -> torch.Tensor:
@@ -402,10 +402,8 @@ def warp_images_2d(
     """
     b, _, h, w = images.shape
     dev, dt = images.device, images.dtype
-    xs = (torch.arange(w, device=dev, dtype=dt) - (w - 1) / 2.0) * spacing_mm
-    ys = (torch.arange(h, device=dev, dtype=dt) - (h - 1) / 2.0) * spacing_mm
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).reshape(1, -1, 3)  # (1, HW, 3)
+    xy = torch.as_tensor(network_grid_plane((h, w), spacing_mm), device=dev, dtype=dt).reshape(-1, 2)
+    pts = torch.cat([xy, torch.ones_like(xy[:, :1])], dim=1)[None]  # (1, HW, 3): x, y, 1
     moved = pts @ matrices_2d.to(dt).transpose(1, 2)  # (B, HW, 3)
     col = moved[..., 0] / spacing_mm + (w - 1) / 2.0
     row = moved[..., 1] / spacing_mm + (h - 1) / 2.0

@@ -190,8 +190,6 @@ def _main(argv: list[str] | None = None) -> int:
     for name, value, least in (("--pairs", a.pairs, 1), ("--threads", a.threads, 0), ("--volumes", a.volumes, 0)):
         if value < least:
             raise TrainError(f"{name} must be at least {least}, not {value}")
-    if a.refine_slices and read_model_card(a.weights or DEFAULT_CARD).transform != "rigid":
-        raise TrainError("--refine-slices refines rigid estimates: this model is affine")
     if any(not 1 <= it <= 10 for it in a.iterations):
         raise TrainError(f"--iterations must be from 1 to 10, not {' '.join(map(str, a.iterations))}")
     if not (a.max_rotation_deg >= 0 and a.max_translation_mm >= 0):
@@ -201,6 +199,8 @@ def _main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     card = read_model_card(a.weights or DEFAULT_CARD)  # the grid; the network is loaded once subjects are found
+    if a.refine_slices and card.transform != "rigid":
+        raise TrainError("--refine-slices refines rigid estimates: this model is affine")
     subjects = []
     for root in a.data:
         for subj in find_subjects(Path(root)):

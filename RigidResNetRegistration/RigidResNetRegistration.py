@@ -38,7 +38,7 @@ SAMPLE_PATH = os.path.join(MODULE_DIR, "Resources", "SampleData", SAMPLE_FILE_NA
 #: SHA256 of the bundled sample (Testing/test_module_static.py checks it against the file).
 SAMPLE_SHA256 = "642c992cfbff943b93ab9fd5e2a0d738c54d5efcfc59a5ba45341e9fe27b21b5"
 #: Requirements installed (after asking) when the PyTorch extension is absent.
-TORCH_REQUIREMENTS = ["torch>=2.1", "torchvision>=0.16"]
+TORCH_REQUIREMENTS = ["torch>=2.1"]  # the network is built without torchvision (RigidResNetRegistrationLib.resnet)
 
 
 #
@@ -407,11 +407,11 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def torchImportable() -> bool:
-        """torch and torchvision can be imported (checked without importing them)."""
-        return all(importlib.util.find_spec(name) is not None for name in ("torch", "torchvision"))
+        """torch can be imported (checked without importing it)."""
+        return importlib.util.find_spec("torch") is not None
 
     def ensureDependencies(self, askConfirmation: bool = True) -> None:
-        """Make torch and torchvision importable, installing them after asking the user.
+        """Make torch importable, installing it after asking the user.
 
         Uses the PyTorch extension (``PyTorchUtils``, picks the right CUDA build) when it is
         installed, else ``slicer.packaging.pip_ensure`` (Slicer 5.11+, asks itself), else

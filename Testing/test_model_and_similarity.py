@@ -35,6 +35,46 @@ def test_untrained_network_predicts_identity_and_has_resnet34_shape():
     assert ResNetRegressor(6)(torch.rand(1, 2, 64, 64)).shape == (1, 6)
 
 
+def test_resnet_matches_torchvision_names_shapes_and_outputs():
+    """Our ResNet-34 (no torchvision import at inference) is torchvision's: the same state-dict keys and
+    shapes, and the same output for the same weights (a changed block, stride or pool would fail here)."""
+    from torchvision.models import resnet34
+
+    reference = resnet34(weights=None)
+    reference.conv1 = torch.nn.Conv2d(2, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    reference.fc = torch.nn.Identity()
+    ours = ResNetRegressor(3).features
+    theirs_state = reference.state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in theirs_state.items()}
+    with torch.no_grad():  # non-trivial batch-norm statistics, so evaluation mode matters too
+        for k, v in theirs_state.items():
+            if k.endswith("running_var"):
+                v.uniform_(0.5, 2.0)
+            elif k.endswith("running_mean") or k.endswith(".bias"):
+                v.uniform_(-0.2, 0.2)
+    ours.load_state_dict(theirs_state)
+    x = torch.rand(3, 2, 96, 80)
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x), reference.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_does_not_import_torchvision():
+    """Loading the bundled model and registering the sample in a fresh interpreter leaves torchvision
+    unimported (it adds about a second to every command line start)."""
+    import subprocess
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    root = _Path(__file__).resolve().parents[1]
+    code = ("import sys; from RigidResNetRegistrationLib.model import load_model; "
+            "m = load_model(None, 'cpu'); import torch; m(torch.zeros(1, 2, *m.card.input_size)); "
+            "print('torchvision' in sys.modules)")
+    env = {**__import__("os").environ, "PYTHONPATH": str(root / "RigidResNetRegistration")}
+    run = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
+
+
 def test_bundled_card_is_valid_and_loads():
     card = read_model_card(DEFAULT_CARD)
     assert card.transform == "rigid" and card.input_size[0] >= 64

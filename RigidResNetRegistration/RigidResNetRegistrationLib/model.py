@@ -1,4 +1,4 @@
-"""The network: torchvision ResNet-34 features + a 2-layer fully connected regressor.
+"""The network: ResNet-34 features (:mod:`resnet`, torchvision's layout) + a 2-layer fully connected regressor.
 
 Input: ``(B, 2, H, W)``, channel 0 the fixed slice and channel 1 the moving slice, each
 normalised to ``[0, 1]`` (:func:`preprocess.normalise_slices`), on the network grid named in
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .resnet import resnet34_features
 from .model_card import DEFAULT_CARD, MODELS_DIR, ModelCard, ModelError, read_model_card, sha256_of, weights_path
 
 __all__ = ["DEFAULT_CARD", "MODELS_DIR", "ModelCard", "ModelError", "read_model_card", "sha256_of", "weights_path",
@@ -29,12 +30,7 @@ class ResNetRegressor(nn.Module):
 
     def __init__(self, n_params: int = 3, hidden: int = 256, in_channels: int = 2) -> None:
         super().__init__()
-        from torchvision.models import resnet34  # torchvision only needed when a model is built
-
-        backbone = resnet34(weights=None)
-        backbone.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        backbone.fc = nn.Identity()
-        self.features = backbone
+        self.features = resnet34_features(in_channels)  # torchvision's module names: its state dicts load
         self.regressor = nn.Sequential(nn.Linear(512, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_params))
         nn.init.zeros_(self.regressor[2].weight)
         nn.init.zeros_(self.regressor[2].bias)

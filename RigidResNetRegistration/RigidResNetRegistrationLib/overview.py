@@ -268,7 +268,8 @@ def overview_figure(
         draw.text((round(x), round(y)), s, fill=fill, font=f)
 
     sim = result.similarity
-    text((8, 6), f"{result.frame.orientation} slices of the fixed volume, mode {result.mode}: NCC {sim['ncc_before']:.3f} -> "
+    what = "2D image" if fixed.shape[layout.axis] == 1 else f"{result.frame.orientation} slices of the fixed volume"
+    text((8, 6), f"{what}, mode {result.mode}: NCC {sim['ncc_before']:.3f} -> "
          f"{sim['ncc_after']:.3f}, MI {sim['mi_before']:.3f} -> {sim['mi_after']:.3f}", anchor="la")
     start = "headers only (identity)" if initial_fixed_to_moving_ras is None else "initial transform"
     text((8, 24), f"moving: as given, {start}; registered: final transform ({_final_transform(result)})",

@@ -168,7 +168,7 @@ def test_command_line_draws_the_overview_without_matplotlib(tmp_path):
             "print('matplotlib' in sys.modules); sys.exit(rc)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "RigidResNetRegistration"), str(ROOT / "training")])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "False"
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False", r.stdout + r.stderr
     with Image.open(out / "overview.png") as im:
         assert im.format == "PNG" and im.width > 900 and im.height > 400

@@ -464,11 +464,6 @@ def _stack_similarity(
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def normalise_volume(volume: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-    """Map a volume to ``[0, 1]`` by the 1st/99th percentiles of ``reference`` (itself if None)."""
-    return scale_to_unit(volume, intensity_range(volume if reference is None else reference, 0.01, 0.99))
-
-
 def scale_to_unit(values: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     """Map ``value_range`` ``(low, high)`` (e.g. a volume's :func:`preprocess.intensity_range`) to
     ``[0, 1]``, clipped."""

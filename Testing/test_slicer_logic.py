@@ -27,9 +27,10 @@ import vtk  # noqa: E402
 
 from RigidResNetRegistrationLib import geometry as geo  # noqa: E402
 from RigidResNetRegistrationLib import slicer_nodes  # noqa: E402
-from RigidResNetRegistrationLib.engine import RegistrationCancelled, RegistrationOptions  # noqa: E402
+from RigidResNetRegistrationLib.engine import RegistrationCancelled, RegistrationOptions, difference_image  # noqa: E402
 from RigidResNetRegistrationLib.io import format_tfm, read_tfm, write_volume  # noqa: E402
 from RigidResNetRegistrationLib.model import ModelCard  # noqa: E402
+from RigidResNetRegistrationLib.preprocess import intensity_range  # noqa: E402
 from RigidResNetRegistrationLib.resample import resample_volume  # noqa: E402
 
 MODULE_FILE = ROOT / "RigidResNetRegistration" / "RigidResNetRegistration.py"
@@ -299,6 +300,38 @@ def test_hardened_transform_reproduces_the_registered_volume(module, fixed_grid,
     resampled = resample_volume(torch.from_numpy(hardened.array.astype(np.float32)), hardened.ijk_to_ras,
                                 fixed.shape, fixed.ijk_to_ras).numpy()
     compare_images(resampled, array_ijk(out.registered_volume_node), float(np.abs(hardened.array).max()))
+
+
+def test_refined_outputs_come_from_the_final_transform(module):
+    """With the refinement moving the transform away from the network's estimate (a network 2 deg
+    / 1.5 mm off), the transform node holds the final transform, and the registered and difference
+    volume nodes are made with it: hardening the transform on the moving volume reproduces them."""
+    scene = slicer.vtkMRMLScene()
+    fixed_node, moving_node, truth = case(scene, "LPS anisotropic", "oblique")
+    off = ConstantPredictor(ORACLE, MOTION + np.array([2.0, 1.5, -1.0]))
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, predictor=off, device="cpu")
+    result = out.result
+    assert result.refinement is not None and not result.refinement.get("rejected")
+    centre = result.frame.centre
+    net_rot, net_mm = geo.rigid_error(result.network_fixed_to_moving_ras, truth, centre)
+    rot, mm = geo.rigid_error(result.fixed_to_moving_ras, truth, centre)
+    assert net_rot > 1.5 and rot < 0.5 * net_rot and mm < 0.5 * net_mm  # the two transforms differ
+    assert np.allclose(slicer.util.arrayFromTransformMatrix(out.transform_node), geo.invert(result.fixed_to_moving_ras), atol=1e-6)
+
+    assert slicer.vtkSlicerTransformLogic().hardenTransform(moving_node)
+    hardened = slicer_nodes.volume_from_node(moving_node, "hardened")
+    fixed = slicer_nodes.volume_from_node(fixed_node, "fixed")
+    m_t = torch.from_numpy(hardened.array.astype(np.float32))
+    resampled = resample_volume(m_t, hardened.ijk_to_ras, fixed.shape, fixed.ijk_to_ras)
+    scale = float(np.abs(hardened.array).max())
+    compare_images(resampled.numpy(), array_ijk(out.registered_volume_node), scale)
+    by_network = resample_volume(m_t, hardened.ijk_to_ras, fixed.shape, fixed.ijk_to_ras,
+                                 geo.invert(result.fixed_to_moving_ras) @ result.network_fixed_to_moving_ras)
+    # the network's transform gives a volume 20 times further away than compare_images allows
+    assert np.abs(by_network.numpy() - array_ijk(out.registered_volume_node)).mean() > 2e-3 * scale
+    f_t = torch.from_numpy(fixed.array.astype(np.float32))
+    difference = difference_image(f_t, resampled, intensity_range(f_t), intensity_range(m_t)).numpy()
+    compare_images(difference, array_ijk(out.difference_volume_node), 1.0)
 
 
 def test_hardened_volume_matches_registered_volume_with_simpleitk(module):

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
     from .io import read_volume, staged_outputs, write_csv, write_image_2d, write_json, write_tfm, write_volume
     from .model import DEFAULT_CARD, load_model, read_model_card, resolve_device
     from .preprocess import InputError, check_before_registration
-    from .report import overview_figure, result_report
+    from .overview import overview_figure
+    from .report import result_report
 
     t0 = time.perf_counter()
     out = prepare_output(args.output)

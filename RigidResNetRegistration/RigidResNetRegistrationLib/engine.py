@@ -464,10 +464,20 @@ def _stack_similarity(
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def normalise_volume(volume: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-    """Map a volume to ``[0, 1]`` by the 1st/99th percentiles of ``reference`` (itself if None)."""
-    lo, hi = intensity_range(volume if reference is None else reference, 0.01, 0.99)
-    return ((volume - lo) / (hi - lo if hi > lo else 1.0)).clamp(0.0, 1.0)
+def scale_to_unit(values: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """Map ``value_range`` ``(low, high)`` (e.g. a volume's :func:`preprocess.intensity_range`) to
+    ``[0, 1]``, clipped."""
+    lo, hi = value_range
+    return ((values - lo) / (hi - lo if hi > lo else 1.0)).clamp(0.0, 1.0)
+
+
+def difference_image(fixed: torch.Tensor, resampled: torch.Tensor, fixed_range: tuple[float, float],
+                     moving_range: tuple[float, float]) -> torch.Tensor:
+    """``|fixed - resampled|`` in ``[0, 1]``, the scale of ``difference.nii.gz``: the fixed image
+    (or part of it) and the moving one resampled onto the fixed grid (or part of it) each scaled
+    by their whole volume's 1st/99th percentiles (``fixed_range``, ``moving_range``:
+    :func:`preprocess.intensity_range`)."""
+    return (scale_to_unit(fixed, fixed_range) - scale_to_unit(resampled, moving_range)).abs()
 
 
 # --------------------------------------------------------------------------- the flow
@@ -675,7 +685,7 @@ def register_volumes(
         if opts.compute_registered:
             registered = Volume(reg_t.cpu().numpy(), fixed.ijk_to_ras.copy(), "registered")
         if opts.compute_difference:
-            diff = (normalise_volume(f_t) - normalise_volume(reg_t, m_t)).abs()
+            diff = difference_image(f_t, reg_t, intensity_range(f_t), intensity_range(m_t))
             difference = Volume(diff.cpu().numpy(), fixed.ijk_to_ras.copy(), "difference")
     timings["resample"] = time.perf_counter() - t2
     report(1.0, "done")

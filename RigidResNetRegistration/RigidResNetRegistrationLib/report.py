@@ -1,18 +1,11 @@
-"""Result summaries shared by the command line and the Slicer module: report dict, overview PNG."""
+"""Result summary shared by the command line and the Slicer module: the report dict (the picture: overview.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import __version__
-from .engine import RegistrationResult, normalise_volume
-from .geometry import params_to_ras
-from .io import atomic_path
-from .preprocess import Volume, as_float_tensor
-from .resample import sample_slice_stack
+from .engine import RegistrationResult
 
 
 def result_report(result: RegistrationResult, model_name: str, model_sha256: str | None, trained: bool) -> dict[str, Any]:
@@ -69,50 +62,3 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
             "matrix": result.moving_to_fixed_ras.tolist(),
         },
     }
-
-
-def overview_slices(result: RegistrationResult, count: int = 4) -> np.ndarray:
-    """Indices of ``count`` used slices spread evenly through the volume."""
-    used = np.flatnonzero(result.used)
-    if len(used) == 0:
-        return used
-    pick = np.linspace(0, len(used) - 1, min(count, len(used)) + 2)[1:-1] if len(used) > count else np.arange(len(used))
-    return used[np.round(pick).astype(int)]
-
-
-def overview_figure(fixed: Volume, moving: Volume, result: RegistrationResult, path: str | Path, count: int = 4) -> None:
-    """PNG with one row per slice: fixed | moving | registered | |fixed - registered| (like the
-    paper's Fig. 3), sampled on the fixed slice frame at the fixed in-plane resolution."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frame = result.frame
-    rows = overview_slices(result, count)
-    in_plane = [a for a in range(3) if a != frame.axis]
-    spacing = float(np.min(fixed.spacing[in_plane]))
-    side = int(min(512, np.ceil(np.max(np.asarray(fixed.shape, float)[in_plane] * fixed.spacing[in_plane]) / spacing)))
-    size = (side, side)
-    f_t, m_t = as_float_tensor(fixed), as_float_tensor(moving)
-    per_slice = np.stack([params_to_ras(result.slice_params[s], frame, result.transform_kind, int(s)) for s in rows]) if len(rows) else None
-    f = normalise_volume(sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, rows), f_t)
-    m = normalise_volume(sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, rows), m_t)
-    r = normalise_volume(sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, rows, per_slice), m_t)
-    d = (f - r).abs()
-    titles = ["fixed", "moving", "registered", "|fixed - registered|"]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * max(1, len(rows))), squeeze=False)
-    for row, s in enumerate(rows):
-        for col, img in enumerate((f[row], m[row], r[row], d[row])):
-            ax = axes[row, col]
-            ax.imshow(img.numpy(), cmap="gray" if col < 3 else "magma", origin="lower", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(titles[col])
-        axes[row, 0].set_ylabel(f"slice {int(s)}")
-    fig.suptitle(f"{frame.orientation} slices, mode={result.mode}; NCC {result.similarity['ncc_before']:.3f} -> {result.similarity['ncc_after']:.3f}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)

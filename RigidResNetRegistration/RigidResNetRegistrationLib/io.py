@@ -254,10 +254,10 @@ def output_suffix(output_format: str, fixed_path: str | Path | None) -> str:
     ``.nii.gz``); NIfTI for anything else (DICOM, 2D images, the embedded sample)."""
     if output_format != "input":
         return OUTPUT_FORMATS[output_format]
-    suffix = _suffix(Path(fixed_path)) if fixed_path else ""
-    if fixed_path and Path(fixed_path).is_file() and _nifti_content(Path(fixed_path)) is not None:
+    p = Path(fixed_path) if fixed_path else None
+    if p is None or not p.is_file() or _nifti_content(p) is not None:
         return OUTPUT_FORMATS["nifti"]
-    return {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}.get(suffix, OUTPUT_FORMATS["nifti"])
+    return {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}.get(_suffix(p), OUTPUT_FORMATS["nifti"])
 
 
 def write_image_2d(image: np.ndarray, path: str | Path) -> None:

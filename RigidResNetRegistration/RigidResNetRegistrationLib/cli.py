@@ -28,10 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rigid-resnet-register",
         description="Rigid registration of brain MRI with a slice-wise ResNet-34 regressor. "
-        "Registers MOVING to FIXED and writes registered.nii.gz, difference.nii.gz, transform.tfm "
+        "Registers MOVING to FIXED and writes registered.nii.gz, difference.nii.gz (or --output-format), transform.tfm "
         "(ITK, LPS, fixed->moving points), slices.csv, report.json and overview.png to OUTDIR.",
     )
-    p.add_argument("fixed", nargs="?", help="fixed image: NIfTI volume, or a 2D image (PNG/JPEG, single-slice NIfTI)")
+    p.add_argument("fixed", nargs="?", help="fixed image: NIfTI, NRRD or MetaImage volume, DICOM series folder, or a 2D "
+                   "image (PNG, JPEG, TIFF, BMP, single-slice NIfTI)")
     p.add_argument("moving", nargs="?", help="moving image, same kinds")
     p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (created if needed)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: CUDA if available)")
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices mode: predict every N-th slice (and the last) in both orders and the others in one "
                    "order, corrected by the order-independent error interpolated between them (default 3; "
                    "1: every slice in both orders, the most accurate, with 13-35%% more time)")
+    p.add_argument("--output-format", default="nifti", choices=["nifti", "nrrd", "mha", "input"],
+                   help="format of the registered and difference volumes: nifti (.nii.gz, default), nrrd, mha, or "
+                   "input: the fixed image's own (NRRD, MetaImage or NIfTI; NIfTI for DICOM and 2D images)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--demo", action="store_true",
@@ -132,7 +136,8 @@ def run(args: argparse.Namespace) -> dict:
     files are only read.
     """
     from .engine import RegistrationOptions, register_volumes
-    from .io import read_volume, staged_outputs, write_csv, write_image_2d, write_json, write_tfm, write_volume
+    from .io import (itk_dimension, output_suffix, read_volume, staged_outputs, write_csv, write_image_2d, write_json,
+                     write_tfm, write_volume)
     from .model import DEFAULT_CARD, load_model, read_model_card, resolve_device
     from .preprocess import InputError, check_before_registration
     from .overview import overview_figure
@@ -171,12 +176,15 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             progress.close()
         assert result.registered is not None and result.difference is not None
+        ext = output_suffix(args.output_format, None if args.demo else args.fixed)
         if args.demo:
-            write_volume(fixed, stage / "fixed.nii.gz")
-            write_volume(moving, stage / "moving.nii.gz")
-        write_volume(result.registered, stage / "registered.nii.gz")
-        write_volume(result.difference, stage / "difference.nii.gz")
-        write_tfm(result.fixed_to_moving_ras, stage / "transform.tfm")
+            write_volume(fixed, stage / f"fixed{ext}")
+            write_volume(moving, stage / f"moving{ext}")
+        write_volume(result.registered, stage / f"registered{ext}")
+        write_volume(result.difference, stage / f"difference{ext}")
+        # two 2D images: a 2D transform, the only kind ITK applies to them
+        two_d = not args.demo and itk_dimension(args.fixed) == 2 and itk_dimension(args.moving) == 2
+        write_tfm(result.fixed_to_moving_ras, stage / "transform.tfm", 2 if two_d else 3)
         write_csv(result.slice_table(), stage / "slices.csv")
         if fixed.shape[2] == 1 and result.frame.axis == 2:
             write_image_2d(result.registered.array[:, :, 0].T, stage / "registered.png")
@@ -196,6 +204,7 @@ def run(args: argparse.Namespace) -> dict:
             rot, trans = rigid_error(result.fixed_to_moving_ras, truth, volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
             report["demo"] = {"true_fixed_to_moving_RAS": truth.tolist(), "rotation_error_deg": rot, "translation_error_mm": trans}
         report["total_seconds"] = round(time.perf_counter() - t0, 3)
+        report["outputs"] = sorted([*(item.name for item in stage.iterdir()), "report.json"])
         write_json(report, stage / "report.json")
     return report
 
@@ -227,8 +236,7 @@ def summary(report: dict, out: Path) -> str:
                      f"translation error {d['translation_error_mm']:.3f} mm")
     if not report["model"]["trained"]:
         lines.append("WARNING: the bundled model is UNTRAINED (identity placeholder): expect no correction.")
-    lines.append(f"outputs in {out.resolve()}: registered.nii.gz difference.nii.gz transform.tfm slices.csv report.json"
-                 + (" overview.png" if (out / "overview.png").exists() else ""))
+    lines.append(f"outputs in {out.resolve()}: " + " ".join(report["outputs"]))
     return "\n".join(lines)
 
 

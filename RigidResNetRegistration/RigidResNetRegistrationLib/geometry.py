@@ -67,6 +67,26 @@ def lps_to_ras(matrix_lps: np.ndarray) -> np.ndarray:
     return ras_to_lps(matrix_lps)  # the flip is its own inverse
 
 
+def lps_grid(ijk_to_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ITK header of a voxel grid: ``(origin_lps (3,), spacing (3,), direction_lps (3, 3))``, with
+    ``point_lps = origin + direction @ (spacing * index)`` (ITK's image geometry)."""
+    m = np.asarray(ijk_to_ras, dtype=np.float64)
+    d3 = LPS_FROM_RAS[:3, :3]
+    spacing = voxel_spacing(m)
+    return d3 @ m[:3, 3], spacing, d3 @ (m[:3, :3] / spacing)
+
+
+def ijk_to_ras_from_lps_grid(origin_lps, spacing, direction_lps) -> np.ndarray:
+    """Inverse of :func:`lps_grid`: the 4x4 ``ijk_to_ras`` of an ITK header (3D; the direction
+    as 9 numbers row by row, as SimpleITK's ``GetDirection``, or a 3x3 matrix)."""
+    d3 = LPS_FROM_RAS[:3, :3]
+    direction = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3)
+    out = np.eye(4)
+    out[:3, :3] = d3 @ direction * np.asarray(spacing, dtype=np.float64)
+    out[:3, 3] = d3 @ np.asarray(origin_lps, dtype=np.float64)
+    return out
+
+
 def invert(matrix: np.ndarray) -> np.ndarray:
     """Inverse of a 4x4 homogeneous matrix (e.g. resampling <-> modeling direction)."""
     return np.linalg.inv(np.asarray(matrix, dtype=np.float64))

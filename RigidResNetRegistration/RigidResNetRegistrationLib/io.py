@@ -1,14 +1,22 @@
-"""Files: NIfTI and 2D images in, NIfTI / ITK ``.tfm`` / CSV / JSON out (written atomically).
+"""Files: volumes and 2D images in, NIfTI (or NRRD / MetaImage) / ITK ``.tfm`` / CSV / JSON out
+(written atomically).
 
-Volumes are read with nibabel into ``array[i, j, k]`` + ``ijk_to_ras`` (the NIfTI affine, RAS).
-2D images (PNG, JPEG, single-slice NIfTI) become one-slice volumes. ``.tfm`` files hold the
-*resampling* transform (fixed point -> moving point) in **LPS**, as ITK, ANTs and Slicer expect.
+Readers (:func:`read_volume`) give ``array[i, j, k]`` + ``ijk_to_ras`` (RAS). NIfTI is recognised
+by its content (magic bytes, gzip or not, whatever the file is called) and read with nibabel, as
+the trainer reads it; NRRD, MetaImage, DICOM (a series folder or one file) and 2D images (PNG,
+JPEG, TIFF, BMP) are read with SimpleITK's ImageIO, which gives them ITK's physical frame: a 2D
+image is the plane ``k = 0`` with ITK's origin, spacing and direction (a PNG: origin 0, 1 mm
+pixels, identity direction in LPS), so ``.tfm`` files written for it work on the file itself.
+``.tfm`` files hold the *resampling* transform (fixed point -> moving point) in **LPS**, as ITK,
+ANTs and Slicer expect; for 2D inputs it is a 2D transform (SimpleITK applies only a 2D
+transform to a 2D image).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import json
 import os
 import shutil
@@ -20,9 +28,16 @@ import numpy as np
 
 from .geometry import lps_to_ras, ras_to_lps
 from .preprocess import InputError, Volume
+from .volume import volume_from_sitk, volume_to_sitk
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: 3D formats read through SimpleITK's ImageIO (besides 2D images and DICOM series folders).
+ITK_VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+#: ``--output-format`` choices -> the suffix of the written volumes (``input``: see :func:`output_suffix`).
+OUTPUT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+_SUPPORTED = ("NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), a DICOM series folder, "
+              "or a 2D image (PNG, JPEG, TIFF, BMP)")
 
 
 def _suffix(path: Path) -> str:
@@ -31,32 +46,59 @@ def _suffix(path: Path) -> str:
 
 
 def read_volume(path: str | Path, name: str | None = None) -> Volume:
-    """Read a NIfTI volume or a 2D image as a :class:`Volume` (float data, RAS affine).
+    """Read a volume or a 2D image as a :class:`Volume` (voxel type kept, RAS affine).
 
-    A trailing size-1 4th axis is dropped; a real 4D or vector image is an :class:`InputError`.
-    2D images get 1 mm pixels, columns along +R and rows along -A (image top = anterior).
+    NIfTI by content (gzip or not, whatever its name; nibabel), then by suffix: NRRD, MetaImage,
+    DICOM files and 2D images through SimpleITK; a folder is read as one DICOM series. A trailing
+    size-1 4th axis is dropped; a real 4D or vector image is an :class:`InputError`, except a
+    grey 2D image stored as RGB(A) (R = G = B, as BMP and palette PNG files are read), which is
+    read as grey. 2D images get the frame ITK gives them (module docstring).
     """
     p = Path(path)
     label = name or p.name
     if not p.exists():
         raise InputError(f"{label}: file not found: {p}")
-    if p.is_dir():
-        raise InputError(f"{label}: is a folder, not an image file: {p}")
     if not os.access(p, os.R_OK):
         raise InputError(f"{label}: file is not readable (permission denied): {p}")
+    if p.is_dir():
+        return _read_dicom_series(p, label)
+    content = _nifti_content(p)
     suffix = _suffix(p)
-    if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(p, label)
-    if suffix in IMAGE_SUFFIXES:
-        return _read_image_2d(p, label)
-    raise InputError(f"{label}: unsupported file type {suffix or '(none)'}; use NIfTI (.nii, .nii.gz) or PNG/JPEG")
+    if content is not None or suffix in NIFTI_SUFFIXES:
+        return _read_nifti(p, label, content)
+    if suffix in ITK_VOLUME_SUFFIXES or suffix in IMAGE_SUFFIXES:
+        return _read_itk(p, label)
+    raise InputError(f"{label}: unsupported file type {suffix or '(none)'}; use {_SUPPORTED}")
 
 
-def _read_nifti(p: Path, label: str) -> Volume:
+def _nifti_content(p: Path) -> tuple[bool, int] | None:
+    """``(gzipped, 1 or 2)`` when the file holds a single-file NIfTI-1/-2 image, else None."""
+    try:
+        with open(p, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+            head = f.read(348)
+    except (OSError, EOFError):  # unreadable, or a truncated gzip stream
+        return None
+    if len(head) == 348 and head[344:348] == b"n+1\x00":
+        return gz, 1
+    if len(head) >= 12 and head[4:12] == b"n+2\x00\r\n\x1a\n":
+        return gz, 2
+    return None
+
+
+def _read_nifti(p: Path, label: str, content: tuple[bool, int] | None) -> Volume:
     import nibabel as nib
 
     try:
-        img = nib.load(str(p))
+        if content is not None and (content[0] != p.name.lower().endswith(".gz") or _suffix(p) not in NIFTI_SUFFIXES):
+            # NIfTI under another name (a gzip file called .nii, no suffix, ...): nibabel picks its
+            # reader from the name, so give it the bytes
+            with (gzip.open(p, "rb") if content[0] else open(p, "rb")) as f:
+                raw = f.read()
+            img = (nib.Nifti2Image if content[1] == 2 else nib.Nifti1Image).from_bytes(raw)
+        else:
+            img = nib.load(str(p))
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for broken files
@@ -74,20 +116,79 @@ def _read_nifti(p: Path, label: str) -> Volume:
     return Volume(np.asarray(data), affine, label)
 
 
-def _read_image_2d(p: Path, label: str) -> Volume:
-    from PIL import Image, UnidentifiedImageError
+def itk_dimension(path: str | Path) -> int:
+    """2 or 3: the dimension ITK gives the image at ``path`` (a folder: a DICOM series, 3); 3 when
+    ITK cannot tell. Transform files for two 2D images must be 2D for ITK to apply them."""
+    import SimpleITK as sitk
 
+    p = Path(path)
+    if p.is_dir():
+        return 3
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
     try:
-        with Image.open(p) as im:
-            im = im.convert("F") if im.mode not in ("I", "I;16", "F") else im
-            rows = np.asarray(im, dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{label}: not a readable image ({exc.__class__.__name__})") from None
-    # array[i, j, 0]: i = column (+R), j = row (downwards = -A)
-    data = rows.T[:, :, None].copy()
-    affine = np.diag([1.0, -1.0, 1.0, 1.0])
-    affine[1, 3] = float(rows.shape[0] - 1)
-    return Volume(data, affine, label)
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return 3
+    return 2 if reader.GetDimension() == 2 else 3
+
+
+def _sitk_message(exc: Exception) -> str:
+    """The informative line of a SimpleITK exception (its text spans several lines with paths)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = next((line for line in reversed(lines) if "ERROR" in line or "Description" in line), lines[-1] if lines else "")
+    for prefix in ("sitk::ERROR:", "Description:", "itk::ERROR:"):
+        line = line.split(prefix, 1)[-1].strip()
+    return line or exc.__class__.__name__
+
+
+def _read_itk(p: Path, label: str) -> Volume:
+    import SimpleITK as sitk
+
+    kind = "2D image" if _suffix(p) in IMAGE_SUFFIXES else f"{_suffix(p)[1:].upper()} image"
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise InputError(f"{label}: not a readable {kind} ({_sitk_message(exc)})") from None
+    return _scalar_volume(image, label)
+
+
+def _read_dicom_series(p: Path, label: str) -> Volume:
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+    if not series:
+        raise InputError(f"{label}: is a folder without a DICOM series: {p} (a folder is read as one DICOM series)")
+    if len(series) > 1:
+        raise InputError(f"{label}: the folder holds {len(series)} DICOM series; give a folder with one series: {p}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), series[0]))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{label}: not a readable DICOM series ({_sitk_message(exc)})") from None
+    return _scalar_volume(image, label)
+
+
+def _scalar_volume(image: Any, label: str) -> Volume:
+    """A SimpleITK image as a :class:`Volume`, with the checks of :func:`read_volume`."""
+    import SimpleITK as sitk
+
+    size = tuple(image.GetSize())
+    while image.GetDimension() > 3 and size[-1] == 1:  # a trailing size-1 axis: drop it
+        image = sitk.Extract(image, [*size[:-1], 0], [0] * len(size))
+        size = tuple(image.GetSize())
+    components = image.GetNumberOfComponentsPerPixel()
+    if image.GetDimension() > 3 or (components > 1 and image.GetDimension() == 3):
+        what = f" x {components} components" if components > 1 else ""
+        raise InputError(f"{label}: a 3D scalar volume is needed, got size {size}{what} (4D or vector image)")
+    if components > 1:  # 2D colour: grey stored as RGB(A) is grey, real colour is refused
+        channels = sitk.GetArrayFromImage(image)
+        if components not in (3, 4) or not (np.array_equal(channels[..., 0], channels[..., 1])
+                                            and np.array_equal(channels[..., 0], channels[..., 2])):
+            raise InputError(f"{label}: colour or vector (multi-component) pixels; a grey image or a 3D scalar volume is needed")
+        image = sitk.VectorIndexSelectionCast(image, 0)
+    return volume_from_sitk(image, label)
 
 
 @contextlib.contextmanager
@@ -129,14 +230,34 @@ def staged_outputs(outdir: str | Path) -> Iterator[Path]:
 
 
 def write_volume(volume: Volume, path: str | Path, dtype: Any = np.float32) -> None:
-    """Write a volume as NIfTI (affine = ``ijk_to_ras``), atomically."""
-    import nibabel as nib
+    """Write a volume, atomically: NIfTI (``.nii``, ``.nii.gz``; affine = ``ijk_to_ras``, sform
+    and qform) with nibabel, any other suffix (``.nrrd``, ``.mha``, ...) with SimpleITK (its LPS
+    header from ``ijk_to_ras``)."""
+    with atomic_path(path) as tmp:  # the temporary name keeps the suffix: it picks the format (.gz compresses)
+        if _suffix(Path(path)) in NIFTI_SUFFIXES:
+            import nibabel as nib
 
-    img = nib.Nifti1Image(np.asarray(volume.array, dtype=dtype), np.asarray(volume.ijk_to_ras, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    with atomic_path(path) as tmp:  # the temporary name keeps the suffix: nibabel compresses .gz
-        nib.save(img, str(tmp))
+            img = nib.Nifti1Image(np.asarray(volume.array, dtype=dtype), np.asarray(volume.ijk_to_ras, dtype=np.float64))
+            img.set_qform(img.affine, code=1)
+            img.set_sform(img.affine, code=1)
+            nib.save(img, str(tmp))
+        else:
+            import SimpleITK as sitk
+
+            sitk.WriteImage(volume_to_sitk(volume, dtype), str(tmp), useCompression=True)
+
+
+def output_suffix(output_format: str, fixed_path: str | Path | None) -> str:
+    """Suffix of the written volumes for ``--output-format``: ``nifti`` (``.nii.gz``), ``nrrd``,
+    ``mha``, or ``input``: the fixed image's own format where it is a single-file volume format
+    (NRRD ``.nrrd``/``.nhdr`` -> ``.nrrd``, MetaImage ``.mha``/``.mhd`` -> ``.mha``, NIfTI ->
+    ``.nii.gz``); NIfTI for anything else (DICOM, 2D images, the embedded sample)."""
+    if output_format != "input":
+        return OUTPUT_FORMATS[output_format]
+    p = Path(fixed_path) if fixed_path else None
+    if p is None or not p.is_file() or _nifti_content(p) is not None:
+        return OUTPUT_FORMATS["nifti"]
+    return {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}.get(_suffix(p), OUTPUT_FORMATS["nifti"])
 
 
 def write_image_2d(image: np.ndarray, path: str | Path) -> None:
@@ -150,42 +271,58 @@ def write_image_2d(image: np.ndarray, path: str | Path) -> None:
         Image.fromarray(scaled.astype(np.uint8)).save(tmp, format="PNG")
 
 
-def format_tfm(fixed_to_moving_ras: np.ndarray) -> str:
-    """ITK text transform of a RAS *resampling* transform (fixed -> moving), converted to LPS."""
+def format_tfm(fixed_to_moving_ras: np.ndarray, dimension: int = 3) -> str:
+    """ITK text transform of a RAS *resampling* transform (fixed -> moving), converted to LPS.
+
+    ``dimension=2``: a 2D ``AffineTransform_double_2_2`` for 2D images, which are the plane z = 0
+    of their ITK frame: the map of the points (x, y, 0) to the moving image's (x', y'); z' is
+    dropped, as sampling a one-slice moving image ignores it.
+    """
     m = ras_to_lps(fixed_to_moving_ras)
-    params = [*m[:3, :3].reshape(-1), *m[:3, 3]]
+    if dimension == 2:
+        params = [*m[:2, :2].reshape(-1), *m[:2, 3]]
+    elif dimension == 3:
+        params = [*m[:3, :3].reshape(-1), *m[:3, 3]]
+    else:
+        raise ValueError(f"dimension must be 2 or 3, not {dimension}")
     text = " ".join(repr(float(v)) for v in params)
     return (
         "#Insight Transform File V1.0\n"
         "#Transform 0\n"
-        "Transform: AffineTransform_double_3_3\n"
+        f"Transform: AffineTransform_double_{dimension}_{dimension}\n"
         f"Parameters: {text}\n"
-        "FixedParameters: 0 0 0\n"
+        f"FixedParameters: {' '.join(['0'] * dimension)}\n"
     )
 
 
-def write_tfm(fixed_to_moving_ras: np.ndarray, path: str | Path) -> None:
+def write_tfm(fixed_to_moving_ras: np.ndarray, path: str | Path, dimension: int = 3) -> None:
     """Write :func:`format_tfm` to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(format_tfm(fixed_to_moving_ras), encoding="utf-8")
+        tmp.write_text(format_tfm(fixed_to_moving_ras, dimension), encoding="utf-8")
 
 
 def read_tfm(path: str | Path) -> np.ndarray:
-    """Read a single affine ITK text transform; return the RAS resampling matrix (fixed -> moving)."""
+    """Read a single affine ITK text transform (3D, or 2D: embedded in the plane z = 0); return
+    the RAS resampling matrix (fixed -> moving), 4x4."""
     params: list[float] | None = None
-    fixed: list[float] = [0.0, 0.0, 0.0]
+    fixed: list[float] = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.startswith("Parameters:"):
             params = [float(v) for v in line.split(":", 1)[1].split()]
         elif line.startswith("FixedParameters:"):
             fixed = [float(v) for v in line.split(":", 1)[1].split()]
-    if params is None or len(params) != 12:
-        raise InputError(f"{path}: not a 3D affine ITK transform file")
-    a = np.array(params[:9]).reshape(3, 3)
-    c = np.array(fixed[:3])
+    n = {12: 3, 6: 2}.get(len(params or []))
+    if params is None or n is None:
+        raise InputError(f"{path}: not a 2D or 3D affine ITK transform file")
+    a = np.eye(3)
+    a[:n, :n] = np.array(params[: n * n]).reshape(n, n)
+    t = np.zeros(3)
+    t[:n] = params[n * n:]
+    c = np.zeros(3)
+    c[:n] = (fixed + [0.0] * n)[:n]
     m = np.eye(4)
     m[:3, :3] = a
-    m[:3, 3] = np.array(params[9:]) + c - a @ c  # ITK: y = A (x - c) + t + c
+    m[:3, 3] = t + c - a @ c  # ITK: y = A (x - c) + t + c
     return lps_to_ras(m)
 
 

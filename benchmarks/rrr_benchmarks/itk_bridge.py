@@ -18,29 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 from RigidResNetRegistrationLib import geometry as geo
-
-D3 = geo.LPS_FROM_RAS[:3, :3]
-
-
-# --------------------------------------------------------------------------- grids
-
-
-def lps_grid(ijk_to_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ITK header of a grid: ``(origin_lps (3,), spacing (3,), direction_lps (3, 3))``."""
-    m = np.asarray(ijk_to_ras, dtype=np.float64)
-    spacing = geo.voxel_spacing(m)
-    origin = D3 @ m[:3, 3]
-    direction = D3 @ (m[:3, :3] / spacing)
-    return origin, spacing, direction
-
-
-def ijk_to_ras_from_lps_grid(origin_lps, spacing, direction_lps) -> np.ndarray:
-    """Inverse of :func:`lps_grid`: the 4x4 ``ijk_to_ras`` of an ITK header."""
-    direction = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3)
-    out = np.eye(4)
-    out[:3, :3] = D3 @ direction * np.asarray(spacing, dtype=np.float64)
-    out[:3, 3] = D3 @ np.asarray(origin_lps, dtype=np.float64)
-    return out
+from RigidResNetRegistrationLib.geometry import ijk_to_ras_from_lps_grid, lps_grid  # noqa: F401 (re-exported)
+from RigidResNetRegistrationLib.volume import sitk_ijk_to_ras  # noqa: F401 (re-exported)
+from RigidResNetRegistrationLib.volume import volume_to_sitk as _volume_to_sitk
 
 
 def _array_of(volume: Any) -> np.ndarray:
@@ -52,14 +32,7 @@ def _array_of(volume: Any) -> np.ndarray:
 
 def volume_to_sitk(volume: Any):
     """A volume (``.array[i, j, k]``, ``.ijk_to_ras``) as a float32 ``SimpleITK.Image`` (LPS header)."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(_array_of(volume), (2, 1, 0))))
-    origin, spacing, direction = lps_grid(volume.ijk_to_ras)
-    img.SetOrigin(tuple(float(v) for v in origin))
-    img.SetSpacing(tuple(float(v) for v in spacing))
-    img.SetDirection(tuple(float(v) for v in direction.reshape(-1)))
-    return img
+    return _volume_to_sitk(volume, np.float32)
 
 
 def sitk_to_array(image) -> np.ndarray:
@@ -67,11 +40,6 @@ def sitk_to_array(image) -> np.ndarray:
     import SimpleITK as sitk
 
     return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)).astype(np.float32, copy=False)
-
-
-def sitk_ijk_to_ras(image) -> np.ndarray:
-    """The ``ijk_to_ras`` of a 3D ``SimpleITK.Image``."""
-    return ijk_to_ras_from_lps_grid(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
 
 
 # --------------------------------------------------------------------------- transforms

@@ -61,6 +61,8 @@ def _read_nifti(p: Path, label: str) -> Volume:
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for broken files
         raise InputError(f"{label}: not a readable NIfTI image ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if data.size == 0:  # nibabel flattens a zero-length axis away: the header keeps the shape
+        raise InputError(f"{label}: the volume is empty (shape {tuple(img.shape)})")
     if data.dtype.fields is not None:  # RGB / structured voxels
         raise InputError(f"{label}: vector (multi-component) voxels; a 3D scalar volume is needed")
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -79,8 +81,7 @@ def _read_image_2d(p: Path, label: str) -> Volume:
 
     try:
         with Image.open(p) as im:
-            im = im.convert("F") if im.mode not in ("I", "I;16", "F") else im
-            rows = np.asarray(im, dtype=np.float32)
+            rows = _grey_pixels(im, label)
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"{label}: not a readable image ({exc.__class__.__name__})") from None
     # array[i, j, 0]: i = column (+R), j = row (downwards = -A)
@@ -90,42 +91,98 @@ def _read_image_2d(p: Path, label: str) -> Volume:
     return Volume(data, affine, label)
 
 
+def _grey_pixels(im: Any, label: str) -> np.ndarray:
+    """A PIL image's pixels as float32 grey rows. A colour image (RGB, RGBA, palette, ...) is read
+    only when it is grey saved as colour: every pixel's channels equal and fully opaque; otherwise
+    it is an :class:`InputError` (a scalar image is needed, and no single grey mix is right)."""
+    if len(im.getbands()) == 1 and im.mode != "P":
+        return np.asarray(im if im.mode in ("I", "I;16", "F") else im.convert("F"), dtype=np.float32)
+    rgba = np.asarray(im.convert("RGBA"))
+    if not (rgba[..., 3] == 255).all():
+        raise InputError(f"{label}: an image with transparent pixels ({im.mode}); a greyscale image is needed")
+    if not ((rgba[..., 0] == rgba[..., 1]) & (rgba[..., 1] == rgba[..., 2])).all():
+        raise InputError(f"{label}: a colour image ({im.mode}) whose channels differ; a greyscale image is needed")
+    return rgba[..., 0].astype(np.float32)
+
+
+def _new_file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0o666 less the process's umask (read by setting it
+    and putting it back: there is no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    The file that appears has the usual permissions of a new file (0o666 less the umask), not the
+    private 0o600 of its temporary name.
+    """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part" + "".join(target.suffixes), dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _new_file_mode())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist, outermost first."""
+    missing: list[Path] = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.insert(0, folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):  # not empty (someone else wrote there): left alone
+            folder.rmdir()
+
+
 @contextlib.contextmanager
 def staged_outputs(outdir: str | Path) -> Iterator[Path]:
     """Yield a new private folder inside ``outdir`` to write a run's outputs into.
 
-    When the block succeeds, every file in it is moved into ``outdir`` (``os.replace``: same file
-    system, each file appears whole); when it fails or is interrupted (any exception, including
-    ``KeyboardInterrupt``), the folder and everything in it are removed. So ``outdir`` gets all of
-    a run's outputs or none of them, and never a half-written file. A folder that cannot be
-    written to is an :class:`InputError` raised before any work.
+    ``outdir`` (and its missing parents) is created if needed. When the block succeeds, every file
+    in the private folder is moved into ``outdir`` (``os.replace``: same file system, each file
+    appears whole); when it fails or is interrupted (any exception, including
+    ``KeyboardInterrupt``), the private folder and everything in it are removed, and so are the
+    folders this call created. So ``outdir`` gets all of a run's outputs or none of them, never a
+    half-written file, and a failed run leaves it as it was (absent if it was absent). A folder
+    that cannot be created or written to is an :class:`InputError` raised before any work.
     """
     out = Path(outdir)
+    created = _missing_folders(out)
+    try:
+        for folder in created:
+            folder.mkdir()
+    except OSError as exc:
+        _remove_empty(created)
+        raise InputError(f"cannot create output folder {out} ({exc.strerror or exc.__class__.__name__})") from None
     try:
         stage = Path(tempfile.mkdtemp(prefix=".rigid-resnet-", suffix=".tmp", dir=out))
     except OSError as exc:
+        _remove_empty(created)
         raise InputError(f"output folder is not writable: {out} ({exc.strerror or exc.__class__.__name__})") from None
+    done = False
     try:
         yield stage
         for item in sorted(stage.iterdir()):
             os.replace(item, out / item.name)
+        done = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not done:
+            _remove_empty(created)
 
 
 def write_volume(volume: Volume, path: str | Path, dtype: Any = np.float32) -> None:

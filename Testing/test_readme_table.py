@@ -173,6 +173,11 @@ def three_d_against_two_d(c: Case) -> list[str]:
     return [c.bad(None, png), c.bad(png, None)]
 
 
+def two_d_sliced_across(c: Case) -> list[str]:
+    png = _png(c.tmp / "slice.png", _slice_rows())
+    return [c.bad(png, png, "--axis", "coronal")]
+
+
 def no_overlap(c: Case) -> list[str]:
     _needs_slicer()
     img = nib.load(c.data / "moving.nii.gz")
@@ -330,6 +335,7 @@ SCENARIOS = {
     "empty (a zero-length axis) or constant volume (all zero included)": empty_or_constant,
     "NaN or +-inf voxels": nan_or_inf,
     "a 3D volume against a 2D image, either way round": three_d_against_two_d,
+    "a 2D image sliced across its plane (`--axis coronal` for a PNG)": two_d_sliced_across,
     "fixed and moving do not overlap in space (origins; parent transforms of nodes)": no_overlap,
     "fixed field of view smaller than a quarter of the network grid (or 16 grid pixels)": field_of_view,
     "coarse or anisotropic voxels *in the slice plane* (rule below)": in_plane_resolution,

@@ -377,6 +377,17 @@ def test_2d_against_3d_has_its_own_message(tmp_path, data, models, capsys, fixed
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("axis", ["coronal", "sagittal"])
+def test_slices_across_a_2d_image_have_their_own_message(tmp_path, data, models, capsys, axis):
+    """Not "field of view 60 x 1 mm is too small": the slice axis cuts the image across its plane."""
+    f, m = _png(tmp_path / "f.png", _slice_rows()), _png(tmp_path / "m.png", _slice_rows())
+    code, _, err = run_cli(capsys, *cli_args(data, models, tmp_path / "out", f, m, "--axis", axis))
+    assert_one_error_line(code, err, f"the fixed image {f} is 2D: it is registered in its own (axial) plane, not in {axis} "
+                                     "slices across it; choose the axial slice axis")
+    code, _, err = run_cli(capsys, *cli_args(data, models, tmp_path / "out", f, m, "--axis", "axial"))
+    assert code == 0, err
+
+
 # --------------------------------------------------------------------------- colour images
 
 

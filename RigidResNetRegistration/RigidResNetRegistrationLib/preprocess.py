@@ -246,16 +246,20 @@ def check_same_dimensionality(fixed: Volume, moving: Volume) -> None:
 def check_before_registration(fixed: Volume, moving: Volume, axis: str, size: tuple[int, int],
                               grid_spacing_mm: float) -> SliceFrame:
     """Every input check the front doors make before heavy work: both volumes valid
-    (:func:`validate_volume`) and both 3D or both 2D (:func:`check_same_dimensionality`), the fixed
-    field of view large enough for the network grid, and both volumes' in-plane resolution
+    (:func:`validate_volume`) and both 3D or both 2D (:func:`check_same_dimensionality`; a 2D image
+    sliced in its own plane), the fixed field of view large enough for the network grid, and both volumes' in-plane resolution
     (:func:`check_in_plane_resolution`) on the fixed volume's slice frame for ``axis``, which is
     returned."""
-    from .geometry import slice_frame
+    from .geometry import orientation_of_axis, slice_frame
 
     validate_volume(fixed)
     validate_volume(moving)
     check_same_dimensionality(fixed, moving)
     frame = slice_frame(fixed.ijk_to_ras, fixed.shape, axis)
+    if 1 in fixed.shape and fixed.shape[frame.axis] != 1:  # slices across a 2D image: one pixel wide
+        plane = orientation_of_axis(fixed.ijk_to_ras, fixed.shape.index(1))
+        raise InputError(f"the {fixed.name} is 2D: it is registered in its own ({plane}) plane, not in "
+                         f"{frame.orientation} slices across it; choose the {plane} slice axis")
     check_field_of_view(fixed, frame, size, grid_spacing_mm)
     for volume in (fixed, moving):
         check_in_plane_resolution(volume, frame, grid_spacing_mm)

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, ConstantPredictor, moved_copy, phantom_volume
+from conftest import ROOT, ConstantPredictor, moved_copy, phantom_volume, write_card
 from test_bad_input import (  # noqa: F401  (fixtures)
     HAVE_SLICER,
     _aniso_files,
@@ -307,7 +307,10 @@ def contradicting_options(c: Case) -> list[str]:
     cases = [["--mode", "slices", "--no-refine"], ["--refine-slices"], ["--metric", "mi"],
              ["--mode", "slices", "--symmetric-stride", "2", "--no-symmetric"], ["--symmetric-stride", "2"], ["--tolerance", "0.1"],
              ["--demo"]]
-    return [c.bad(None, None, *extra) for extra in cases]  # cli_args has --no-refine (volume mode) and --iterations 1
+    errors = [c.bad(None, None, *extra) for extra in cases]  # cli_args has --no-refine (volume mode) and --iterations 1
+    affine = write_card(c.tmp, transform="affine", name="affine")
+    return errors + [c.error(str(c.data / "fixed.nii.gz"), str(c.data / "moving.nii.gz"), "-o", str(c.out()), "--weights", str(affine),
+                             "--metric", "ncc")]
 
 
 def trainer_data(c: Case) -> list[str]:
@@ -356,7 +359,7 @@ SCENARIOS = {
     "bad numbers (`--batch-size 0`, `--iterations 0`, trainer `--steps -5`, `--lr nan`)": bad_numbers,
     "options that contradict each other (`--mode slices --no-refine`, `--refine-slices` without `--mode slices`, `--metric` when "
     "nothing is refined, `--symmetric-stride` with `--no-symmetric` or in volume mode, `--tolerance` with `--iterations 1`, "
-    "`--demo` with FIXED MOVING)": contradicting_options,
+    "`--demo` with FIXED MOVING, `--refine-slices` or `--metric` with an affine model)": contradicting_options,
     "trainer: data folder missing, no recognisable subjects, a corrupt image inside": trainer_data,
 }
 

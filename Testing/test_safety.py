@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ConstantPredictor, phantom_volume
+from conftest import ConstantPredictor, phantom_volume, write_card
 from PIL import Image
 from test_bad_input import HAVE_SLICER, assert_one_error_line, cli_args, data, leftovers, models, run_cli, save, sha256  # noqa: F401
 
@@ -301,6 +301,18 @@ def test_contradictions_are_one_line_before_any_work(tmp_path, data, models, cap
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, *cli_args(data, models, out, None, None, *extra))  # --no-refine (volume mode), --iterations 1
     assert_one_error_line(code, err, text)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,option", [(["--mode", "slices", "--refine-slices"], "--refine-slices"), (["--metric", "ncc"], "--metric"),
+                                          (["--mode", "slices", "--refine-slices", "--metric", "mi"], "--refine-slices")])
+def test_refinement_options_with_an_affine_model_are_a_contradiction(tmp_path, data, capsys, monkeypatch, extra, option):
+    card = write_card(tmp_path, transform="affine", name="affine")
+    no_reading(monkeypatch)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, str(data / "fixed.nii.gz"), str(data / "moving.nii.gz"), "-o", str(out), "--weights", str(card),
+                           "--device", "cpu", "--quiet", *extra)
+    assert_one_error_line(code, err, f"{option} is for rigid models; the model of --weights is affine (it is not refined)")
     assert not out.exists()
 
 

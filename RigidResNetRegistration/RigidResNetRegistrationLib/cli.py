@@ -90,13 +90,20 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     return args
 
 
+def _given(args: argparse.Namespace) -> set[str]:
+    """The options the command line gave (:func:`parse_args`); for a namespace made otherwise, those
+    that differ from their defaults."""
+    given = getattr(args, "given", None)
+    if given is None:
+        given = {a.dest for a in build_parser()._actions if getattr(args, a.dest, a.default) != a.default}
+    return given
+
+
 def check_option_conflicts(args: argparse.Namespace) -> None:
     """One line for every contradiction between options (an option that the others make pointless),
     before any work. Rules about the registration options themselves (any front door) are in
     ``RegistrationOptions.validate``; these are the command line's own."""
-    given = getattr(args, "given", None)
-    if given is None:  # a namespace not made by parse_args: options that differ from their defaults
-        given = {a.dest for a in build_parser()._actions if getattr(args, a.dest, a.default) != a.default}
+    given = _given(args)
     slices = args.mode == "slices"
     if args.demo and (args.fixed or args.moving):
         raise CliError("--demo registers the embedded sample: give FIXED and MOVING or --demo, not both")
@@ -114,6 +121,13 @@ def check_option_conflicts(args: argparse.Namespace) -> None:
         raise CliError("--symmetric-stride picks the slices predicted in both orders; --no-symmetric predicts all in one order")
     if "tolerance" in given and args.iterations == 1:
         raise CliError("--tolerance stops the passes early; --iterations 1 makes a single pass")
+
+
+def check_model_conflicts(args: argparse.Namespace, transform: str) -> None:
+    """The refinement options contradict a model that is not rigid (the refinements are rigid)."""
+    refinement = [o for o, on in (("--refine-slices", args.refine_slices), ("--metric", "metric" in _given(args))) if on]
+    if transform != "rigid" and refinement:
+        raise CliError(f"{refinement[0]} is for rigid models; the model of --weights is {transform} (it is not refined)")
 
 
 def resolve_card(weights: str | None) -> Path | None:
@@ -234,6 +248,7 @@ def run(args: argparse.Namespace) -> dict:
     card_path = resolve_card(args.weights)
     check_inputs_are_not_outputs(args, out, card_path)
     card = read_model_card(card_path or DEFAULT_CARD)  # JSON only: the grid the inputs are checked against
+    check_model_conflicts(args, card.transform)
     options = RegistrationOptions(mode=args.mode, axis=args.axis, device=args.device, batch_size=args.batch_size,
                                   iterations=args.iterations, tolerance=args.tolerance, max_slices=args.max_slices,
                                   precision=args.precision, symmetric=args.symmetric,

@@ -24,6 +24,7 @@ from test_bad_input import (  # noqa: F401  (fixtures)
     _aniso_files,
     _bad_image,
     _card_variant,
+    _fail,
     _malicious_card,
     _SmallDevice,
     _train_args,
@@ -242,14 +243,9 @@ def output_name_taken_by_a_folder(c: Case) -> list[str]:
 
 
 def failure_while_writing(c: Case) -> list[str]:
-    def fail(exc):
-        def broken(*args, **kwargs):
-            raise exc
-        return broken
-
-    c.monkeypatch.setattr(rio, "write_csv", fail(OSError(28, "No space left on device")))
+    c.monkeypatch.setattr(rio, "write_csv", _fail(OSError(28, "No space left on device")))
     disk = c.bad()
-    c.monkeypatch.setattr(rio, "write_csv", fail(KeyboardInterrupt()))
+    c.monkeypatch.setattr(rio, "write_csv", _fail(KeyboardInterrupt()))
     return [disk, c.error(*cli_args(c.data, c.models, c.out()), code=130)]
 
 

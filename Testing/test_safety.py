@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import ConstantPredictor, phantom_volume, write_card
 from PIL import Image
-from test_bad_input import HAVE_SLICER, assert_one_error_line, cli_args, data, leftovers, models, run_cli, save, sha256  # noqa: F401
+from test_bad_input import HAVE_SLICER, _fail, assert_one_error_line, cli_args, data, leftovers, models, run_cli, save, sha256  # noqa: F401
 
 from RigidResNetRegistrationLib import cli
 from RigidResNetRegistrationLib import io as rio
@@ -163,10 +163,7 @@ def _failure(kind: str, tmp: Path, data: Path, monkeypatch) -> tuple[Path, str]:
         affine[:3, 3] += 9000
         return save(tmp / "far.nii.gz", np.asanyarray(img.dataobj), affine), "do not overlap"
     if kind == "writing fails":  # after the model ran: inside the staging folder
-        def broken(*args, **kwargs):
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(rio, "write_csv", broken)
+        monkeypatch.setattr(rio, "write_csv", _fail(OSError(28, "No space left on device")))
         return data / "moving.nii.gz", "No space left on device"
     raise AssertionError(kind)
 

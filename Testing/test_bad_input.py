@@ -130,8 +130,10 @@ def models(tmp_path_factory):
 
 
 def cli_args(data: Path, models: Path, out: Path, fixed: Path | None = None, moving: Path | None = None, *extra: str) -> list[str]:
+    """The fastest command line: one pass, no refinement (``--no-refine`` is volume mode's own)."""
+    no_refine = [] if "slices" in extra else ["--no-refine"]
     return [str(fixed or data / "fixed.nii.gz"), str(moving or data / "moving.nii.gz"), "-o", str(out), "--weights", str(models),
-            "--iterations", "1", "--no-refine", "--device", "cpu", "--quiet", "--no-overview", *extra]
+            "--iterations", "1", *no_refine, "--device", "cpu", "--quiet", "--no-overview", *extra]
 
 
 # --------------------------------------------------------------------------- bad images: command line
@@ -155,7 +157,7 @@ def _bad_image(kind: str, tmp: Path, data: Path) -> tuple[Path, list[str]]:
         return save(tmp / "vec.nii.gz", np.random.rand(10, 10, 10, 1, 3).astype(np.float32)), \
             ["moving image", "vec.nii.gz", "3D scalar volume is needed", "4D or vector"]
     if kind == "empty":
-        return save(tmp / "empty.nii.gz", np.zeros((0, 10, 10), np.float32)), ["moving image", "empty"]
+        return save(tmp / "empty.nii.gz", np.zeros((0, 10, 10), np.float32)), ["moving image", "the volume is empty (shape (0, 10, 10))"]
     if kind == "all zero":
         return save(tmp / "zero.nii.gz", np.zeros((20, 20, 20), np.uint8)), ["moving image", "constant"]
     if kind == "infinite":

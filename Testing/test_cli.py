@@ -56,7 +56,7 @@ def test_demo_runs_end_to_end_and_reports_error_against_known_motion(tmp_path):
 def test_outputs_and_report_contents(tmp_path, pair, card_factory):
     card = card_factory(bias=[2.0, 1.0, 0.5])
     out = tmp_path / "o"
-    r = cli(str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz"), "-o", str(out), "--weights", str(card), "--iterations", "1", "--no-refine", "--device", "cpu",
+    r = cli(str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz"), "-o", str(out), "--weights", str(card), "--iterations", "1", "--device", "cpu",
             "--mode", "slices", "--batch-size", "5", "--no-symmetric")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())

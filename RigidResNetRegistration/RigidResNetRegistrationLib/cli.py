@@ -7,6 +7,7 @@ traceback (set ``RIGID_RESNET_DEBUG=1`` to see one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -78,6 +79,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_UNSET = object()
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, plus ``args.given``: the destinations of the options the command
+    line set (to a default value or not), so that a contradiction is found whatever the values."""
+    args = parser.parse_args(argv, argparse.Namespace(
+        **{a.dest: _UNSET for a in parser._actions if argparse.SUPPRESS not in (a.dest, a.default)}))
+    args.given = {dest for dest, value in vars(args).items() if value is not _UNSET and value is not None}
+    for action in parser._actions:
+        if getattr(args, action.dest, None) is _UNSET:
+            setattr(args, action.dest, action.default)
+    return args
+
+
+def _given(args: argparse.Namespace) -> set[str]:
+    """The options the command line gave (:func:`parse_args`); for a namespace made otherwise, those
+    that differ from their defaults."""
+    given = getattr(args, "given", None)
+    if given is None:
+        given = {a.dest for a in build_parser()._actions if getattr(args, a.dest, a.default) != a.default}
+    return given
+
+
+def check_option_conflicts(args: argparse.Namespace) -> None:
+    """One line for every contradiction between options (an option that the others make pointless),
+    before any work. Rules about the registration options themselves (any front door) are in
+    ``RegistrationOptions.validate``; these are the command line's own."""
+    given = _given(args)
+    slices = args.mode == "slices"
+    if args.demo and (args.fixed or args.moving):
+        raise CliError("--demo registers the embedded sample: give FIXED and MOVING or --demo, not both")
+    if "refine" in given and slices:
+        raise CliError("--no-refine turns off volume mode's refinement; --mode slices is only refined with --refine-slices")
+    if args.refine_slices and not slices:
+        raise CliError("--refine-slices refines each slice of --mode slices; volume mode is refined by default "
+                       "(--no-refine turns that off)")
+    if "metric" in given and not (args.refine_slices if slices else args.refine):
+        raise CliError("--metric is the similarity a refinement maximises, but "
+                       + ("--mode slices without --refine-slices" if slices else "--no-refine") + " refines nothing")
+    if "symmetric_stride" in given and not slices:
+        raise CliError("--symmetric-stride is for --mode slices; volume mode predicts every slice in both orders")
+    if "symmetric_stride" in given and not args.symmetric:
+        raise CliError("--symmetric-stride picks the slices predicted in both orders; --no-symmetric predicts all in one order")
+    if "tolerance" in given and args.iterations == 1:
+        raise CliError("--tolerance stops the passes early; --iterations 1 makes a single pass")
+
+
+def check_model_conflicts(args: argparse.Namespace, transform: str) -> None:
+    """The refinement options contradict a model that is not rigid (the refinements are rigid)."""
+    refinement = [o for o, on in (("--refine-slices", args.refine_slices), ("--metric", "metric" in _given(args))) if on]
+    if transform != "rigid" and refinement:
+        raise CliError(f"{refinement[0]} is for rigid models; the model of --weights is {transform} (it is not refined)")
+
+
 def resolve_card(weights: str | None) -> Path | None:
     """``--weights`` -> model card path (None: the bundled default)."""
     if weights is None:
@@ -92,18 +148,70 @@ def resolve_card(weights: str | None) -> Path | None:
 
 
 def prepare_output(outdir: str | None) -> Path:
+    """Check ``-o OUTDIR`` without touching it: it is created only when a run's outputs are written
+    (:func:`io.staged_outputs`), so a run that fails leaves no folder behind."""
     if not outdir:
         raise CliError("an output folder is needed: -o OUTDIR")
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise CliError(f"output path exists and is not a folder: {out}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CliError(f"cannot create output folder {out} ({exc.strerror or exc})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise CliError(f"output folder is not writable: {out}")
+    existing = out
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"cannot create output folder {out} ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"output folder is not writable: {out}" if existing == out
+                       else f"cannot create output folder {out} ({existing} is not writable)")
     return out
+
+
+#: Every file name a run may write into OUTDIR (volumes with the ``--output-format`` suffix; the
+#: demo adds :data:`DEMO_OUTPUT_NAMES`).
+OUTPUT_NAMES = ("registered{ext}", "difference{ext}", "transform.tfm", "slices.csv", "report.json", "overview.png",
+                "registered.png", "difference.png")
+DEMO_OUTPUT_NAMES = ("fixed{ext}", "moving{ext}")
+
+
+def output_names(args: argparse.Namespace) -> list[str]:
+    """The names this run's outputs may take in OUTDIR."""
+    from .io import output_suffix
+
+    ext = output_suffix(args.output_format, None if args.demo else args.fixed)
+    names = [n for n in OUTPUT_NAMES if not (args.no_overview and n == "overview.png")]
+    return [n.format(ext=ext) for n in (names + list(DEMO_OUTPUT_NAMES) if args.demo else names)]
+
+
+def input_files(args: argparse.Namespace, card_path: Path | None) -> list[tuple[str, Path]]:
+    """(role, path) of every file the run reads: FIXED, MOVING, the model card and its weights."""
+    from .model_card import ModelError, read_model_card, weights_path
+
+    files = [(f"{role} image", Path(path)) for role, path in (("fixed", args.fixed), ("moving", args.moving))
+             if path and not args.demo]
+    if card_path is not None:
+        files.append(("model card", card_path))
+        with contextlib.suppress(ModelError):  # a broken card is reported when it is loaded
+            weights = weights_path(read_model_card(card_path))
+            if weights is not None:
+                files.append(("weights file", weights))
+    return files
+
+
+def check_inputs_are_not_outputs(args: argparse.Namespace, out: Path, card_path: Path | None) -> None:
+    """Refuse, before any work, a run whose outputs would replace one of its inputs: an input that
+    is (by path, symbolic link or hard link) a file an output name takes in OUTDIR, or such a name
+    held by a folder (which the outputs could not replace)."""
+    inputs = [(role, path) for role, path in input_files(args, card_path) if path.exists()]
+    for name in output_names(args):
+        target = out / name
+        if not target.exists():
+            continue
+        if target.is_dir():
+            raise CliError(f"{target} is a folder: the output {name} cannot be written; choose another output folder")
+        for role, path in inputs:
+            if os.path.samefile(path, target):
+                raise CliError(f"the {role} {path} would be overwritten by the output {name} in {out}; "
+                               "choose another output folder")
 
 
 class _Progress:
@@ -130,10 +238,11 @@ class _Progress:
 def run(args: argparse.Namespace) -> dict:
     """Register, write every output, return the report dict.
 
-    Every input is checked before the model is loaded; the outputs are written into a private
-    folder inside OUTDIR and moved into place only when all of them were written, so a failed or
-    interrupted run leaves OUTDIR as it was (no partial outputs, no temporary files). The input
-    files are only read.
+    Contradicting options and an input that an output would replace are refused before anything
+    is read; every input is checked before the model is loaded; the outputs are written into a
+    private folder inside OUTDIR and moved into place only when all of them were written, so a
+    failed or interrupted run leaves OUTDIR as it was (no partial outputs, no temporary files, not
+    even OUTDIR itself when it did not exist). The input files are only read.
     """
     from .engine import RegistrationOptions, register_volumes
     from .io import (itk_dimension, output_suffix, read_volume, staged_outputs, write_csv, write_image_2d, write_json,
@@ -144,17 +253,18 @@ def run(args: argparse.Namespace) -> dict:
     from .report import result_report
 
     t0 = time.perf_counter()
+    check_option_conflicts(args)
     out = prepare_output(args.output)
     card_path = resolve_card(args.weights)
+    check_inputs_are_not_outputs(args, out, card_path)
     card = read_model_card(card_path or DEFAULT_CARD)  # JSON only: the grid the inputs are checked against
+    check_model_conflicts(args, card.transform)
     options = RegistrationOptions(mode=args.mode, axis=args.axis, device=args.device, batch_size=args.batch_size,
                                   iterations=args.iterations, tolerance=args.tolerance, max_slices=args.max_slices,
                                   precision=args.precision, symmetric=args.symmetric,
                                   symmetric_stride=args.symmetric_stride, refine=args.refine,
                                   refine_slices=args.refine_slices, metric=args.metric)
     options.validate()
-    if args.refine_slices and args.mode != "slices":  # the panel and the Logic ignore it in volume mode
-        raise InputError("--refine-slices refines each slice of --mode slices; volume mode is refined by default (--no-refine turns that off)")
     resolve_device(args.device)  # CUDA asked for but absent: say so before reading anything
     truth = None
     if args.demo:
@@ -242,7 +352,7 @@ def summary(report: dict, out: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.demo and not args.output:
         args.output = "rigid-resnet-demo"
     try:

@@ -136,6 +136,13 @@ class RegistrationOptions:
     compute_registered: bool = True
     compute_difference: bool = True
 
+    @property
+    def refined(self) -> bool:
+        """Whether a refinement on image similarity follows the network in this mode (rigid models):
+        ``refine`` in ``volume`` mode, ``refine_slices`` in ``slices`` mode; the other mode's setting
+        is ignored (a panel keeps both)."""
+        return bool(self.refine_slices if self.mode == "slices" else self.refine)
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
@@ -159,6 +166,10 @@ class RegistrationOptions:
             raise InputError(f"refine_slices must be True or False, not {self.refine_slices!r}")
         if self.metric not in ("auto", "ncc", "mi"):
             raise InputError(f"metric must be auto, ncc or mi, not {self.metric!r}")
+        if self.metric != "auto" and not self.refined:
+            raise InputError(f"metric {self.metric!r} is the similarity a refinement maximises, but "
+                             + ("slices mode without refine_slices" if self.mode == "slices" else "volume mode without refine")
+                             + " refines nothing")
         if not 0.0 <= self.min_foreground < 1.0:
             raise InputError(f"min_foreground must be in [0, 1), not {self.min_foreground!r}")
 

@@ -103,6 +103,8 @@ def _read_nifti(p: Path, label: str, content: tuple[bool, int] | None) -> Volume
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for broken files
         raise InputError(f"{label}: not a readable NIfTI image ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if data.size == 0:  # nibabel flattens a zero-length axis away: the header keeps the shape
+        raise InputError(f"{label}: the volume is empty (shape {tuple(img.shape)})")
     if data.dtype.fields is not None:  # RGB / structured voxels
         raise InputError(f"{label}: vector (multi-component) voxels; a 3D scalar volume is needed")
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -156,7 +158,12 @@ def _read_itk(p: Path, label: str) -> Volume:
 def _read_dicom_series(p: Path, label: str) -> Volume:
     import SimpleITK as sitk
 
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" goes to stderr otherwise
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         raise InputError(f"{label}: is a folder without a DICOM series: {p} (a folder is read as one DICOM series)")
     if len(series) > 1:
@@ -182,51 +189,97 @@ def _scalar_volume(image: Any, label: str) -> Volume:
     if image.GetDimension() > 3 or (components > 1 and image.GetDimension() == 3):
         what = f" x {components} components" if components > 1 else ""
         raise InputError(f"{label}: a 3D scalar volume is needed, got size {size}{what} (4D or vector image)")
-    if components > 1:  # 2D colour: grey stored as RGB(A) is grey, real colour is refused
+    if components > 1:  # 2D colour: grey stored as RGB(A) and opaque is grey, real colour is refused
         channels = sitk.GetArrayFromImage(image)
-        if components not in (3, 4) or not (np.array_equal(channels[..., 0], channels[..., 1])
-                                            and np.array_equal(channels[..., 0], channels[..., 2])):
-            raise InputError(f"{label}: colour or vector (multi-component) pixels; a grey image or a 3D scalar volume is needed")
+        if components not in (3, 4):
+            raise InputError(f"{label}: vector (multi-component) pixels ({components} components); a greyscale image is needed")
+        if components == 4 and not (channels[..., 3] == np.iinfo(channels.dtype).max
+                                    if np.issubdtype(channels.dtype, np.integer) else channels[..., 3] == 1).all():
+            raise InputError(f"{label}: an image with transparent pixels (RGBA); a greyscale image is needed")
+        if not (np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])):
+            raise InputError(f"{label}: a colour image (RGB) whose channels differ; a greyscale image is needed")
         image = sitk.VectorIndexSelectionCast(image, 0)
     return volume_from_sitk(image, label)
 
 
+def _new_file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0o666 less the process's umask (read by setting it
+    and putting it back: there is no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    The file that appears has the usual permissions of a new file (0o666 less the umask), not the
+    private 0o600 of its temporary name.
+    """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part" + "".join(target.suffixes), dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _new_file_mode())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist, outermost first."""
+    missing: list[Path] = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.insert(0, folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):  # not empty (someone else wrote there): left alone
+            folder.rmdir()
+
+
 @contextlib.contextmanager
 def staged_outputs(outdir: str | Path) -> Iterator[Path]:
     """Yield a new private folder inside ``outdir`` to write a run's outputs into.
 
-    When the block succeeds, every file in it is moved into ``outdir`` (``os.replace``: same file
-    system, each file appears whole); when it fails or is interrupted (any exception, including
-    ``KeyboardInterrupt``), the folder and everything in it are removed. So ``outdir`` gets all of
-    a run's outputs or none of them, and never a half-written file. A folder that cannot be
-    written to is an :class:`InputError` raised before any work.
+    ``outdir`` (and its missing parents) is created if needed. When the block succeeds, every file
+    in the private folder is moved into ``outdir`` (``os.replace``: same file system, each file
+    appears whole); when it fails or is interrupted (any exception, including
+    ``KeyboardInterrupt``), the private folder and everything in it are removed, and so are the
+    folders this call created. So ``outdir`` gets all of a run's outputs or none of them, never a
+    half-written file, and a failed run leaves it as it was (absent if it was absent). A folder
+    that cannot be created or written to is an :class:`InputError` raised before any work.
     """
     out = Path(outdir)
+    created = _missing_folders(out)
+    try:
+        for folder in created:
+            folder.mkdir()
+    except OSError as exc:
+        _remove_empty(created)
+        raise InputError(f"cannot create output folder {out} ({exc.strerror or exc.__class__.__name__})") from None
     try:
         stage = Path(tempfile.mkdtemp(prefix=".rigid-resnet-", suffix=".tmp", dir=out))
     except OSError as exc:
+        _remove_empty(created)
         raise InputError(f"output folder is not writable: {out} ({exc.strerror or exc.__class__.__name__})") from None
+    done = False
     try:
         yield stage
         for item in sorted(stage.iterdir()):
             os.replace(item, out / item.name)
+        done = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not done:
+            _remove_empty(created)
 
 
 def write_volume(volume: Volume, path: str | Path, dtype: Any = np.float32) -> None:

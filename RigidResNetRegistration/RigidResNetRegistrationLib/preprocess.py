@@ -228,17 +228,38 @@ def check_in_plane_resolution(volume: Volume, frame: SliceFrame, grid_spacing_mm
     )
 
 
+def _dimensions(volume: Volume) -> str:
+    """``3D (44 x 50 x 30 voxels)`` or, for a single slice, ``2D (60 x 70 pixels)``."""
+    if 1 in volume.shape:
+        return f"2D ({' x '.join(str(n) for n in volume.shape if n != 1) or '1'} pixels)"
+    return f"3D ({' x '.join(str(n) for n in volume.shape)} voxels)"
+
+
+def check_same_dimensionality(fixed: Volume, moving: Volume) -> None:
+    """Raise :class:`InputError` when one volume is a single slice (a 2D image) and the other is not:
+    the slices of the one cannot be paired with the other's."""
+    f, m = _dimensions(fixed), _dimensions(moving)
+    if f[:2] != m[:2]:
+        raise InputError(f"the {fixed.name} is {f} but the {moving.name} is {m}; register two 3D volumes or two 2D images")
+
+
 def check_before_registration(fixed: Volume, moving: Volume, axis: str, size: tuple[int, int],
                               grid_spacing_mm: float) -> SliceFrame:
     """Every input check the front doors make before heavy work: both volumes valid
-    (:func:`validate_volume`), the fixed field of view large enough for the network grid, and
-    both volumes' in-plane resolution (:func:`check_in_plane_resolution`) on the fixed volume's
-    slice frame for ``axis``, which is returned."""
-    from .geometry import slice_frame
+    (:func:`validate_volume`) and both 3D or both 2D (:func:`check_same_dimensionality`; a 2D image
+    sliced in its own plane), the fixed field of view large enough for the network grid, and both volumes' in-plane resolution
+    (:func:`check_in_plane_resolution`) on the fixed volume's slice frame for ``axis``, which is
+    returned."""
+    from .geometry import orientation_of_axis, slice_frame
 
     validate_volume(fixed)
     validate_volume(moving)
+    check_same_dimensionality(fixed, moving)
     frame = slice_frame(fixed.ijk_to_ras, fixed.shape, axis)
+    if 1 in fixed.shape and fixed.shape[frame.axis] != 1:  # slices across a 2D image: one pixel wide
+        plane = orientation_of_axis(fixed.ijk_to_ras, fixed.shape.index(1))
+        raise InputError(f"the {fixed.name} is 2D: it is registered in its own ({plane}) plane, not in "
+                         f"{frame.orientation} slices across it; choose the {plane} slice axis")
     check_field_of_view(fixed, frame, size, grid_spacing_mm)
     for volume in (fixed, moving):
         check_in_plane_resolution(volume, frame, grid_spacing_mm)

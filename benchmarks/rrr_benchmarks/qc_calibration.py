@@ -276,7 +276,7 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 COLUMNS = ["case", "class", "dims", "group", "error deg / mm", "in-brain NCC", "metric", "similarity", "peak",
-           "offset deg / mm", "mirror", "slices agree", "refine moved deg / mm", "verdict", "reasons"]
+           "offset deg / mm", "mirror", "slices agree", "refine moved deg / mm", "QC s", "verdict", "reasons"]
 
 
 def table_row(r: dict[str, Any]) -> str:
@@ -288,6 +288,7 @@ def table_row(r: dict[str, Any]) -> str:
              f"{_f(s.get('offset_deg'), 2)} / {_f(s.get('offset_mm'), 2)}" if s else "-",
              _f(s.get("mirror")), _f(s.get("slices_agree"), 2),
              f"{_f(s.get('refine_moved_deg'), 1)} / {_f(s.get('refine_moved_mm'), 1)}" if s.get("refine_moved_deg") is not None else "-",
+             _f(r.get("qc_seconds"), 2),
              f"**{r['verdict']}**" if r["wrong"] else r["verdict"], "; ".join(r["reasons"])[:160]]
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
@@ -320,7 +321,23 @@ def margins(rows: list[dict[str, Any]]) -> list[str]:
         mb = [s["mirror"] for s in bad["mirrored"] if s.get("mirror") is not None]
         lines.append(f"- mirror: good cases' highest {max(mg, default=math.nan):.3f} (suspicious above {qc.MIRROR_SUSPICIOUS}, "
                      f"failed above {qc.MIRROR_FAILED}); mirrored cases' lowest {min(mb, default=math.nan):.3f}")
+    # how many failure findings caught each bad case (1: that one threshold alone stands between it and "ok")
+    single: dict[str, int] = {}
+    for r in rows:
+        if r["class"] == "bad" and r.get("signals"):
+            found = [f for f, words in FINDINGS.items()
+                     if any(words in x if f == "similarity" else x.startswith(words) for x in r["reasons"])]
+            if len(found) == 1:
+                single[found[0]] = single.get(found[0], 0) + 1
+    n_bad = sum(r["class"] == "bad" for r in rows)
+    lines.append(f"- bad cases caught by one finding alone: {sum(single.values())} of {n_bad} ("
+                 + (", ".join(f"{k}: {v}" for k, v in single.items()) or "none") + "); the others by two or more")
     return lines
+
+
+#: Failure findings of quality.judge, by how their reason starts (the similarity one: a phrase in it).
+FINDINGS = {"similarity": "is far below", "peak": "no similarity peak", "optimum": "not at a similarity optimum",
+            "mirror": "a left-right mirrored mapping is more similar"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,13 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
 
-    def record(case, cls, kind, verdict: qc.QualityVerdict | None, error=None, note=None):
+    def record(case, cls, kind, verdict: qc.QualityVerdict | None, error=None, note=None, seconds=None):
         ok = verdict is not None and verdict.verdict == "ok"
         wrong = ok if cls == "bad" else not ok
         row = {"case": case["name"] + (f" ({note})" if note else ""), "class": cls, "kind": kind, "dims": case["dims"],
                "group": case["group"], "pairing": case.get("pairing"), "error_deg_mm": error,
                "verdict": verdict.verdict if verdict else "refused", "reasons": list(verdict.reasons) if verdict else [],
-               "signals": verdict.signals.as_dict() if verdict else {}, "wrong": wrong}
+               "signals": verdict.signals.as_dict() if verdict else {}, "wrong": wrong, "qc_seconds": seconds}
         rows.append(row)
         print(table_row(row), flush=True)
 
@@ -366,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         res, err = out["result"], out["error"]
         cls = "good" if err[0] <= GOOD_DEG and err[1] <= GOOD_MM else "bad"
-        record(case, cls, "registration" if cls == "good" else "engine missed", res.quality, err)
+        record(case, cls, "registration" if cls == "good" else "engine missed", res.quality, err,
+               seconds=res.timings.get("quality"))
         centre = geo.volume_centre_ras(case["fixed"].ijk_to_ras, case["fixed"].shape)
         for label, delta in _perturbations(rng, case["dims"], res.frame, centre):
             record(case, "bad", "perturbed", score(case, res, res.fixed_to_moving_ras @ delta, model, args.device),
@@ -374,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in bad:
         out = run_case(case, model, args.device)
         record(case, "bad", case["kind"], out["result"].quality if "result" in out else None,
-               note=None if "result" in out else f"refused: {out['error'][:80]}")
+               note=None if "result" in out else f"refused: {out['error'][:80]}",
+               seconds=out["result"].timings.get("quality") if "result" in out else None)
     n_good = sum(r["class"] == "good" for r in rows)
     n_bad = len(rows) - n_good
     false_alarms = [r for r in rows if r["class"] == "good" and r["wrong"]]

@@ -17,8 +17,9 @@ Steps (one implementation shared by the Slicer Logic, the command line and the b
    of the inliers) into one transform, then (``refine``) polish all six rigid parameters on
    image similarity; ``slices`` mode: keep one transform per slice (``refine_slices``: each
    polished on its own slice's similarity first, :func:`refine.refine_slices`);
-5. resample the moving volume onto the fixed grid, compute |fixed - registered| and the
-   similarity of each slice before and after.
+5. measure the similarity of each slice before and after, and decide the quality verdict
+   (``ok`` / ``suspicious`` / ``failed``, :mod:`quality`) on the final transform;
+6. resample the moving volume onto the fixed grid and compute |fixed - registered|.
 
 All transforms are kept in the *resampling* direction (fixed point -> moving point), RAS.
 """

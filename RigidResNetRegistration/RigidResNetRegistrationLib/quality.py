@@ -284,7 +284,7 @@ class SimilarityProbe:
 
         if t.ndim == 3:
             t = np.broadcast_to(t[:, None], (t.shape[0], self.n_slices, 4, 4))
-        m = self.ras_to_grid @ torch.as_tensor(np.ascontiguousarray(t), dtype=torch.float64, device=self.device)
+        m = self.ras_to_grid @ torch.as_tensor(np.array(t, dtype=np.float64), device=self.device)  # a writable copy
         k = m.shape[0]
         grid = torch.empty((k, self.n_points, 3), dtype=torch.float32, device=self.device)
         for g, rows in enumerate(self.rows):  # each slice's points through its own transform

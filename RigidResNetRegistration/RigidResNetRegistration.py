@@ -332,6 +332,7 @@ class RigidResNetRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         p = self._parameterNode
         self._cancelRequested = False
         self.ui.resultLabel.text = ""
+        self.ui.resultLabel.styleSheet = ""
         self._setRunning(True)
         try:
             with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=False):
@@ -378,6 +379,7 @@ class RigidResNetRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         made = [node.GetName() for node in (out.transform_node, out.registered_volume_node, out.difference_volume_node,
                                             out.table_node) if node is not None]
         self.ui.resultLabel.text = out.summary() + "\n" + _("Outputs: {names}").format(names=", ".join(made))
+        self.ui.resultLabel.styleSheet = slicer_nodes.VERDICT_STYLE[out.verdict]
         foreground = out.registered_volume_node or p.movingVolume
         slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=foreground, foregroundOpacity=0.5, fit=True)
 
@@ -539,7 +541,7 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
             progress=progress,
             cancel=cancel,
         )
-        logging.info(f"Rigid ResNet Registration: {out.summary()}")
+        (logging.info if out.verdict == "ok" else logging.warning)(f"Rigid ResNet Registration: {out.summary()}")
         return out
 
 

@@ -410,16 +410,17 @@ def test_refinement_uses_mutual_information_across_contrasts():
 def test_quality_control_flags_a_confident_wrong_answer():
     fixed, moving, truth, frame = _case()
     wrong = register_volumes(fixed, moving, ConstantPredictor(CARD, -TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False))
-    assert wrong.likely_failed
-    assert any("less similar after registration" in w for w in wrong.warnings)
+    assert wrong.verdict == "failed" and wrong.likely_failed
+    assert any("not at a similarity optimum" in w for w in wrong.warnings)
     right = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1, refine=False))
-    assert not right.likely_failed and right.warnings == []
-    # slices that disagree: half the slices report another motion
+    assert right.verdict == "ok" and not right.likely_failed and right.warnings == []
+    # slices that disagree: half the slices report another motion; the combined transform is off
     n = int(right.used.sum())
     split = np.repeat(TRUTH[None], n, 0)
     split[::2] = [-8.0, 6.0, -6.0]
     torn = register_volumes(fixed, moving, ConstantPredictor(CARD, split), RegistrationOptions(device="cpu", iterations=1, refine=False))
-    assert any("agree with the volume transform" in w for w in torn.warnings)
+    assert torn.quality.signals.run.slices_agree < 0.5  # recorded
+    assert torn.verdict == "failed" and torn.warnings
 
 
 def test_a_refinement_that_makes_the_slices_less_similar_is_rejected(monkeypatch):
@@ -438,6 +439,7 @@ def test_a_refinement_that_makes_the_slices_less_similar_is_rejected(monkeypatch
     result = register_volumes(fixed, moving, ConstantPredictor(CARD, TRUTH), RegistrationOptions(device="cpu", iterations=1))
     assert np.allclose(result.fixed_to_moving_ras, truth, atol=1e-9)  # the network's transform is kept
     assert result.refinement["rejected"] and any("refinement was rejected" in w for w in result.warnings)
+    assert result.verdict == "suspicious" and result.quality.signals.run.refine_rejected
 
 
 class _BiasedByContent:

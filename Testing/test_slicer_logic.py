@@ -263,6 +263,9 @@ def test_logic_register_with_a_real_model_card(module, constant_card):
     used = [r for r in rows if r["used"]]
     assert used and all(abs(r["theta_deg"] - MOTION[0]) < 1e-3 for r in used)
     assert "cpu" in out.summary() and "NCC" in out.summary() and out.similarity["ncc_after"] > out.similarity["ncc_before"]
+    # the quality verdict: on the result line (the panel shows it, styled by verdict) and in the result
+    assert out.verdict == out.result.verdict == "ok" and out.summary().startswith("quality ok:")
+    assert slicer_nodes.VERDICT_STYLE[out.verdict] == ""
     # inputs unchanged (only the moving volume's parent transform was set, because asked)
     assert_same_state(state(fixed_node), before[0])
     moving_now = state(moving_node)
@@ -608,3 +611,21 @@ def test_register_nodes_directly_with_options(constant_card):
     assert out.result.frame.orientation == "axial"
     assert np.allclose(out.moving_to_fixed_world, geo.invert(truth), atol=1e-5)
     assert out.created == [out.transform_node, out.registered_volume_node, out.difference_volume_node, out.table_node]
+
+
+def test_logic_result_line_shows_a_failed_quality_verdict(module, tmp_path, caplog):
+    """A network that answers the wrong motion: the Logic's result line (what the panel shows, styled
+    by verdict, and what it logs, as a warning) says FAILED with the verdict's reasons."""
+    import logging
+
+    wrong = write_card(tmp_path, bias=(-MOTION).tolist(), name="wrong")
+    scene = slicer.vtkMRMLScene()
+    fixed_node, moving_node, truth = case(scene)
+    with caplog.at_level(logging.INFO):
+        out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False,
+                                                             device="cpu", model=str(wrong), symmetric=False)
+    assert out.verdict == "failed" and out.result.warnings
+    line = out.summary()
+    assert line.startswith("quality FAILED:") and all(f"WARNING: {r}" in line for r in out.result.warnings)
+    assert any(r.levelno == logging.WARNING and "quality FAILED" in r.getMessage() for r in caplog.records)
+    assert "font-weight: bold" in slicer_nodes.VERDICT_STYLE["failed"]

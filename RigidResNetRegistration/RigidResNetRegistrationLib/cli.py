@@ -338,8 +338,7 @@ def summary(report: dict, out: Path) -> str:
         else:
             lines.append(f"refined (6 rigid parameters, {r['metric'].upper()}): {r['similarity_before']:.4f} -> "
                          f"{r['similarity_after']:.4f} in {r['steps']} steps")
-    for warning in report.get("quality", {}).get("warnings", []):
-        lines.append(f"WARNING: registration likely failed: {warning}")
+    lines.extend(quality_lines(report.get("quality") or {}))
     if "demo" in report:
         d = report["demo"]
         lines.append(f"known motion recovered with rotation error {d['rotation_error_deg']:.3f} deg, "
@@ -348,6 +347,16 @@ def summary(report: dict, out: Path) -> str:
         lines.append("WARNING: the bundled model is UNTRAINED (identity placeholder): expect no correction.")
     lines.append(f"outputs in {out.resolve()}: " + " ".join(report["outputs"]))
     return "\n".join(lines)
+
+
+def quality_lines(quality: dict) -> list[str]:
+    """The summary's quality lines from report.json's ``quality``: ``quality: ok``, or the verdict
+    in capitals with one ``WARNING:`` line per reason."""
+    verdict = quality.get("verdict", "ok")
+    if verdict == "ok":
+        return ["quality: ok"]
+    head = "registration FAILED quality control" if verdict == "failed" else "registration is SUSPICIOUS"
+    return [f"quality: {verdict.upper()}"] + [f"WARNING: {head}: {reason}" for reason in quality.get("reasons", [])]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

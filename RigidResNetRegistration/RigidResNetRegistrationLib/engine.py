@@ -17,8 +17,9 @@ Steps (one implementation shared by the Slicer Logic, the command line and the b
    of the inliers) into one transform, then (``refine``) polish all six rigid parameters on
    image similarity; ``slices`` mode: keep one transform per slice (``refine_slices``: each
    polished on its own slice's similarity first, :func:`refine.refine_slices`);
-5. resample the moving volume onto the fixed grid, compute |fixed - registered| and the
-   similarity of each slice before and after.
+5. measure the similarity of each slice before and after, and decide the quality verdict
+   (``ok`` / ``suspicious`` / ``failed``, :mod:`quality`) on the final transform;
+6. resample the moving volume onto the fixed grid and compute |fixed - registered|.
 
 All transforms are kept in the *resampling* direction (fixed point -> moving point), RAS.
 """
@@ -45,6 +46,7 @@ from .preprocess import (
     select_slices,
     survey_slices,
 )
+from .quality import QualityVerdict, RunSignals, judge, measure
 from .refine import refine_rigid, refine_slices
 from .resample import resample_per_slice, resample_volume, sample_slice_stack
 from .similarity import mutual_information, ncc
@@ -68,6 +70,8 @@ REFINE_PASS_TOLERANCE = 10.0
 #: slices (median 0.054 -> 0.030 deg) but hurt cross-contrast ones (0.32 -> 0.41 deg, success 92%
 #: -> 84%) and cost 25-65% more time: kept at 2.
 SLICE_PASS_TOLERANCE = 2.0
+#: ``slices`` mode: the quality verdict is measured on at most this many slices spread over the stack.
+QC_SLICES = 16
 ProgressCallback = Callable[[float, str], None]
 
 
@@ -200,13 +204,19 @@ class RegistrationResult:
     passes: int = 0  # predict/warp/compose passes made
     network_fixed_to_moving_ras: np.ndarray | None = None  # the network's transform before refinement
     refinement: dict[str, object] | None = None  # metric, similarity before/after, steps (None: not refined)
-    warnings: list[str] = field(default_factory=list)  # quality-control findings, one line each
+    warnings: list[str] = field(default_factory=list)  # the quality verdict's reasons, one line each
     agrees: np.ndarray | None = None  # (S,) bool: used and its estimate within 1 deg / 1 mm of the volume's
+    quality: QualityVerdict | None = None  # ok / suspicious / failed, its reasons and signals (quality.py)
+
+    @property
+    def verdict(self) -> str:
+        """``ok``, ``suspicious`` or ``failed`` (:func:`quality.judge`; ``ok`` when not measured)."""
+        return "ok" if self.quality is None else self.quality.verdict
 
     @property
     def likely_failed(self) -> bool:
-        """True when quality control found the result unreliable (see ``warnings``)."""
-        return bool(self.warnings)
+        """True unless quality control found the result ``ok`` (kept for compatibility: see ``verdict``)."""
+        return self.verdict != "ok"
 
     @property
     def moving_to_fixed_ras(self) -> np.ndarray:
@@ -668,20 +678,16 @@ def register_volumes(
         nb, mb = slice_similarity(fixed_sel, moving_start)
         na, ma = slice_similarity(fixed_sel, after_moving)
     sims = {k: np.full(n_slices, np.nan) for k in ("ncc_before", "ncc_after", "mi_before", "mi_after")}
-    rejected = None
     if refinement is not None and opts.mode == "volume":
         # an independent check of the refinement: the slices' MI must not fall below the network's
         net_ncc, net_mi = slice_similarity(fixed_sel, net_moving)
         if float(np.mean(ma)) < float(np.mean(net_mi)) - REFINE_REJECT_MI:
-            rejected = (f"the refinement was rejected (slice MI {np.mean(net_mi):.3f} -> {np.mean(ma):.3f} nats): "
-                        "the network's transform is kept")
             volume_t, na, ma = network_t.copy(), net_ncc, net_mi
-            refinement["rejected"] = True
+            refinement["rejected"] = True  # a quality finding (quality.judge)
     sims["ncc_before"][idx], sims["mi_before"][idx] = nb, mb
     sims["ncc_after"][idx], sims["mi_after"][idx] = na, ma
-    warnings = quality_warnings(sims, used, agrees if opts.mode == "volume" else used, refinement)
-    if rejected:
-        warnings.append(rejected)
+    verdict = _quality_verdict(f_t, fixed, m_t, moving, frame, idx, size, spacing, opts.mode, volume_t, network_t,
+                               per_slice_t, refinement, agrees)
     timings["quality"] = time.perf_counter() - t_q
 
     # ---- output images on the fixed grid
@@ -721,8 +727,9 @@ def register_volumes(
         passes=passes,
         network_fixed_to_moving_ras=network_t,
         refinement=refinement,
-        warnings=warnings,
+        warnings=list(verdict.reasons),
         agrees=agrees,
+        quality=verdict,
     )
 
 
@@ -738,28 +745,29 @@ def choose_metric(fixed_slices: torch.Tensor, moving_slices: torch.Tensor, thres
     return "ncc" if float(ncc(f, m, mask).median()) >= threshold else "mi"
 
 
-def quality_warnings(
-    sims: dict[str, np.ndarray], used: np.ndarray, agrees: np.ndarray, refinement: dict[str, object] | None
-) -> list[str]:
-    """Reasons to distrust a result, one line each (empty: nothing found).
-
-    - fewer than half of the registered slices agree with the volume transform (their own last
-      estimate within 1 deg and 1 mm of it, ``agrees``): the slices disagree about the motion;
-    - the images are less similar after registration than before (NCC and MI both lower on the
-      registered slices), i.e. the transform made the alignment worse;
-    - the refinement ended less similar than it started.
-    """
-    out = []
-    n_used = int(used.sum())
-    if n_used and int(agrees.sum()) < 0.5 * n_used:
-        out.append(f"only {int(agrees.sum())} of {n_used} registered slices agree with the volume transform (within 1 deg / 1 mm)")
-    if n_used:
-        worse = [k for k in ("ncc", "mi") if np.nanmean(sims[f"{k}_after"][used]) < np.nanmean(sims[f"{k}_before"][used]) - 0.01]
-        if len(worse) == 2:
-            out.append("the images are less similar after registration than before (NCC and MI both fell)")
-    if refinement is not None and float(refinement["similarity_after"]) < float(refinement["similarity_before"]) - 1e-3:
-        out.append(f"the refinement lowered the {refinement['metric']} similarity")
-    return out
+def _quality_verdict(
+    f_t: torch.Tensor, fixed: Volume, m_t: torch.Tensor, moving: Volume, frame: geo.SliceFrame, idx: np.ndarray,
+    size: tuple[int, int], spacing: float, mode: str, volume_t: np.ndarray, network_t: np.ndarray,
+    per_slice_t: np.ndarray | None, refinement: dict[str, object] | None, agrees: np.ndarray,
+) -> QualityVerdict:
+    """The quality verdict on the final transform (:mod:`quality`), measured on the registered
+    slices (``slices`` mode: at most ``QC_SLICES`` of them spread over the stack, each with its own
+    transform), with the slices' agreement and the refinement's figures recorded (``volume`` mode)."""
+    if mode == "slices":
+        rows = np.unique(np.round(np.linspace(0, len(idx) - 1, min(QC_SLICES, len(idx)))).astype(int))
+        transforms = per_slice_t[idx[rows]]
+    else:
+        rows, transforms = np.arange(len(idx)), volume_t
+    run = RunSignals()
+    if mode == "volume":
+        run.slices_agree = float(np.mean(agrees[idx])) if len(idx) else None
+        if refinement is not None:
+            centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
+            run.refine_moved_deg, run.refine_moved_mm = geo.rigid_error(volume_t, network_t, centre)
+            run.refine_steps = int(refinement["steps"])
+            run.refine_rejected = bool(refinement.get("rejected", False))
+    return judge(measure(f_t, fixed.ijk_to_ras, m_t, moving.ijk_to_ras, frame, idx[rows], size, spacing, transforms,
+                         run=run))
 
 
 def _agreement_tolerance(kind: str) -> np.ndarray:

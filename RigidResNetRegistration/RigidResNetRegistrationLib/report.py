@@ -50,7 +50,7 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
                {"note": "'parameters' are the network's in-plane estimate; the refinement changed all six rigid "
                 "parameters and fixed_to_moving_RAS holds its result"}),
         },
-        "quality": {"likely_failed": result.likely_failed, "warnings": list(result.warnings)},
+        "quality": quality_report(result),
         "fixed_to_moving_RAS": {
             "meaning": "resampling transform: maps fixed-image RAS points to moving-image RAS points "
             "(ITK direction; transform.tfm holds this matrix converted to LPS)",
@@ -62,3 +62,13 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
             "matrix": result.moving_to_fixed_ras.tolist(),
         },
     }
+
+
+def quality_report(result: RegistrationResult) -> dict[str, Any]:
+    """The ``quality`` entry of report.json: the verdict (``ok`` / ``suspicious`` / ``failed``, see
+    :mod:`quality`), its reasons, the signals it was decided from, and ``likely_failed``
+    (``verdict != "ok"``, kept for readers of earlier reports)."""
+    out: dict[str, Any] = result.quality.as_dict() if result.quality is not None else {"verdict": result.verdict, "reasons": []}
+    out["reasons"] = list(result.warnings)
+    out["likely_failed"] = result.likely_failed
+    return out

@@ -299,6 +299,10 @@ def set_table(table_node: Any, rows: list[dict[str, Any]]) -> Any:
 # --------------------------------------------------------------------------- the registration
 
 
+#: Style of the panel's result line for each quality verdict (:mod:`.quality`).
+VERDICT_STYLE = {"ok": "", "suspicious": "color: #b36b00;", "failed": "color: #c00000; font-weight: bold;"}
+
+
 @dataclasses.dataclass
 class RegistrationNodes:
     """What a registration made in the scene, with the Lib result it came from.
@@ -332,10 +336,17 @@ class RegistrationNodes:
     def similarity(self) -> dict[str, float]:
         return self.result.similarity
 
+    @property
+    def verdict(self) -> str:
+        """Quality verdict: ``ok``, ``suspicious`` or ``failed`` (:mod:`.quality`)."""
+        return self.result.verdict
+
     def summary(self) -> str:
-        """One result line: device, seconds, similarity before -> after."""
+        """One result line: quality verdict, device, seconds, similarity before -> after, and the
+        verdict's reasons."""
         s = self.similarity
         text = (
+            f"quality {self.verdict.upper() if self.verdict != 'ok' else 'ok'}: "
             f"{self.device}, {self.seconds:.2f} s, NCC {s['ncc_before']:.3f} -> {s['ncc_after']:.3f}, "
             f"MI {s['mi_before']:.3f} -> {s['mi_after']:.3f}"
         )
@@ -343,8 +354,8 @@ class RegistrationNodes:
             text += f", refined on {str(self.result.refinement['metric']).upper()}"
         if not self.model_trained:
             text += " (untrained model: identity transform)"
-        for warning in self.result.warnings:
-            text += f"; WARNING: likely failed: {warning}"
+        for reason in self.result.warnings:
+            text += f"; WARNING: {reason}"
         return text
 
 

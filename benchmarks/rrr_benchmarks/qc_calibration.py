@@ -319,7 +319,7 @@ def margins(rows: list[dict[str, Any]]) -> list[str]:
                      f"{min(pert, default=math.nan):.2f}")
         mg = [s["mirror"] for s in good if s.get("mirror") is not None]
         mb = [s["mirror"] for s in bad["mirrored"] if s.get("mirror") is not None]
-        lines.append(f"- mirror: good cases' highest {max(mg, default=math.nan):.3f} (suspicious above {qc.MIRROR_SUSPICIOUS}, "
+        lines.append(f"- mirror: good cases' highest {max(mg, default=math.nan):.3f} ("
                      f"failed above {qc.MIRROR_FAILED}); mirrored cases' lowest {min(mb, default=math.nan):.3f}")
     # how many failure findings caught each bad case (1: that one threshold alone stands between it and "ok")
     single: dict[str, int] = {}

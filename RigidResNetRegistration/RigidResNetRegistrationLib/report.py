@@ -58,6 +58,11 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
                 "parameters and fixed_to_moving_RAS holds its result"}),
         },
         "quality": {"likely_failed": result.likely_failed, "warnings": list(result.warnings)},
+        "init": None if result.initialisation is None else {
+            **result.initialisation.as_report(),
+            "meaning": "where the registration started (RAS resampling transform, fixed -> moving): the moving volume "
+            "was placed by it before the network; 'parameters' and slices.csv are relative to it",
+        },
         "fixed_to_moving_RAS": {
             "meaning": "resampling transform: maps fixed-image RAS points to moving-image RAS points "
             "(ITK direction; transform.tfm holds this matrix converted to LPS)",
@@ -95,7 +100,8 @@ def overview_figure(fixed: Volume, moving: Volume, result: RegistrationResult, p
     side = int(min(512, np.ceil(np.max(np.asarray(fixed.shape, float)[in_plane] * fixed.spacing[in_plane]) / spacing)))
     size = (side, side)
     f_t, m_t = as_float_tensor(fixed), as_float_tensor(moving)
-    per_slice = np.stack([params_to_ras(result.slice_params[s], frame, result.transform_kind, int(s)) for s in rows]) if len(rows) else None
+    start = result.initial_fixed_to_moving_ras
+    per_slice = np.stack([start @ params_to_ras(result.slice_params[s], frame, result.transform_kind, int(s)) for s in rows]) if len(rows) else None
     f = normalise_volume(sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, rows), f_t)
     m = normalise_volume(sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, rows), m_t)
     r = normalise_volume(sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, rows, per_slice), m_t)

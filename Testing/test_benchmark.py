@@ -98,12 +98,17 @@ def test_ants_bridge_matches_ants_reading_our_nifti(tmp_path):
     assert np.allclose(geo.apply_to_points(ras, p * [-1, -1, 1]) * [-1, -1, 1], tx.apply_to_point(tuple(p)), atol=1e-4)
 
 
-def test_sitk_peer_recovers_a_known_motion_on_the_phantom():
+def _sitk_phantom_case():
+    """(fixed phantom, its centre, a small known 6-DOF motion, the moved phantom), SimpleITK on 2 threads."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
     fixed = phantom_volume(shape=(48, 56, 40))
     centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
     truth = geo.rigid_matrix_3d((2.0, -1.5, 4.0), (2.5, -2.0, 1.5), centre)
-    moving = moved_copy(fixed, truth)
+    return fixed, centre, truth, moved_copy(fixed, truth)
+
+
+def test_sitk_peer_recovers_a_known_motion_on_the_phantom():
+    fixed, centre, truth, moving = _sitk_phantom_case()
     out = methods.sitk_rigid_3d(fixed, moving)
     rot, trans = geo.rigid_error(out.fixed_to_moving_ras, truth, centre)
     assert rot < 0.5 and trans < 0.5, (rot, trans)
@@ -183,11 +188,7 @@ def test_unshared_header_moves_only_the_header_and_its_truth_still_registers():
 
 
 def test_sitk_peer_starts_unshared_headers_from_the_moments():
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
-    fixed = phantom_volume(shape=(48, 56, 40))
-    centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
-    truth = geo.rigid_matrix_3d((2.0, -1.5, 4.0), (2.5, -2.0, 1.5), centre)
-    moved = moved_copy(fixed, truth)
+    fixed, centre, truth, moved = _sitk_phantom_case()
     h = geo.rigid_matrix_3d((0.0, 0.0, 0.0), (90.0, -60.0, 30.0))
     moving = type(moved)(moved.array, h @ moved.ijk_to_ras, "far")
     out = methods.sitk_rigid_3d(fixed, moving, unshared=True)

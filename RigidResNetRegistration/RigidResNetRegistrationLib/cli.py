@@ -235,7 +235,7 @@ def summary(report: dict, out: Path) -> str:
     if report.get("init"):
         i = report["init"]
         lines.append(f"start: {i['used']}" + (" after a coarse rotation search" if i["coarse_search"] else "")
-                     + (f" ({i['reason']})" if i["requested"] == "auto" else ""))
+                     + (f" ({i['reason']})" if i["used"] != "header" or i["coarse_search"] else ""))
     for warning in report.get("quality", {}).get("warnings", []):
         lines.append(f"WARNING: registration likely failed: {warning}")
     if "demo" in report:

@@ -570,7 +570,7 @@ def register_volumes(
     first_rows = (np.arange(len(idx)) if opts.mode == "volume"
                   else np.searchsorted(idx, select_slices(survey, opts.max_slices or 8)))
     moving_start = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx[first_rows])
-    timings["prepare"] = time.perf_counter() - t0
+    timings["prepare"] = time.perf_counter() - t0 - timings["initialise"]
 
     # ---- predict, re-warp and predict again, composing in the slice frame
     t1 = time.perf_counter()

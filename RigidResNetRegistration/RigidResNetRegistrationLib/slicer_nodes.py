@@ -342,6 +342,9 @@ class RegistrationNodes:
         )
         if self.result.refinement is not None:
             text += f", refined on {str(self.result.refinement['metric']).upper()}"
+        start = self.result.initialisation
+        if start is not None and start.used != "header":
+            text += f", started from {start.used}" + (" after a coarse rotation search" if start.searched else "")
         if not self.model_trained:
             text += " (untrained model: identity transform)"
         for warning in self.result.warnings:

@@ -3,6 +3,9 @@
 Steps (one implementation shared by the Slicer Logic, the command line and the benchmarks):
 
 1. validate both volumes; choose the fixed volume's slice frame (:func:`geometry.slice_frame`);
+   find where to start (:func:`initialise.place_moving`: the headers, a caller's initial transform,
+   centres of mass / principal axes, a coarse rotation search; ``init``) and place the moving
+   volume there: every later step works on the placed volume and the result composes the start;
 2. survey every fixed slice on a coarse copy of the network grid to find the slices with brain
    signal in both volumes; in ``volume`` mode keep ``max_slices`` of them spread over the brain;
 3. sample fixed and moving on the network grid of those slices, through their own headers (which

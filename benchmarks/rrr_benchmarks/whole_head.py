@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                       + (f" FAILED {error}" if error else ""), flush=True)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "whole_head.json").write_text(json.dumps({"command": argv, "rows": rows}, indent=1, default=float) + "\n")
+    (out / "whole_head.json").write_text(json.dumps({"command": sys.argv if argv is None else argv, "rows": rows}, indent=1, default=float) + "\n")
     lines = [f"# Whole-head scans never trained on: default options, known motion\n",
              f"Success: within {SUCCESS_DEG:g} deg and {SUCCESS_MM:g} mm of the truth. Motions: "
              + "; ".join(f"`{m}`: {MOTIONS[m].description}" for m in a.motions)

@@ -188,5 +188,6 @@ def test_bad_input_gives_one_error_line(tmp_path, pair, case, expect, monkeypatc
 def test_help_lists_the_documented_options():
     r = cli("--help")
     assert r.returncode == 0
-    for option in ("--device", "--mode", "--axis", "--weights", "--batch-size", "--no-symmetric", "--symmetric-stride", "--refine-slices", "-o"):
+    for option in ("--device", "--mode", "--axis", "--weights", "--batch-size", "--no-symmetric", "--symmetric-stride", "--refine-slices", "-o",
+                   "--init", "--initial-transform"):
         assert option in r.stdout

@@ -118,6 +118,8 @@ class RigidResNetRegistrationParameterNode:
     mode - volume (one rigid transform) or slices (one in-plane transform per slice).
     model - key of a bundled model card (Resources/Models/<key>.json).
     axis, iterations, batchSize, refine, symmetric, refineSlices - advanced engine options.
+    init - where the registration starts (auto, header, centre, moments).
+    initialTransform - optional linear transform placing the moving volume first (None: none).
     outputTransform - the output transform (None: created on Register).
     applyTransform - make the moving volume observe the output transform.
     createRegisteredVolume/registeredVolume, createDifferenceVolume/differenceVolume,
@@ -135,6 +137,8 @@ class RigidResNetRegistrationParameterNode:
     symmetric: bool = True
     refineSlices: bool = False
     batchSize: Annotated[int, WithinRange(1, 512)] = 32
+    init: Annotated[str, Choice(list(slicer_nodes.INITS))] = "auto"
+    initialTransform: vtkMRMLLinearTransformNode
     outputTransform: vtkMRMLLinearTransformNode
     applyTransform: bool = True
     createRegisteredVolume: bool = True
@@ -350,6 +354,8 @@ class RigidResNetRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
                         symmetric=p.symmetric,
                         refineSlices=p.refineSlices,
                         batchSize=p.batchSize,
+                        init=p.init,
+                        initialTransformNode=p.initialTransform,
                         transformNode=p.outputTransform,
                         registeredVolume=registered,
                         differenceVolume=difference,
@@ -466,6 +472,8 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         symmetric: bool = True,
         symmetricStride: int = 3,
         refineSlices: bool = False,
+        init: str = "auto",
+        initialTransformNode: Optional[vtkMRMLLinearTransformNode] = None,
         transformNode: Optional[vtkMRMLLinearTransformNode] = None,
         registeredVolume: Union[bool, vtkMRMLScalarVolumeNode, None] = True,
         differenceVolume: Union[bool, vtkMRMLScalarVolumeNode, None] = True,
@@ -496,6 +504,12 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
             interpolated between them (default 3; 1: every slice in both orders, 13-35% more time).
         :param refineSlices: ``slices`` mode: also refine each slice's in-plane transform on its own
             image similarity (NCC or MI, as ``refine``; off by default: about 5-10 ms more per slice).
+        :param init: where the registration starts: ``auto`` (the positions when the volumes
+            overlap well, otherwise centres of mass and principal axes; ``volume`` mode also searches
+            rotations of up to 30 degrees about every axis), ``header``, ``centre`` or ``moments``.
+            The moving volume's parent transform is part of its position.
+        :param initialTransformNode: optional linear transform placing the moving volume first
+            (modeling direction, as if the moving volume were under it); the result includes it.
         :param transformNode: linear transform node to write into; None creates one.
         :param registeredVolume: moving volume resampled on the fixed grid: a node to write into,
             True (create one) or False (not computed). Same for ``differenceVolume``
@@ -514,6 +528,8 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         slicer_nodes.check_inputs(fixedVolume, movingVolume, transformNode, *outputs)  # before any heavy import
         if mode not in slicer_nodes.MODES:
             raise ValueError(f"mode must be one of {', '.join(slicer_nodes.MODES)}, not {mode!r}")
+        if init not in slicer_nodes.INITS:
+            raise ValueError(f"init must be one of {', '.join(slicer_nodes.INITS)}, not {init!r}")
         if (device or "").lower() not in slicer_nodes.DEVICES:
             raise ValueError(f"device must be one of {', '.join(slicer_nodes.DEVICES)}, not {device!r}")
         cardPath = slicer_nodes.model_card_path(model) if predictor is None else None
@@ -527,7 +543,7 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
             predictor = load_model(cardPath, device)
         options = RegistrationOptions(mode=mode, axis=axis, device=device, batch_size=batchSize, iterations=iterations,
                                       refine=refine, symmetric=symmetric, symmetric_stride=symmetricStride,
-                                      refine_slices=refineSlices)
+                                      refine_slices=refineSlices, init=init)
         out = slicer_nodes.register_nodes(
             fixedVolume,
             movingVolume,
@@ -540,6 +556,7 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
             apply_transform=applyTransform,
             progress=progress,
             cancel=cancel,
+            initial_transform_node=initialTransformNode,
         )
         (logging.info if out.verdict == "ok" else logging.warning)(f"Rigid ResNet Registration: {out.summary()}")
         return out

@@ -545,10 +545,10 @@ def _logic_case(scene, kind):
         far = slicer_nodes.ijk_to_ras_of(moving_node)
         far[:3, 3] += 5000.0
         moving_node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(far))
-        return fixed_node, moving_node, extra, "do not overlap"
+        return fixed_node, moving_node, {"init": "header"}, "do not overlap"  # other starts align them
     if kind == "no overlap by parent transform":
         moving_node.SetAndObserveTransformNodeID(linear_transform(scene, geo.rigid_matrix_3d(translation_mm=(0, 0, 4000.0))).GetID())
-        return fixed_node, moving_node, extra, "do not overlap"
+        return fixed_node, moving_node, {"init": "header"}, "do not overlap"
     if kind == "too small":
         tiny = phantom_volume(shape=(8, 8, 6), spacing=(1.0, 1.0, 1.0))
         return slicer_nodes.add_volume_node(scene, tiny.array, tiny.ijk_to_ras, "tiny"), moving_node, extra, \

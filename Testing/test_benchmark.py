@@ -98,12 +98,17 @@ def test_ants_bridge_matches_ants_reading_our_nifti(tmp_path):
     assert np.allclose(geo.apply_to_points(ras, p * [-1, -1, 1]) * [-1, -1, 1], tx.apply_to_point(tuple(p)), atol=1e-4)
 
 
-def test_sitk_peer_recovers_a_known_motion_on_the_phantom():
+def _sitk_phantom_case():
+    """(fixed phantom, its centre, a small known 6-DOF motion, the moved phantom), SimpleITK on 2 threads."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
     fixed = phantom_volume(shape=(48, 56, 40))
     centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
     truth = geo.rigid_matrix_3d((2.0, -1.5, 4.0), (2.5, -2.0, 1.5), centre)
-    moving = moved_copy(fixed, truth)
+    return fixed, centre, truth, moved_copy(fixed, truth)
+
+
+def test_sitk_peer_recovers_a_known_motion_on_the_phantom():
+    fixed, centre, truth, moving = _sitk_phantom_case()
     out = methods.sitk_rigid_3d(fixed, moving)
     rot, trans = geo.rigid_error(out.fixed_to_moving_ras, truth, centre)
     assert rot < 0.5 and trans < 0.5, (rot, trans)
@@ -164,6 +169,31 @@ def test_motion_kinds_move_the_volume_as_their_truth_says(kind):
         assert np.allclose(geo.ras_to_params(truth, frame), params, atol=1e-9)
     # seeds are per (motion, pairing): another kind's draws do not shift these
     assert np.allclose(cases.draw_motion(motion, cases.stable_rng(7, kind)), params)
+
+
+def test_unshared_header_moves_only_the_header_and_its_truth_still_registers():
+    fixed = phantom_volume(shape=(48, 56, 40))
+    params = cases.draw_motion(cases.MOTIONS["3d"], cases.stable_rng(3, "3d"))
+    moved, truth = cases.apply_motion(fixed, cases.MOTIONS["3d"], params)
+    moving, new_truth, h = cases.unshare_header(moved, truth, cases.stable_rng(3, "headers"))
+    assert moving.array is moved.array and np.allclose(moving.ijk_to_ras, h @ moved.ijk_to_ras)
+    shift = np.linalg.norm(h[:3, 3])
+    assert cases.UNSHARED_SHIFT_MM[0] - 1e-9 <= shift <= cases.UNSHARED_SHIFT_MM[1] + 1e-9  # the rotation is about the origin
+    inner = (slice(8, -8), slice(8, -8), slice(6, -6))
+    back = resample_volume(torch.from_numpy(moving.array), moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, new_truth).numpy()
+    old = resample_volume(torch.from_numpy(moving.array), moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, truth).numpy()
+    scale = np.mean(np.abs(fixed.array[inner]))
+    assert np.mean(np.abs(back[inner] - fixed.array[inner])) / scale < 0.07
+    assert np.mean(np.abs(old[inner] - fixed.array[inner])) / scale > 0.5  # the old truth no longer applies
+
+
+def test_sitk_peer_starts_unshared_headers_from_the_moments():
+    fixed, centre, truth, moved = _sitk_phantom_case()
+    h = geo.rigid_matrix_3d((0.0, 0.0, 0.0), (90.0, -60.0, 30.0))
+    moving = type(moved)(moved.array, h @ moved.ijk_to_ras, "far")
+    out = methods.sitk_rigid_3d(fixed, moving, unshared=True)
+    rot, trans = geo.rigid_error(out.fixed_to_moving_ras, h @ truth, centre)
+    assert rot < 0.5 and trans < 0.5, (rot, trans)
 
 
 def test_motion_between_slices_moves_each_slice_as_its_own_truth_says():

@@ -92,6 +92,19 @@ def test_an_input_an_output_would_replace_is_refused_before_any_work(tmp_path, d
     assert snapshot(out) == before
 
 
+def test_a_previous_result_as_initial_transform_into_the_same_outdir_is_refused(tmp_path, data, models, capsys, monkeypatch):
+    """Re-running with the last result's transform.tfm as the start, into the same OUTDIR, would
+    replace the start file: refused before any work."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "transform.tfm").write_text(rio.format_tfm(np.eye(4)))
+    before = snapshot(out)
+    no_reading(monkeypatch)
+    code, _, err = run_cli(capsys, *cli_args(data, models, out), "--initial-transform", str(out / "transform.tfm"))
+    assert_one_error_line(code, err, "the initial transform", "would be overwritten by the output transform.tfm")
+    assert snapshot(out) == before
+
+
 def test_an_output_name_held_by_a_folder_is_refused_before_any_work(tmp_path, data, models, capsys, monkeypatch):
     out = tmp_path / "out"
     (out / "transform.tfm").mkdir(parents=True)
@@ -209,6 +222,7 @@ SETTINGS = {
     "--metric auto": ["--metric", "auto"], "--precision": ["--precision", "fp32"], "--no-symmetric": ["--no-symmetric"],
     "--symmetric-stride": ["--symmetric-stride", "2"], "--no-overview": ["--no-overview"], "--quiet": ["--quiet"],
     "--demo": ["--demo"], "--output-format": ["--output-format", "nrrd"],
+    "--init": ["--init", "moments"], "--initial-transform": ["--initial-transform", "start.tfm"],
 }
 
 #: The contradictions, decided one by one: a set of settings (alone, default mode volume, or as a

@@ -10,6 +10,7 @@ runs exactly as in Slicer; the widget is not exercised here (see test_module_sta
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import types
@@ -629,3 +630,57 @@ def test_logic_result_line_shows_a_failed_quality_verdict(module, tmp_path, capl
     assert line.startswith("quality FAILED:") and all(f"WARNING: {r}" in line for r in out.result.warnings)
     assert any(r.levelno == logging.WARNING and "quality FAILED" in r.getMessage() for r in caplog.records)
     assert "font-weight: bold" in slicer_nodes.VERDICT_STYLE["failed"]
+
+
+# --------------------------------------------------------------------------- where a registration starts
+
+#: 90 degrees about S and 112 mm away (RAS resampling, fixed -> moving): the headers share nothing
+FAR = geo.rigid_matrix_3d((0.0, 0.0, 90.0), (100.0, -40.0, 30.0))
+
+
+def _far_case(scene):
+    fixed = phantom_volume(shape=(48, 56, 40))
+    moving = moved_copy(fixed, FAR, shape=(40, 56, 48), codes="PSR", centre=tuple(FAR[:3, 3]))
+    return add_volume(scene, fixed, "fixed"), add_volume(scene, moving, "far moving")
+
+
+def test_logic_initial_transform_node_and_parent_transform_give_the_start(module):
+    """An initial transform node (modeling direction, as if the moving volume were under it) and a
+    parent transform on the moving volume both place it before the network; the output includes
+    them; the node in the wrong direction leaves the volumes apart."""
+    scene = slicer.vtkMRMLScene()
+    fixed_node, moving_node = _far_case(scene)
+    logic = module.RigidResNetRegistrationLogic()
+    kw = dict(iterations=1, refine=False, device="cpu", init="header", registeredVolume=False, differenceVolume=False,
+              sliceTable=False, applyTransform=False)
+    start = linear_transform(scene, geo.invert(FAR), "start")
+    before = state(moving_node)
+    out = logic.register(fixed_node, moving_node, predictor=ConstantPredictor(ORACLE, [0.0, 0.0, 0.0]),
+                         initialTransformNode=start, **kw)
+    assert np.allclose(out.moving_to_fixed_world, geo.invert(FAR), atol=1e-6)
+    assert out.result.initialisation.used == "given"
+    assert_same_state(state(moving_node), before)
+    # the same start as the moving volume's parent transform (the output replaces it and includes it)
+    moving_node.SetAndObserveTransformNodeID(start.GetID())
+    p = np.array([3.0, 1.0, -2.0])
+    out = logic.register(fixed_node, moving_node, predictor=ConstantPredictor(ORACLE, p), **kw)
+    frame = out.result.frame
+    assert np.allclose(out.moving_to_fixed_world, geo.invert(geo.params_to_ras(p, frame)) @ geo.invert(FAR), atol=1e-6)
+    moving_node.SetAndObserveTransformNodeID(None)
+    with pytest.raises(ValueError, match="do not overlap"):
+        logic.register(fixed_node, moving_node, predictor=ConstantPredictor(ORACLE, [0.0, 0.0, 0.0]),
+                       initialTransformNode=linear_transform(scene, FAR, "wrong way"), **kw)
+    with pytest.raises(ValueError, match="init must be one of"):
+        logic.register(fixed_node, moving_node, predictor=ConstantPredictor(ORACLE, [0.0, 0.0, 0.0]), **{**kw, "init": "x"})
+
+
+def test_logic_default_start_registers_a_pair_without_shared_header(module):
+    scene = slicer.vtkMRMLScene()
+    fixed_node, moving_node = _far_case(scene)
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, device="cpu",
+                                                         predictor=ConstantPredictor(ORACLE, [0.0, 0.0, 0.0]))
+    fixed = slicer_nodes.volume_from_node(fixed_node)
+    rot, mm = geo.rigid_error(geo.invert(out.moving_to_fixed_world), FAR, geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
+    assert rot < 1.0 and mm < 1.0, (rot, mm)
+    assert out.result.initialisation.used == "moments"
+    assert json.loads(out.transform_node.GetAttribute("RigidResNetRegistration.Report"))["init"]["used"] == "moments"

@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(classical-grade per-slice accuracy for about 5 ms (NCC) or 10 ms (MI) more per slice on a CPU)")
     p.add_argument("--metric", default="auto", choices=["auto", "ncc", "mi"],
                    help="similarity the refinement maximises (auto: NCC for same-contrast pairs, MI otherwise)")
+    p.add_argument("--init", default="auto", choices=["auto", "header", "centre", "moments"],
+                   help="where the registration starts: header (trust both headers), centre (align the foregrounds' "
+                   "centres of mass), moments (centres and principal axes), auto (the headers when the foregrounds overlap "
+                   "well under them, otherwise moments; volume mode also searches rotations of up to 30 degrees about "
+                   "every axis); default auto")
+    p.add_argument("--initial-transform", metavar="FILE.tfm",
+                   help="place the moving image by this ITK transform first (LPS, fixed->moving points, as transform.tfm "
+                   "is written); --init then works from there and the result includes it")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="network arithmetic (auto: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--no-symmetric", dest="symmetric", action="store_false",
@@ -183,11 +191,14 @@ def output_names(args: argparse.Namespace) -> list[str]:
 
 
 def input_files(args: argparse.Namespace, card_path: Path | None) -> list[tuple[str, Path]]:
-    """(role, path) of every file the run reads: FIXED, MOVING, the model card and its weights."""
+    """(role, path) of every file the run reads: FIXED, MOVING, the initial transform, the model card
+    and its weights."""
     from .model_card import ModelError, read_model_card, weights_path
 
     files = [(f"{role} image", Path(path)) for role, path in (("fixed", args.fixed), ("moving", args.moving))
              if path and not args.demo]
+    if args.initial_transform:
+        files.append(("initial transform", Path(args.initial_transform)))
     if card_path is not None:
         files.append(("model card", card_path))
         with contextlib.suppress(ModelError):  # a broken card is reported when it is loaded
@@ -263,7 +274,13 @@ def run(args: argparse.Namespace) -> dict:
                                   iterations=args.iterations, tolerance=args.tolerance, max_slices=args.max_slices,
                                   precision=args.precision, symmetric=args.symmetric,
                                   symmetric_stride=args.symmetric_stride, refine=args.refine,
-                                  refine_slices=args.refine_slices, metric=args.metric)
+                                  refine_slices=args.refine_slices, metric=args.metric, init=args.init)
+    if args.initial_transform:
+        from .io import read_tfm
+
+        if not Path(args.initial_transform).is_file():
+            raise CliError(f"initial transform file not found: {args.initial_transform}")
+        options.initial_transform = read_tfm(args.initial_transform)
     options.validate()
     resolve_device(args.device)  # CUDA asked for but absent: say so before reading anything
     truth = None
@@ -338,6 +355,10 @@ def summary(report: dict, out: Path) -> str:
         else:
             lines.append(f"refined (6 rigid parameters, {r['metric'].upper()}): {r['similarity_before']:.4f} -> "
                          f"{r['similarity_after']:.4f} in {r['steps']} steps")
+    if report.get("init"):
+        i = report["init"]
+        lines.append(f"start: {i['used']}" + (" after a coarse rotation search" if i["coarse_search"] else "")
+                     + (f" ({i['reason']})" if i["used"] != "header" or i["coarse_search"] else ""))
     lines.extend(quality_lines(report.get("quality") or {}))
     if "demo" in report:
         d = report["demo"]

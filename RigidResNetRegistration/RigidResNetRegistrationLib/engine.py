@@ -3,6 +3,9 @@
 Steps (one implementation shared by the Slicer Logic, the command line and the benchmarks):
 
 1. validate both volumes; choose the fixed volume's slice frame (:func:`geometry.slice_frame`);
+   find where to start (:func:`initialise.place_moving`: the headers, a caller's initial transform,
+   centres of mass / principal axes, a coarse rotation search; ``init``) and place the moving
+   volume there: every later step works on the placed volume and the result composes the start;
 2. survey every fixed slice on a coarse copy of the network grid to find the slices with brain
    signal in both volumes; in ``volume`` mode keep ``max_slices`` of them spread over the brain;
 3. sample fixed and moving on the network grid of those slices, through their own headers (which
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 
 from . import geometry as geo
+from .initialise import INIT_MODES, Initialisation, place_moving
 from .model import ModelCard, resolve_device
 from .preprocess import (
     InputError,
@@ -119,7 +123,14 @@ class RegistrationOptions:
     network-aligned slices correlate at >= 0.8 inside the brain, else MI); ``refine_levels_mm``: its sample spacings, coarse to
     fine; ``min_foreground``: fraction of a slice's pixels that must be signal in both volumes for it
     to be used; ``outlier_floor``: smallest deviation from the median (per parameter, model
-    units) that counts as an outlier in ``volume`` mode."""
+    units) that counts as an outlier in ``volume`` mode; ``init``: where the registration starts
+    (:mod:`initialise`): ``header`` (the headers as they are), ``centre`` (centres of mass),
+    ``moments`` (centres and principal axes) or ``auto`` (the headers when the two foregrounds
+    overlap well under them, otherwise moments; in ``volume`` mode also a coarse search over
+    rotations of up to 30 degrees about every axis, for motions beyond the network's and the
+    refinement's reach); ``initial_transform``: a 4x4 RAS resampling transform (fixed -> moving,
+    as ``RegistrationResult.fixed_to_moving_ras``) that places the moving volume before ``init``
+    (None: none); the result includes it."""
 
     mode: str = "volume"
     axis: str = "auto"
@@ -139,6 +150,8 @@ class RegistrationOptions:
     outlier_floor: float = 0.5
     compute_registered: bool = True
     compute_difference: bool = True
+    init: str = "auto"
+    initial_transform: np.ndarray | None = None
 
     @property
     def refined(self) -> bool:
@@ -176,6 +189,13 @@ class RegistrationOptions:
                              + " refines nothing")
         if not 0.0 <= self.min_foreground < 1.0:
             raise InputError(f"min_foreground must be in [0, 1), not {self.min_foreground!r}")
+        if self.init not in INIT_MODES:
+            raise InputError(f"init must be one of {', '.join(INIT_MODES)}, not {self.init!r}")
+        if self.initial_transform is not None:
+            t = np.asarray(self.initial_transform, dtype=np.float64)
+            if t.shape != (4, 4) or not np.all(np.isfinite(t)) or not np.allclose(t[3], [0, 0, 0, 1]) \
+                    or abs(np.linalg.det(t[:3, :3])) < 1e-6:
+                raise InputError("the initial transform must be an invertible 4x4 affine matrix (RAS, fixed -> moving)")
 
 
 @dataclass
@@ -208,10 +228,20 @@ class RegistrationResult:
     agrees: np.ndarray | None = None  # (S,) bool: used and its estimate within 1 deg / 1 mm of the volume's
     quality: QualityVerdict | None = None  # ok / suspicious / failed, its reasons and signals (quality.py)
 
+    # where the registration started (:mod:`initialise`); ``params``, ``slice_params`` and
+    # ``network_fixed_to_moving_ras``'s network part are relative to it: a slice is resampled with
+    # ``initial_fixed_to_moving_ras @ params_to_ras(slice_params[s])``
+    initialisation: Initialisation | None = None
+
     @property
     def verdict(self) -> str:
         """``ok``, ``suspicious`` or ``failed`` (:func:`quality.judge`; ``ok`` when not measured)."""
         return "ok" if self.quality is None else self.quality.verdict
+
+    @property
+    def initial_fixed_to_moving_ras(self) -> np.ndarray:
+        """The start (RAS resampling transform) the network's parameters are relative to."""
+        return np.eye(4) if self.initialisation is None else self.initialisation.fixed_to_moving_ras
 
     @property
     def likely_failed(self) -> bool:
@@ -534,7 +564,16 @@ def register_volumes(
 
     precision = resolve_precision(opts.precision, torch.device(getattr(predictor, "device", device)))
 
-    report(0.0, "preparing slices")
+    report(0.0, "finding where to start")
+    t_i = time.perf_counter()
+    try:  # the moving volume placed at the start: registered from there, the start composed at the end
+        moving, initialisation = place_moving(named[0], named[1], opts.init, opts.initial_transform,
+                                              search=opts.mode == "volume")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    start_t = initialisation.fixed_to_moving_ras
+    timings["initialise"] = time.perf_counter() - t_i
+    report(0.02, "preparing slices")
     f_t = as_float_tensor(fixed, device)
     m_t = as_float_tensor(moving, device)
     survey = survey_slices(
@@ -566,7 +605,7 @@ def register_volumes(
     first_rows = (np.arange(len(idx)) if opts.mode == "volume"
                   else np.searchsorted(idx, select_slices(survey, opts.max_slices or 8)))
     moving_start = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx[first_rows])
-    timings["prepare"] = time.perf_counter() - t0
+    timings["prepare"] = time.perf_counter() - t0 - timings["initialise"]
 
     # ---- predict, re-warp and predict again, composing in the slice frame
     t1 = time.perf_counter()
@@ -707,7 +746,7 @@ def register_volumes(
     timings["resample"] = time.perf_counter() - t2
     report(1.0, "done")
     return RegistrationResult(
-        fixed_to_moving_ras=volume_t,
+        fixed_to_moving_ras=start_t @ volume_t,
         params=combined,
         slice_params=slice_params,
         used=used,
@@ -725,11 +764,12 @@ def register_volumes(
         precision=precision,
         symmetric=opts.symmetric,
         passes=passes,
-        network_fixed_to_moving_ras=network_t,
+        network_fixed_to_moving_ras=start_t @ network_t,
         refinement=refinement,
         warnings=list(verdict.reasons),
         agrees=agrees,
         quality=verdict,
+        initialisation=initialisation,
     )
 
 

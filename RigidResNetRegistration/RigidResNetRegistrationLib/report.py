@@ -51,6 +51,11 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
                 "parameters and fixed_to_moving_RAS holds its result"}),
         },
         "quality": quality_report(result),
+        "init": None if result.initialisation is None else {
+            **result.initialisation.as_report(),
+            "meaning": "where the registration started (RAS resampling transform, fixed -> moving): the moving volume "
+            "was placed by it before the network; 'parameters' and slices.csv are relative to it",
+        },
         "fixed_to_moving_RAS": {
             "meaning": "resampling transform: maps fixed-image RAS points to moving-image RAS points "
             "(ITK direction; transform.tfm holds this matrix converted to LPS)",

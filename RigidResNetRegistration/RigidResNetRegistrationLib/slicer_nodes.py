@@ -53,6 +53,7 @@ DEFAULT_MODEL = "rigid_resnet34"
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("volume", "slices")
 AXES = ("auto", "axial", "coronal", "sagittal")
+INITS = ("auto", "header", "centre", "moments")  # initialise.INIT_MODES, without importing torch
 
 #: Attribute names set on the output nodes.
 ATTRIBUTE_PREFIX = "RigidResNetRegistration."
@@ -352,6 +353,9 @@ class RegistrationNodes:
         )
         if self.result.refinement is not None:
             text += f", refined on {str(self.result.refinement['metric']).upper()}"
+        start = self.result.initialisation
+        if start is not None and start.used != "header":
+            text += f", started from {start.used}" + (" after a coarse rotation search" if start.searched else "")
         if not self.model_trained:
             text += " (untrained model: identity transform)"
         for reason in self.result.warnings:
@@ -450,13 +454,17 @@ def register_nodes(
     apply_transform: bool = True,
     progress: Optional[Callable[[float, str], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
+    initial_transform_node: Any = None,
 ) -> RegistrationNodes:
     """Register the moving volume node to the fixed one with ``predictor`` (a loaded model).
 
     Output arguments: a node (written into), True (a new node is created) or False/None (not
     produced). ``transform_node`` None creates a new linear transform. ``apply_transform`` makes
     the moving volume observe the output transform (replacing its parent transform, whose effect
-    is included in the result). Raises ``ValueError`` for bad inputs, the engine's
+    is included in the result). ``initial_transform_node``: an optional linear transform node whose
+    transform to world (modeling direction, as if the moving volume were placed under it, after its
+    own parent transform) gives the start; ``options.init`` works from there and the result
+    includes it. Raises ``ValueError`` for bad inputs, the engine's
     ``RegistrationCancelled`` when ``cancel()`` returned True (nothing is created), and removes
     every node it created if anything fails while writing outputs.
     """
@@ -475,6 +483,18 @@ def register_nodes(
     moving_initial = parent_to_world(moving_node, "moving volume", skip=transform_node)
     fixed = volume_from_node(fixed_node, "fixed volume", fixed_world)
     moving = volume_from_node(moving_node, "moving volume", moving_initial)
+    if initial_transform_node is not None:
+        if not _is_node(initial_transform_node) or not initial_transform_node.IsA("vtkMRMLTransformNode") \
+                or initial_transform_node.GetScene() is not scene:
+            raise ValueError("initial transform must be a transform node of the inputs' scene (or None)")
+        if not initial_transform_node.IsTransformToWorldLinear():
+            raise ValueError(f"{_node_label(initial_transform_node, 'initial transform')} is not linear: harden or choose another")
+        if opts.initial_transform is not None:
+            raise ValueError("give the initial transform either as a node or in the options, not both")
+        m = vtk.vtkMatrix4x4()
+        initial_transform_node.GetMatrixTransformToWorld(m)
+        # modeling (moving world -> fixed world) to the engine's resampling direction
+        opts = dataclasses.replace(opts, initial_transform=geo.invert(_matrix(m)))
     result = register_volumes(  # validates the options and checks the volumes before any heavy work
 fixed, moving, predictor, opts, progress=progress, cancel=cancel)
 

@@ -60,7 +60,26 @@ MOTIONS: dict[str, MotionKind] = {
     "3d": MotionKind("3d", 10.0, 10.0, False,
                      "3D: rotations about R, A and S (each uniform in +-10 deg, about the volume centre), "
                      "translation along R, A, S (each uniform in +-10 mm)"),
+    "capture30": MotionKind("capture30", 30.0, 30.0, False,
+                            "3D as `3d`, uniform in +-30 deg about each axis and +-30 mm along each (the capture goal)"),
 }
+
+#: Header kinds: ``shared`` (both volumes in one physical frame, as delivered) and ``unshared``
+#: (the moving volume's header moved as another scanner session would: :func:`unshare_header`).
+HEADERS = ("shared", "unshared")
+#: :func:`unshare_header`: origin shift (mm, uniform in this range, random direction) and rotation
+#: (deg, uniform in +- this about each RAS axis) of the moving header.
+UNSHARED_SHIFT_MM, UNSHARED_ROTATION_DEG = (50.0, 150.0), 30.0
+
+
+def unshare_header(moving: Volume, truth: np.ndarray, rng: np.random.Generator) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """The same voxels under a header moved by a random rigid ``H`` (rotation of up to
+    :data:`UNSHARED_ROTATION_DEG` about each axis, origin shift of :data:`UNSHARED_SHIFT_MM`): the
+    new moving volume, its truth ``H @ truth`` (fixed -> new moving world) and ``H``."""
+    direction = rng.normal(size=3)
+    shift = direction / np.linalg.norm(direction) * rng.uniform(*UNSHARED_SHIFT_MM)
+    h = geo.rigid_matrix_3d(tuple(rng.uniform(-UNSHARED_ROTATION_DEG, UNSHARED_ROTATION_DEG, 3)), tuple(shift))
+    return Volume(moving.array, h @ moving.ijk_to_ras, moving.name), h @ truth, h
 
 
 @dataclass(frozen=True)
@@ -193,11 +212,13 @@ def apply_interslice_motion(volume: Any, params: np.ndarray):
 
 
 def build_volume_cases(subjects: list, motions: list[str], pairings: list[str], n: int, seed: int, folder: Path,
-                       log=print) -> list[dict[str, Any]]:
-    """``n`` cases per (motion, pairing), written to ``folder``; returns their descriptions.
+                       log=print, headers: tuple[str, ...] = ("shared",)) -> list[dict[str, Any]]:
+    """``n`` cases per (motion, pairing, header kind), written to ``folder``; returns their descriptions.
 
     Case ``i`` uses subject ``i % len(subjects)`` and, for the moving image, the pairing's moving
-    contrast ``i % len``; fixed is the subject's fixed contrast, as stored.
+    contrast ``i % len``; fixed is the subject's fixed contrast, as stored. ``headers``
+    (:data:`HEADERS`): ``unshared`` cases have the same motions as the shared ones and the moving
+    header moved by :func:`unshare_header` (their pairing label says so).
     """
     from RigidResNetRegistrationLib.io import read_volume
 
@@ -229,29 +250,37 @@ def build_volume_cases(subjects: list, motions: list[str], pairings: list[str], 
             if not usable:
                 log(f"skipped {pairing.label}: no subject has {pairing.fixed} and one of {', '.join(pairing.moving)}")
                 continue
-            rng = stable_rng(seed, "volumes", motion, pname)
-            for i in range(n):
-                subject = usable[i % len(usable)]
-                options = [c for c in pairing.moving if has_contrast(subject.images, c)]
-                contrast = options[i % len(options)]
-                fixed, fixed_path = source(subject, pairing.fixed)
-                moving_source, moving_source_path = source(subject, contrast)
-                params = draw_motion(kind, rng)
-                moving, truth = apply_motion(moving_source, kind, params, fixed)
-                case_id = f"{motion}-{pname}-{i:03d}"
-                moving_path = folder / f"{case_id}.npy"
-                np.save(moving_path, np.asarray(moving.array, dtype=np.float32))
-                cases.append({
-                    "id": case_id, "motion": motion, "pairing": pairing.label, "subject": subject.name,
-                    "fixed_contrast": pairing.fixed, "moving_contrast": contrast,
-                    "params": [float(v) for v in params], "truth": np.asarray(truth).tolist(),
-                    "fixed": str(fixed_path), "fixed_ijk_to_ras": np.asarray(fixed.ijk_to_ras).tolist(),
-                    "centre_ras": geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape).tolist(),  # where errors are measured
-                    "moving": str(moving_path), "moving_ijk_to_ras": np.asarray(moving.ijk_to_ras).tolist(),
-                    "moving_source": str(moving_source_path),
-                    "moving_source_ijk_to_ras": np.asarray(moving_source.ijk_to_ras).tolist(),
-                })
-                log(f"case {case_id}: {subject.name} {pairing.fixed} -> {contrast}, motion {np.round(params, 2).tolist()}")
+            for header in headers:
+                rng = stable_rng(seed, "volumes", motion, pname)  # the same motions for every header kind
+                header_rng = stable_rng(seed, "headers", motion, pname)
+                for i in range(n):
+                    subject = usable[i % len(usable)]
+                    options = [c for c in pairing.moving if has_contrast(subject.images, c)]
+                    contrast = options[i % len(options)]
+                    fixed, fixed_path = source(subject, pairing.fixed)
+                    moving_source, moving_source_path = source(subject, contrast)
+                    params = draw_motion(kind, rng)
+                    moving, truth = apply_motion(moving_source, kind, params, fixed)
+                    moved_header = None
+                    if header == "unshared":
+                        moving, truth, moved_header = unshare_header(moving, truth, header_rng)
+                    case_id = f"{motion}-{pname}{'' if header == 'shared' else '-' + header}-{i:03d}"
+                    moving_path = folder / f"{case_id}.npy"
+                    np.save(moving_path, np.asarray(moving.array, dtype=np.float32))
+                    cases.append({
+                        "id": case_id, "motion": motion, "subject": subject.name, "headers": header,
+                        "pairing": pairing.label + ("" if header == "shared" else ", unshared headers"),
+                        "fixed_contrast": pairing.fixed, "moving_contrast": contrast,
+                        "params": [float(v) for v in params], "truth": np.asarray(truth).tolist(),
+                        "fixed": str(fixed_path), "fixed_ijk_to_ras": np.asarray(fixed.ijk_to_ras).tolist(),
+                        "centre_ras": geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape).tolist(),  # where errors are measured
+                        "moving": str(moving_path), "moving_ijk_to_ras": np.asarray(moving.ijk_to_ras).tolist(),
+                        "moving_source": str(moving_source_path),
+                        "moving_source_ijk_to_ras": np.asarray(moving_source.ijk_to_ras).tolist(),
+                        "moving_header_moved_by": None if moved_header is None else moved_header.tolist(),
+                    })
+                    log(f"case {case_id}: {subject.name} {pairing.fixed} -> {contrast}, motion {np.round(params, 2).tolist()}"
+                        + ("" if moved_header is None else f", moving header moved {np.linalg.norm(moved_header[:3, 3]):.0f} mm"))
     return cases
 
 

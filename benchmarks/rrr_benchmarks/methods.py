@@ -48,6 +48,7 @@ class Settings:
     weights: str | None = None  # model card (None: bundled)
     batch_size: int = 32
     pair_passes: int | None = None  # our network's passes on 2D slice pairs (None: as ``iterations``)
+    slices_mode: bool = True  # also time our slices mode on the 3D cases
 
 
 @dataclass
@@ -56,7 +57,10 @@ class MethodOutput:
     registered: np.ndarray  # array[i, j, k] on the fixed grid
 
 
-Register = Callable[[Any, Any], MethodOutput]
+#: ``register(fixed, moving, unshared=False)``: ``unshared`` (cases whose headers share no frame,
+#: ``cases.unshare_header``) makes a peer use its standard initialiser for such pairs; ours always
+#: starts with its default (``init auto``).
+Register = Callable[..., MethodOutput]
 
 
 def set_thread_env(threads: int, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -89,7 +93,7 @@ def setup_ours(settings: Settings, refine: bool = True) -> Register:
     options = RegistrationOptions(device=settings.device, compute_difference=False, batch_size=settings.batch_size,
                                   refine=refine, **kw)
 
-    def register(fixed, moving) -> MethodOutput:
+    def register(fixed, moving, unshared: bool = False) -> MethodOutput:
         result = register_volumes(Volume(fixed.array, fixed.ijk_to_ras, "fixed volume"),
                                   Volume(moving.array, moving.ijk_to_ras, "moving volume"), model, options)
         return MethodOutput(result.fixed_to_moving_ras, result.registered.array)
@@ -129,15 +133,17 @@ def _sitk_method(sitk, transform, cfg: dict):
     return r
 
 
-def sitk_rigid_3d(fixed, moving, config: dict | None = None) -> MethodOutput:
-    """SimpleITK rigid registration (Euler3D, geometric-centre initialisation, Mattes MI,
-    multi-resolution gradient descent with physical-shift scales), then linear resampling."""
+def sitk_rigid_3d(fixed, moving, config: dict | None = None, unshared: bool = False) -> MethodOutput:
+    """SimpleITK rigid registration (Euler3D, geometric-centre initialisation, or with ``unshared``
+    headers the image moments (``CenteredTransformInitializer`` MOMENTS: centres of mass and
+    principal axes), Mattes MI, multi-resolution gradient descent with physical-shift scales),
+    then linear resampling."""
     import SimpleITK as sitk
 
     cfg = {**SITK_3D, **(config or {})}
     f, m = bridge.volume_to_sitk(fixed), bridge.volume_to_sitk(moving)
-    init = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(),
-                                             sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    how = sitk.CenteredTransformInitializerFilter.MOMENTS if unshared else sitk.CenteredTransformInitializerFilter.GEOMETRY
+    init = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(), how)
     final = _sitk_method(sitk, init, cfg).Execute(f, m)
     registered = sitk.Resample(m, f, final, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return MethodOutput(bridge.sitk_transform_to_ras(final), bridge.sitk_to_array(registered))
@@ -175,7 +181,7 @@ def setup_sitk(settings: Settings) -> Register:
     except ImportError as exc:
         raise MethodUnavailable(f"SimpleITK does not import ({exc})") from None
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
-    return sitk_rigid_3d
+    return lambda fixed, moving, unshared=False: sitk_rigid_3d(fixed, moving, unshared=unshared)
 
 
 # --------------------------------------------------------------------------- ANTsPy
@@ -188,9 +194,11 @@ def setup_ants(settings: Settings) -> Register:
     except ImportError as exc:
         raise MethodUnavailable(f"ANTsPy (antspyx) does not import ({exc})") from None
 
-    def register(fixed, moving) -> MethodOutput:
+    def register(fixed, moving, unshared: bool = False) -> MethodOutput:
+        # ANTsPy's default initial moving transform is already "[fixed,moving,1]" (centres of mass
+        # aligned), ANTs' standard start for pairs without a shared frame; said here explicitly
         f, m = bridge.volume_to_ants(fixed), bridge.volume_to_ants(moving)
-        result = ants.registration(f, m, type_of_transform="Rigid")
+        result = ants.registration(f, m, type_of_transform="Rigid", **({"initial_transform": None} if unshared else {}))
         try:
             matrix = bridge.ants_transform_to_ras(ants.read_transform(result["fwdtransforms"][0]))
             registered = bridge.ants_to_array(result["warpedmovout"])
@@ -213,13 +221,19 @@ def setup_elastix(settings: Settings) -> Register:
         itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(settings.threads)
         params = itk.ParameterObject.New()
         params.AddParameterMap(params.GetDefaultParameterMap("rigid"))
+        # headers without a shared frame: elastix's standard start, the centres of gravity aligned
+        unshared_params = itk.ParameterObject.New()
+        rigid = params.GetDefaultParameterMap("rigid")
+        rigid["AutomaticTransformInitialization"] = ["true"]
+        rigid["AutomaticTransformInitializationMethod"] = ["CenterOfGravity"]
+        unshared_params.AddParameterMap(rigid)
         run = itk.elastix_registration_method
     except (ImportError, AttributeError) as exc:
         raise MethodUnavailable(f"itk-elastix does not import ({exc})") from None
 
-    def register(fixed, moving) -> MethodOutput:
+    def register(fixed, moving, unshared: bool = False) -> MethodOutput:
         f, m = bridge.volume_to_itk(fixed), bridge.volume_to_itk(moving)
-        result, transform = run(f, m, parameter_object=params, log_to_console=False, number_of_threads=settings.threads)
+        result, transform = run(f, m, parameter_object=unshared_params if unshared else params, log_to_console=False, number_of_threads=settings.threads)
         return MethodOutput(bridge.elastix_result_to_ras(transform), bridge.itk_to_array(result))
 
     return register

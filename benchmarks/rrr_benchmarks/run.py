@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .cases import MOTIONS, PAIRINGS
+from .cases import HEADERS, MOTIONS, PAIRINGS
 from .methods import METHOD_LABELS, METHODS_2D, Settings, set_thread_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairings", nargs="+", default=["same", "cross"], choices=list(PAIRINGS),
                    help="same: T1 -> T1; cross: T1 -> T2 / FLAIR alternating; synth: T1 -> a T2-like contrast made "
                         "from the same T1, exactly aligned (default: same cross)")
+    p.add_argument("--headers", nargs="+", default=["shared"], choices=list(HEADERS),
+                   help="3D cases: shared (the moving volume in the fixed one's frame, as delivered) and/or unshared "
+                        "(the same cases with the moving header shifted by 50-150 mm and rotated by up to 30 deg "
+                        "about each axis; peers then use their standard initialisers for such pairs) (default: shared)")
     p.add_argument("--volumes", type=int, default=None, metavar="N", help="3D cases per (motion, pairing) (default 6; 0: none)")
     p.add_argument("--pairs", type=int, default=None, metavar="N", help="2D slice pairs per (motion, pairing) (default 50; 0: none)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every method (default 2)")
@@ -63,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="our network's batch size (default 32)")
     p.add_argument("--seed", type=int, default=2024, help="seed of the motions and slice draws (default 2024)")
     p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK['volumes']} volume and {QUICK['pairs']} pairs per (motion, pairing)")
+    p.add_argument("--no-slices-mode", action="store_true", help="do not time our slices mode on the 3D cases")
     p.add_argument("--no-cli", action="store_true", help="do not time the whole rigid-resnet-register command")
     p.add_argument("--keep-cases", action="store_true", help="keep the case files (printed folder) instead of deleting them")
     return p
@@ -157,7 +162,7 @@ def _main(argv: list[str]) -> int:
         raise BenchmarkError(f"no subject with a T1 volume under {data} (BraTS naming: NAME_t1.nii.gz, NAME_t2.nii.gz, ...)")
     card = read_model_card(a.weights or DEFAULT_CARD)
     settings = Settings(threads=a.threads, device=a.device, iterations=a.iterations, weights=a.weights,
-                        batch_size=a.batch_size, pair_passes=a.pair_passes)
+                        batch_size=a.batch_size, pair_passes=a.pair_passes, slices_mode=not a.no_slices_mode)
     started = time.perf_counter()
     print(f"benchmark: data {data} ({', '.join(s.name for s in subjects)}), methods {' '.join(a.methods)}, motions "
           f"{' '.join(a.motions)}, {volumes} volumes and {pairs} slice pairs per (motion, pairing), {a.threads} threads, "
@@ -165,7 +170,8 @@ def _main(argv: list[str]) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="rrr-benchmark-"))
     try:
-        cases = bench_cases.build_volume_cases(subjects, a.motions, a.pairings, volumes, a.seed, work) if volumes else []
+        cases = (bench_cases.build_volume_cases(subjects, a.motions, a.pairings, volumes, a.seed, work, headers=tuple(a.headers))
+                 if volumes else [])
         pair_sets = []
         if pairs and any(m in METHODS_2D for m in a.methods):
             pair_sets = bench_cases.build_pair_sets(data, card, a.motions, a.pairings, pairs, a.seed, work)
@@ -189,7 +195,10 @@ def _main(argv: list[str]) -> int:
                 "command": shlex.join(["rigid-resnet-benchmark", *argv]), **machine_info(a.threads, a.device),
                 "data": f"{data} (subjects: {', '.join(s.name for s in subjects)}; held out: never used in training)",
                 "cases": (f"{volumes} volumes and {pairs} slice pairs per (motion, pairing), seed {a.seed}; motions: "
-                          + "; ".join(f"`{k}`: {MOTIONS[k].description}" for k in a.motions)),
+                          + "; ".join(f"`{k}`: {MOTIONS[k].description}" for k in a.motions)
+                          + ("" if a.headers == ["shared"] else f"; headers: {', '.join(a.headers)} (unshared: the moving "
+                             "header shifted by 50-150 mm and rotated by up to 30 deg about each axis; peers start with their "
+                             "standard initialisers for such pairs: SimpleITK MOMENTS, elastix CenterOfGravity, ANTs [fixed,moving,1])")),
                 "model": f"{card.name} (sha256 {str(card.sha256)[:12]}); engine passes: {a.iterations or 'engine default'}; "
                          f"network passes on slice pairs: {a.pair_passes or a.iterations or 'engine default'}",
                 "wall time of the benchmark": f"{time.perf_counter() - started:.0f} s"}

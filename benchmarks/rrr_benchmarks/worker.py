@@ -109,7 +109,7 @@ def run_3d(method: str, settings: Settings, cases: list[dict[str, Any]], result:
         centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
         try:
             t0 = time.perf_counter()
-            out = register(fixed, moving)
+            out = register(fixed, moving, **({"unshared": True} if case.get("headers") == "unshared" else {}))
             seconds = time.perf_counter() - t0
             if out.registered.shape != fixed.shape:
                 raise RuntimeError(f"registered volume has shape {out.registered.shape}, not {fixed.shape}")
@@ -121,7 +121,7 @@ def run_3d(method: str, settings: Settings, cases: list[dict[str, Any]], result:
         log(f"{tag} {n}/{len(cases)} {case['id']} ({case['moving_contrast']}): rotation error {row['rot_err_deg']:.3f} deg, "
             f"translation error {row['trans_err_mm']:.3f} mm, {row['seconds']:.2f} s" + (f"  FAILED {row['error']}" if row["error"] else ""))
         del fixed, moving
-    if method == "ours":
+    if method == "ours" and settings.slices_mode:
         result["peak_rss_mb"] = peak_rss_mb()  # the registrations above; slices mode holds more volumes at once
         _time_slices_mode(register, cases, result)
         result["slices_mode"]["peak_rss_mb"] = peak_rss_mb()  # high-water mark of the whole worker

@@ -48,7 +48,7 @@ def test_extension_cmake_declares_category_and_pytorch_dependency():
 
 
 def test_ci_runs_the_readme_test_command():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text()
     block = re.search(r"<!-- test-command -->\s*```(?:bash|sh)?\n(.*?)```", readme, re.S)
     assert block, "README must mark its test command with <!-- test-command -->"

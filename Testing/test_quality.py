@@ -135,7 +135,11 @@ def test_a_mirrored_moving_fails_on_the_mirror_signal_after_registration(case):
     fixed, moving, truth, _ = case
     flipped = Volume(np.flip(moving.array, axis=0).copy(), moving.ijk_to_ras, "mirrored")
     frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
-    result = register_volumes(fixed, flipped, ConstantPredictor(CARD, np.zeros(3)), RegistrationOptions(device="cpu", iterations=1))
+    # from the headers: with the default start, the coarse search fits this phantom's mirror by a
+    # 180 deg rotation about S (NCC 0.90, a proper rigid transform, mirror ratio 0.86); a brain is not
+    # symmetric front to back, and the calibration set's mirrored brains fail with the default start
+    result = register_volumes(fixed, flipped, ConstantPredictor(CARD, np.zeros(3)),
+                              RegistrationOptions(device="cpu", iterations=1, init="header"))
     assert result.verdict == "failed" and result.quality.signals.mirror > qc.MIRROR_FAILED, result.warnings
     assert any("mirrored" in w for w in result.warnings)
     right = register_volumes(fixed, moving, ConstantPredictor(CARD, geo.ras_to_params(truth, frame)),

@@ -188,7 +188,7 @@ def no_overlap(c: Case) -> list[str]:
     scene = slicer.vtkMRMLScene()
     fixed_node, moving_node, _ = case(scene)
     moving_node.SetAndObserveTransformNodeID(linear_transform(scene, geo.rigid_matrix_3d(translation_mm=(0, 0, 4000.0))).GetID())
-    return [c.bad(None, far), c.logic_error(scene, fixed_node, moving_node)]
+    return [c.bad(None, far, "--init", "header"), c.logic_error(scene, fixed_node, moving_node, init="header")]
 
 
 def field_of_view(c: Case) -> list[str]:
@@ -336,7 +336,8 @@ SCENARIOS = {
     "NaN or +-inf voxels": nan_or_inf,
     "a 3D volume against a 2D image, either way round": three_d_against_two_d,
     "a 2D image sliced across its plane (`--axis coronal` for a PNG)": two_d_sliced_across,
-    "fixed and moving do not overlap in space (origins; parent transforms of nodes)": no_overlap,
+    "with `--init header` (Logic `init=\"header\"`): fixed and moving do not overlap in space (origins; parent transforms of "
+    "nodes). The default `--init auto` aligns such pairs by their foregrounds": no_overlap,
     "fixed field of view smaller than a quarter of the network grid (or 16 grid pixels)": field_of_view,
     "coarse or anisotropic voxels *in the slice plane* (rule below)": in_plane_resolution,
     "thick slices *along* the slice axis": thick_slices,

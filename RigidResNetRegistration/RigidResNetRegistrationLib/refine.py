@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from . import geometry as geo
+from .optimisers import LBFGS, Rprop
 from .preprocess import foreground_threshold, intensity_range
 from .resample import grid_sample_points, index_to_grid, sample_at_indices, torch_params_to_matrix_2d
 from .similarity import fixed_bins, mattes_mutual_information, ncc
@@ -386,8 +387,7 @@ def refine_rigid(
         p = torch.zeros(6, dtype=torch.float64, device=dev, requires_grad=True)
         # tolerance_change bounds both a step (mm) and a change of the scaled loss (1e-4 * tolerance_mm
         # of similarity); each step() call is one L-BFGS iteration, the history is kept between calls
-        opt = torch.optim.LBFGS([p], lr=1.0, max_iter=1, tolerance_grad=1e-9, tolerance_change=0.1 * tol,
-                                history_size=10, line_search_fn="strong_wolfe")
+        opt = LBFGS(p, lr=1.0, max_iter=1, tolerance_grad=1e-9, tolerance_change=0.1 * tol, history_size=10)
         cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         evals = 0
         best: tuple[float, torch.Tensor] = (math.inf, p.detach().clone())
@@ -404,7 +404,7 @@ def refine_rigid(
                 raise _OutOfSteps
             if cancel is not None and cancel():
                 raise _cancelled()
-            opt.zero_grad(set_to_none=True)
+            p.grad = None
             loss = -LOSS_SCALE * evaluate(lv, base, p, radius)
             loss.backward()
             evals += 1
@@ -418,7 +418,7 @@ def refine_rigid(
         quiet = 0
         while evals < n:
             before_step, evals_before = p.detach().clone(), evals
-            opt.param_groups[0]["max_eval"] = n - evals + 1  # +1: the cached start point
+            opt.max_eval = n - evals + 1  # +1: the cached start point
             try:
                 opt.step(closure)
             except _OutOfSteps:  # out of evaluations inside a line search
@@ -601,13 +601,13 @@ def refine_slices(
     p = torch.tensor(p0, dtype=torch.float64, device=dev, requires_grad=True)
     best_p = p.detach().clone()
     best = torch.full((n_sl,), -math.inf, dtype=torch.float64, device=dev)
-    opt = torch.optim.Rprop([p], lr=0.05, etas=(0.5, 1.2), step_sizes=(1e-4, 0.5))
+    opt = Rprop(p, lr=0.05, etas=(0.5, 1.2), step_sizes=(1e-4, 0.5))
     mask = torch.as_tensor(active, device=dev)
     done = 0
     for it in range(int(steps) + 1):  # the last evaluation only scores the last step
         if cancel is not None and cancel():
             raise _cancelled()
-        opt.zero_grad(set_to_none=True)
+        p.grad = None
         sim = evaluate(p)
         better = (sim.detach().double() > best) & mask
         best = torch.where(better, sim.detach().double(), best)

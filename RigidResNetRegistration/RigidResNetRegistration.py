@@ -30,6 +30,9 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from RigidResNetRegistrationLib import slicer_nodes  # no torch at import time
+from RigidResNetRegistrationLib.options import (  # torch-free: every choice, default and range
+    AXES, BATCH_SIZE_RANGE, DEFAULTS, DEVICES, INIT_MODES, ITERATIONS_RANGE, MODES, RegistrationOptions,
+)
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 README_URL = "https://github.com/RigidResNetRegistration/RigidResNetRegistration#3d-slicer"
@@ -128,16 +131,16 @@ class RigidResNetRegistrationParameterNode:
 
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
-    device: Annotated[str, Choice(list(slicer_nodes.DEVICES))] = "auto"
-    mode: Annotated[str, Choice(list(slicer_nodes.MODES))] = "volume"
+    device: Annotated[str, Choice(list(DEVICES))] = DEFAULTS.device
+    mode: Annotated[str, Choice(list(MODES))] = DEFAULTS.mode
     model: Annotated[str, Choice(MODEL_KEYS)] = DEFAULT_MODEL_KEY
-    axis: Annotated[str, Choice(list(slicer_nodes.AXES))] = "auto"
-    iterations: Annotated[int, WithinRange(1, 20)] = 6
-    refine: bool = True
-    symmetric: bool = True
-    refineSlices: bool = False
-    batchSize: Annotated[int, WithinRange(1, 512)] = 32
-    init: Annotated[str, Choice(list(slicer_nodes.INITS))] = "auto"
+    axis: Annotated[str, Choice(list(AXES))] = DEFAULTS.axis
+    iterations: Annotated[int, WithinRange(*ITERATIONS_RANGE)] = DEFAULTS.iterations
+    refine: bool = DEFAULTS.refine
+    symmetric: bool = DEFAULTS.symmetric
+    refineSlices: bool = DEFAULTS.refine_slices
+    batchSize: Annotated[int, WithinRange(*BATCH_SIZE_RANGE)] = DEFAULTS.batch_size
+    init: Annotated[str, Choice(list(INIT_MODES))] = DEFAULTS.init
     initialTransform: vtkMRMLLinearTransformNode
     outputTransform: vtkMRMLLinearTransformNode
     applyTransform: bool = True
@@ -462,17 +465,17 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         self,
         fixedVolume: vtkMRMLScalarVolumeNode,
         movingVolume: vtkMRMLScalarVolumeNode,
-        device: str = "auto",
-        mode: str = "volume",
+        device: str = DEFAULTS.device,
+        mode: str = DEFAULTS.mode,
         model: Optional[str] = None,
-        axis: str = "auto",
-        iterations: int = 6,
-        batchSize: int = 32,
-        refine: bool = True,
-        symmetric: bool = True,
-        symmetricStride: int = 3,
-        refineSlices: bool = False,
-        init: str = "auto",
+        axis: str = DEFAULTS.axis,
+        iterations: int = DEFAULTS.iterations,
+        batchSize: int = DEFAULTS.batch_size,
+        refine: bool = DEFAULTS.refine,
+        symmetric: bool = DEFAULTS.symmetric,
+        symmetricStride: int = DEFAULTS.symmetric_stride,
+        refineSlices: bool = DEFAULTS.refine_slices,
+        init: str = DEFAULTS.init,
         initialTransformNode: Optional[vtkMRMLLinearTransformNode] = None,
         transformNode: Optional[vtkMRMLLinearTransformNode] = None,
         registeredVolume: Union[bool, vtkMRMLScalarVolumeNode, None] = True,
@@ -526,24 +529,18 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         outputs = (registeredVolume, differenceVolume, sliceTable)
         slicer_nodes.check_inputs(fixedVolume, movingVolume, transformNode, *outputs)  # before any heavy import
-        if mode not in slicer_nodes.MODES:
-            raise ValueError(f"mode must be one of {', '.join(slicer_nodes.MODES)}, not {mode!r}")
-        if init not in slicer_nodes.INITS:
-            raise ValueError(f"init must be one of {', '.join(slicer_nodes.INITS)}, not {init!r}")
-        if (device or "").lower() not in slicer_nodes.DEVICES:
-            raise ValueError(f"device must be one of {', '.join(slicer_nodes.DEVICES)}, not {device!r}")
+        options = RegistrationOptions(mode=mode, axis=axis, device=(device or "").lower(), batch_size=batchSize,
+                                      iterations=iterations, refine=refine, symmetric=symmetric,
+                                      symmetric_stride=symmetricStride, refine_slices=refineSlices, init=init)
+        options.validate()  # torch-free: a bad choice is a ValueError before anything is installed or loaded
         cardPath = slicer_nodes.model_card_path(model) if predictor is None else None
         self.ensureDependencies()
-        from RigidResNetRegistrationLib.engine import RegistrationOptions
         from RigidResNetRegistrationLib.model import load_model
 
         if predictor is None:
             if progress:
                 progress(0.0, _("loading the model"))
             predictor = load_model(cardPath, device)
-        options = RegistrationOptions(mode=mode, axis=axis, device=device, batch_size=batchSize, iterations=iterations,
-                                      refine=refine, symmetric=symmetric, symmetric_stride=symmetricStride,
-                                      refine_slices=refineSlices, init=init)
         out = slicer_nodes.register_nodes(
             fixedVolume,
             movingVolume,

@@ -30,17 +30,19 @@ All transforms are kept in the *resampling* direction (fixed point -> moving poi
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from . import geometry as geo
-from .initialise import INIT_MODES, Initialisation, place_moving
+from .errors import InputError, RegistrationCancelled
+from .initialise import Initialisation, place_moving
 from .model import ModelCard, resolve_device
+from .options import RegistrationOptions
 from .preprocess import (
-    InputError,
     Volume,
     as_float_tensor,
     check_before_registration,
@@ -55,8 +57,6 @@ from .refine import refine_rigid, refine_slices
 from .resample import resample_per_slice, resample_volume, sample_slice_stack
 from .similarity import mutual_information, ncc
 
-MODES = ("volume", "slices")
-PRECISIONS = ("auto", "fp32", "bf16")
 #: A refinement that lowers the mean slice MI (half-resolution network grid) by more than this
 #: (nats) against the network's own transform is rejected (quality control).
 REFINE_REJECT_MI = 0.01
@@ -79,10 +79,6 @@ QC_SLICES = 16
 ProgressCallback = Callable[[float, str], None]
 
 
-class RegistrationCancelled(RuntimeError):
-    """Raised when the caller's ``cancel()`` returned True; nothing was produced."""
-
-
 class Predictor(Protocol):
     """What the engine needs from a model: its card (grid, transform kind) and a batched call
     ``(B, 2, H, W)`` normalised fixed/moving pairs -> ``(B, P)`` parameters (CPU tensor)."""
@@ -90,112 +86,6 @@ class Predictor(Protocol):
     card: ModelCard
 
     def __call__(self, pairs: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass
-class RegistrationOptions:
-    """How to register. ``mode``: ``volume`` (one transform) or ``slices`` (one per slice);
-    ``axis``: ``auto`` (closest to S) or ``axial``/``coronal``/``sagittal``; ``iterations``:
-    at most this many predict/warp/compose passes, stopping early once a pass corrects by less
-    than ``tolerance`` (degrees and mm; 0 = always make every pass); ``max_slices``: in ``volume`` mode, how many informative slices
-    are registered (spread over the brain; 0 = all); in ``slices`` mode, which always registers
-    all of them, how many give the common motion every slice starts from (0 = 8);
-    ``precision``: network arithmetic, ``fp32``, ``bf16`` or ``auto`` (bf16 where the device
-    computes it natively: recent NVIDIA GPUs, CPUs with AVX-512 BF16/AMX; fp32 elsewhere);
-    ``symmetric``: every slice pair is predicted in both orders and the estimates combined
-    inverse-consistently (:func:`geometry.symmetric_params_2d`; twice the network work, on
-    held-out slice pairs median errors 0.24 -> 0.04 deg same contrast after two passes);
-    ``symmetric_stride``: ``slices`` mode, on the pass over every slice, only every n-th slice
-    (and the last) is predicted in both orders, the others in one order with the order-independent
-    error interpolated between them subtracted (:func:`geometry.symmetric_params_2d_interpolated`;
-    1 + 1/n network inputs per slice instead of 2; 1 = every slice in both orders). With 3 (the
-    default), on a held-out scan per-slice errors went from 0.021 to 0.041 deg (same contrast, one
-    motion) and 0.28 to 0.30 mm (across contrasts, motion between slices) for 11-26% less time;
-    ``volume`` mode (slices spread over the brain) always predicts both orders;
-    ``refine``: ``volume`` mode only, polish the network's transform by optimising all six rigid
-    parameters (3 rotations, 3 translations) on image similarity (:mod:`refine`): the result is a
-    full 3D rigid transform, no longer only in-plane; ``refine_slices``: ``slices`` mode, rigid
-    models only, refine each slice's own in-plane transform on its image similarity
-    (:func:`refine.refine_slices`; off by default: on a held-out scan it took per-slice errors from
-    0.041 to 0.005 deg same contrast and rotation from 0.19-0.29 to 0.10-0.12 deg across contrasts,
-    for about 5 ms (NCC) or 10 ms (MI) more per slice); ``metric``: the similarity refined, ``ncc``
-    (same contrast), ``mi`` (different contrasts) or ``auto`` (:func:`choose_metric`: NCC when the
-    network-aligned slices correlate at >= 0.8 inside the brain, else MI); ``refine_levels_mm``: its sample spacings, coarse to
-    fine; ``min_foreground``: fraction of a slice's pixels that must be signal in both volumes for it
-    to be used; ``outlier_floor``: smallest deviation from the median (per parameter, model
-    units) that counts as an outlier in ``volume`` mode; ``init``: where the registration starts
-    (:mod:`initialise`): ``header`` (the headers as they are), ``centre`` (centres of mass),
-    ``moments`` (centres and principal axes) or ``auto`` (the headers when the two foregrounds
-    overlap well under them, otherwise moments; in ``volume`` mode also a coarse search over
-    rotations of up to 30 degrees about every axis, for motions beyond the network's and the
-    refinement's reach); ``initial_transform``: a 4x4 RAS resampling transform (fixed -> moving,
-    as ``RegistrationResult.fixed_to_moving_ras``) that places the moving volume before ``init``
-    (None: none); the result includes it."""
-
-    mode: str = "volume"
-    axis: str = "auto"
-    device: str = "auto"
-    batch_size: int = 32
-    iterations: int = 6
-    tolerance: float = 0.2
-    max_slices: int = 8
-    precision: str = "auto"
-    symmetric: bool = True
-    symmetric_stride: int = 3
-    refine: bool = True
-    refine_slices: bool = False
-    metric: str = "auto"
-    refine_levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
-    min_foreground: float = 0.05
-    outlier_floor: float = 0.5
-    compute_registered: bool = True
-    compute_difference: bool = True
-    init: str = "auto"
-    initial_transform: np.ndarray | None = None
-
-    @property
-    def refined(self) -> bool:
-        """Whether a refinement on image similarity follows the network in this mode (rigid models):
-        ``refine`` in ``volume`` mode, ``refine_slices`` in ``slices`` mode; the other mode's setting
-        is ignored (a panel keeps both)."""
-        return bool(self.refine_slices if self.mode == "slices" else self.refine)
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.axis not in ("auto", *geo.ORIENTATION_AXES):
-            raise InputError(f"axis must be auto, axial, coronal or sagittal, not {self.axis!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InputError(f"batch size must be a positive integer, not {self.batch_size!r}")
-        if not isinstance(self.iterations, int) or not 1 <= self.iterations <= 20:
-            raise InputError(f"iterations must be an integer from 1 to 20, not {self.iterations!r}")
-        if not (isinstance(self.tolerance, (int, float)) and 0.0 <= self.tolerance < 10.0):
-            raise InputError(f"tolerance must be a number of degrees/mm in [0, 10), not {self.tolerance!r}")
-        if not isinstance(self.max_slices, int) or self.max_slices < 0:
-            raise InputError(f"max_slices must be 0 (all) or a positive integer, not {self.max_slices!r}")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if not isinstance(self.symmetric, bool):
-            raise InputError(f"symmetric must be True or False, not {self.symmetric!r}")
-        if not isinstance(self.symmetric_stride, int) or isinstance(self.symmetric_stride, bool) or not 1 <= self.symmetric_stride <= 64:
-            raise InputError(f"symmetric stride must be an integer from 1 to 64, not {self.symmetric_stride!r}")
-        if not isinstance(self.refine_slices, bool):
-            raise InputError(f"refine_slices must be True or False, not {self.refine_slices!r}")
-        if self.metric not in ("auto", "ncc", "mi"):
-            raise InputError(f"metric must be auto, ncc or mi, not {self.metric!r}")
-        if self.metric != "auto" and not self.refined:
-            raise InputError(f"metric {self.metric!r} is the similarity a refinement maximises, but "
-                             + ("slices mode without refine_slices" if self.mode == "slices" else "volume mode without refine")
-                             + " refines nothing")
-        if not 0.0 <= self.min_foreground < 1.0:
-            raise InputError(f"min_foreground must be in [0, 1), not {self.min_foreground!r}")
-        if self.init not in INIT_MODES:
-            raise InputError(f"init must be one of {', '.join(INIT_MODES)}, not {self.init!r}")
-        if self.initial_transform is not None:
-            t = np.asarray(self.initial_transform, dtype=np.float64)
-            if t.shape != (4, 4) or not np.all(np.isfinite(t)) or not np.allclose(t[3], [0, 0, 0, 1]) \
-                    or abs(np.linalg.det(t[:3, :3])) < 1e-6:
-                raise InputError("the initial transform must be an invertible 4x4 affine matrix (RAS, fixed -> moving)")
 
 
 @dataclass
@@ -531,7 +421,298 @@ def difference_image(fixed: torch.Tensor, resampled: torch.Tensor, fixed_range: 
     return (scale_to_unit(fixed, fixed_range) - scale_to_unit(resampled, moving_range)).abs()
 
 
-# --------------------------------------------------------------------------- the flow
+# --------------------------------------------------------------------------- the flow, stage by stage
+
+
+@dataclass
+class _Run:
+    """What every stage of one registration reads: the inputs as prepared (the moving volume
+    already placed at the start), the slice frame and the selected slices, the options and the
+    caller's callbacks. Built by :func:`_prepare`; the stages never change it."""
+
+    fixed: Volume
+    moving: Volume  # placed at the start (``start_t``): every stage works from there
+    f_t: torch.Tensor  # the fixed voxels (float32, on ``device``)
+    m_t: torch.Tensor  # the placed moving voxels
+    frame: geo.SliceFrame
+    idx: np.ndarray  # the selected fixed slices (indices along ``frame.axis``)
+    first_rows: np.ndarray  # rows of ``idx`` registered from the start (volume mode: all)
+    survey_informative: np.ndarray  # (S,) slices with signal in both volumes
+    fixed_slices: "_FixedSlices"
+    moving_start: torch.Tensor  # moving slices of ``idx[first_rows]`` at the start, network grid
+    predictor: Predictor
+    opts: RegistrationOptions
+    device: torch.device
+    precision: str
+    start_t: np.ndarray  # the start (RAS resampling transform)
+    initialisation: Initialisation
+    report: ProgressCallback
+    cancel: Callable[[], bool] | None
+
+    @property
+    def kind(self) -> str:
+        return self.predictor.card.transform
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.predictor.card.input_size
+
+    @property
+    def spacing(self) -> float:
+        return self.predictor.card.spacing_mm
+
+    def moving_slices(self, slice_indices: np.ndarray, transforms: np.ndarray | None = None) -> torch.Tensor:
+        """Moving slices on the network grid of fixed slices ``slice_indices``, through ``transforms``
+        (one RAS resampling transform, or one per slice; None: the start)."""
+        return sample_slice_stack(self.m_t, self.moving.ijk_to_ras, self.frame, self.size, self.spacing,
+                                  slice_indices, transforms)
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise RegistrationCancelled("registration cancelled")
+
+
+class _FixedSlices:
+    """The fixed slices ``idx`` on the network grid, by row of ``idx``: in volume mode all sampled at
+    once (a few slices); in slices mode group by group as the passes first need them (sampling a
+    large volume's whole stack at once takes most of the working memory), each kept once sampled:
+    the passes and the quality figures read them again."""
+
+    def __init__(self, f_t: torch.Tensor, fixed: Volume, frame: geo.SliceFrame, idx: np.ndarray,
+                 size: tuple[int, int], spacing: float, all_at_once: bool) -> None:
+        self._sample = lambda slices: sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, slices)
+        self._idx = idx
+        self.all = self._sample(idx) if all_at_once else None
+        self._kept = None if all_at_once else torch.empty((len(idx), *size), dtype=torch.float32, device=f_t.device)
+        self._sampled = np.zeros(len(idx), dtype=bool)
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        if self.all is not None:
+            return self.all[rows]
+        need = np.asarray(rows)[~self._sampled[rows]]
+        if len(need):
+            self._kept[need] = self._sample(self._idx[need])
+            self._sampled[need] = True
+        return self._kept[rows]
+
+
+@dataclass
+class _NetworkEstimate:
+    """The network's per-slice estimates ``(len(idx), P)`` relative to the start, and its passes."""
+
+    params: np.ndarray
+    passes: int
+
+
+@dataclass
+class _Combined:
+    """The per-slice estimates combined into the volume's transform (:func:`robust_combine`)."""
+
+    params: np.ndarray  # (P,) the volume's slice-frame parameters
+    slice_params: np.ndarray  # (S, P) per fixed slice: the parameters it is resampled with
+    inlier: np.ndarray  # (S,) bool
+    agrees: np.ndarray  # (S,) bool: within 1 deg / 1 mm of the volume's estimate
+    volume_t: np.ndarray  # the volume's RAS resampling transform, relative to the start
+    per_slice_t: np.ndarray | None  # slices mode: (S, 4, 4) one per fixed slice
+
+
+@dataclass
+class _Judged:
+    """The similarity figures per slice, the quality verdict and the final transform (the network's
+    when the independent check rejected the refinement)."""
+
+    similarity: dict[str, np.ndarray]
+    verdict: QualityVerdict
+    volume_t: np.ndarray
+
+
+def _prepare(fixed: Volume, moving: Volume, predictor: Predictor, opts: RegistrationOptions,
+             report: ProgressCallback, cancel: Callable[[], bool] | None, timings: dict[str, float]) -> _Run:
+    """Stages ``initialise`` and ``prepare`` (module docstring, step 1-2): validate, place the moving
+    volume at the start, survey and select slices, sample the first slices on the network grid."""
+    named = [v if v.name != "volume" else replace(v, name=f"{role} volume") for v, role in ((fixed, "fixed"), (moving, "moving"))]
+    card = predictor.card
+    size, spacing = card.input_size, card.spacing_mm
+    frame = check_before_registration(named[0], named[1], opts.axis, size, spacing)
+    try:
+        device = resolve_device(opts.device)
+    except RuntimeError as exc:
+        raise InputError(str(exc)) from None
+    precision = resolve_precision(opts.precision, torch.device(getattr(predictor, "device", device)))
+
+    with _timed(timings, "initialise"):
+        report(0.0, "finding where to start")
+        try:  # the moving volume placed at the start: registered from there, the start composed at the end
+            placed, initialisation = place_moving(named[0], named[1], opts.init, opts.initial_transform,
+                                                  search=opts.mode == "volume")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    with _timed(timings, "prepare"):
+        report(0.02, "preparing slices")
+        f_t = as_float_tensor(fixed, device)
+        m_t = as_float_tensor(placed, device)
+        survey = survey_slices(f_t, fixed.ijk_to_ras, m_t, placed.ijk_to_ras, frame, size, spacing,
+                               min_foreground=opts.min_foreground)
+        check_overlap(survey)
+        idx = select_slices(survey, opts.max_slices if opts.mode == "volume" else 0)
+        fixed_slices = _FixedSlices(f_t, fixed, frame, idx, size, spacing, all_at_once=opts.mode == "volume")
+        # the slices registered from the start: all of them in volume mode; in slices mode those of
+        # the common-motion stage (the others start from its result)
+        first_rows = (np.arange(len(idx)) if opts.mode == "volume"
+                      else np.searchsorted(idx, select_slices(survey, opts.max_slices or 8)))
+        moving_start = sample_slice_stack(m_t, placed.ijk_to_ras, frame, size, spacing, idx[first_rows])
+    return _Run(fixed, placed, f_t, m_t, frame, idx, first_rows, survey.informative.copy(), fixed_slices, moving_start,
+                predictor, opts, device, precision, initialisation.fixed_to_moving_ras, initialisation, report, cancel)
+
+
+def _predict(run: _Run) -> _NetworkEstimate:
+    """Stage ``predict`` (step 3): network passes (predict, re-warp, predict again, composing in the
+    slice frame). Volume mode: the selected slices from the start, combined after every pass; slices
+    mode: the common motion first, then every slice from there for its own residual motion."""
+    opts, kind = run.opts, run.kind
+    settings = _PassSettings(run.predictor, run.frame, kind, opts.iterations, _floor(kind, opts.outlier_floor),
+                             opts.batch_size, run.precision, run.report, run.cancel, opts.symmetric,
+                             opts.symmetric_stride)
+
+    def passes(rows: np.ndarray, start: np.ndarray | None, combine: bool, span: tuple[float, float],
+               tolerance: float, first_tolerance: float | None = None) -> tuple[np.ndarray, int]:
+        return _network_passes(settings, lambda r: run.fixed_slices(rows[r]), run.idx[rows],
+                               run.moving_start if start is None else None, run.moving_slices,
+                               start, tolerance, combine, span, first_tolerance)
+
+    # with the refinement to follow, the passes only need to bring the motion within its reach
+    refine_follows = opts.refine and opts.mode == "volume" and kind == "rigid"
+    tolerance = max(opts.tolerance, REFINE_PASS_TOLERANCE) if refine_follows else opts.tolerance
+    if opts.mode == "volume":
+        current, n = passes(run.first_rows, None, True, (0.05, 0.8), tolerance, tolerance if refine_follows else None)
+        return _NetworkEstimate(current, n)
+    # slices mode: the common motion is only where the slices start, so its passes stop at
+    # SLICE_PASS_TOLERANCE too; then each slice is re-predicted only while its correction is above it
+    common, n = passes(run.first_rows, None, True, (0.05, 0.25), max(tolerance, SLICE_PASS_TOLERANCE))
+    start = np.broadcast_to(common[0], (len(run.idx), run.predictor.card.n_params)).copy()
+    current, more = passes(np.arange(len(run.idx)), start, False, (0.25, 0.8), max(tolerance, SLICE_PASS_TOLERANCE))
+    return _NetworkEstimate(current, n + more)
+
+
+def _refine_each_slice(run: _Run, current: np.ndarray) -> tuple[np.ndarray, dict[str, object] | None]:
+    """Stage ``refine`` in slices mode (step 4): each slice's own in-plane transform polished on its
+    image similarity (:func:`refine.refine_slices`); returns the parameters and the figures."""
+    run.report(0.8, "refining every slice on image similarity")
+    metric = run.opts.metric
+    if metric == "auto":  # on the common-motion stage's slices, as the network left them
+        rows = run.first_rows
+        net = np.stack([geo.params_to_ras(p, run.frame, run.kind, int(s)) for p, s in zip(current[rows], run.idx[rows])])
+        metric = choose_metric(run.fixed_slices(rows), run.moving_slices(run.idx[rows], net))
+    try:
+        sliced = refine_slices(run.f_t, run.fixed.ijk_to_ras, run.m_t, run.moving.ijk_to_ras, run.frame, run.idx,
+                               current, run.size, run.spacing, metric=metric, cancel=run.cancel)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    # how far the image similarity took each slice from the network's estimate: more than 1 deg /
+    # 1 mm means the two disagree on that slice (a network miss, or a similarity optimum elsewhere)
+    moved_rot, moved_mm = geo.params_error_2d(sliced.params, current)
+    scored = np.isfinite(sliced.similarity_before)  # the slices with enough signal to refine
+    if not scored.any():
+        return sliced.params, None
+    return sliced.params, {"metric": metric, "scope": "slices",
+                           "similarity_before": float(sliced.similarity_before[scored].mean()),
+                           "similarity_after": float(sliced.similarity_after[scored].mean()),
+                           "steps": sliced.steps, "slices_refined": int(sliced.improved.sum()),
+                           "slices_moved_over_1": int(np.sum((moved_rot > 1.0) | (moved_mm > 1.0))),
+                           "seconds": sliced.seconds}
+
+
+def _combine(run: _Run, current: np.ndarray) -> _Combined:
+    """Stage ``combine`` (step 4): the per-slice estimates into the volume's transform, rejecting
+    outliers; slices mode keeps each slice's own for resampling."""
+    kind, n_params = run.kind, run.predictor.card.n_params
+    n_slices = len(run.frame.offsets)
+    combined, inl = robust_combine(current, _floor(kind, run.opts.outlier_floor))
+    inlier = np.zeros(n_slices, dtype=bool)
+    inlier[run.idx] = inl
+    agrees = np.zeros(n_slices, dtype=bool)
+    agrees[run.idx] = np.all(np.abs(current - combined) <= _agreement_tolerance(kind), axis=1)
+    slice_params = np.broadcast_to(combined, (n_slices, n_params)).copy()
+    per_slice_t = None
+    if run.opts.mode == "slices":
+        slice_params[run.idx] = current
+        per_slice_t = np.stack([geo.params_to_ras(p, run.frame, kind, s) for s, p in enumerate(slice_params)])
+    return _Combined(combined, slice_params, inlier, agrees, geo.params_to_ras(combined, run.frame, kind), per_slice_t)
+
+
+def _refine_volume(run: _Run, network_t: np.ndarray) -> tuple[np.ndarray, dict[str, object], torch.Tensor]:
+    """Stage ``refine`` in volume mode (step 4): all six rigid parameters on image similarity from the
+    network's transform; returns the refined transform, the figures and the selected moving slices
+    through the network's transform (the independent check of :func:`_judge` reads them)."""
+    run.report(0.8, "refining on image similarity")
+    net_moving = run.moving_slices(run.idx, network_t)
+    metric = run.opts.metric if run.opts.metric != "auto" else choose_metric(run.fixed_slices.all, net_moving)
+    try:
+        refined = refine_rigid(run.f_t, run.fixed.ijk_to_ras, run.m_t, run.moving.ijk_to_ras, network_t, metric=metric,
+                               levels_mm=tuple(run.opts.refine_levels_mm), cancel=run.cancel)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return refined.fixed_to_moving_ras, {"metric": metric, "similarity_before": refined.similarity_before,
+                                         "similarity_after": refined.similarity_after, "steps": refined.steps,
+                                         "steps_per_level": list(refined.steps_per_level),
+                                         "seconds": refined.seconds}, net_moving
+
+
+def _judge(run: _Run, combined: _Combined, volume_t: np.ndarray, network_t: np.ndarray,
+           refinement: dict[str, object] | None, net_moving: torch.Tensor | None) -> _Judged:
+    """Stage ``quality`` (step 5): similarity of every used slice before and after on the network
+    grid, the independent check of the volume refinement (the slices' MI must not fall below the
+    network's), and the quality verdict on the final transform."""
+    run.report(0.82, "measuring similarity")
+    idx, n_slices = run.idx, len(run.frame.offsets)
+    if run.opts.mode == "slices":  # all slices: in groups, so no further whole stack is kept
+        nb, mb = _stack_similarity(len(idx), run.fixed_slices, lambda rows: run.moving_slices(idx[rows]))
+        na, ma = _stack_similarity(len(idx), run.fixed_slices,
+                                   lambda rows: run.moving_slices(idx[rows], combined.per_slice_t[idx[rows]]))
+    else:
+        nb, mb = slice_similarity(run.fixed_slices.all, run.moving_start)
+        na, ma = slice_similarity(run.fixed_slices.all, run.moving_slices(idx, volume_t))
+    if refinement is not None and run.opts.mode == "volume":
+        net_ncc, net_mi = slice_similarity(run.fixed_slices.all, net_moving)
+        if float(np.mean(ma)) < float(np.mean(net_mi)) - REFINE_REJECT_MI:
+            volume_t, na, ma = network_t.copy(), net_ncc, net_mi
+            refinement["rejected"] = True  # a quality finding (quality.judge)
+    sims = {k: np.full(n_slices, np.nan) for k in ("ncc_before", "ncc_after", "mi_before", "mi_after")}
+    sims["ncc_before"][idx], sims["mi_before"][idx] = nb, mb
+    sims["ncc_after"][idx], sims["mi_after"][idx] = na, ma
+    verdict = _quality_verdict(run.f_t, run.fixed, run.m_t, run.moving, run.frame, idx, run.size, run.spacing,
+                               run.opts.mode, volume_t, network_t, combined.per_slice_t, refinement, combined.agrees)
+    return _Judged(sims, verdict, volume_t)
+
+
+def _resample_outputs(run: _Run, volume_t: np.ndarray, per_slice_t: np.ndarray | None) -> tuple[Volume | None, Volume | None]:
+    """Stage ``resample`` (step 6): the moving volume on the fixed grid through the final transform
+    (slices mode: each slice's own) and ``|fixed - registered|``, as asked by the options."""
+    opts = run.opts
+    if not (opts.compute_registered or opts.compute_difference):
+        return None, None
+    run.report(0.9, "resampling the moving volume")
+    fixed = run.fixed
+    if opts.mode == "slices":
+        reg_t = resample_per_slice(run.m_t, run.moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, run.frame.axis, per_slice_t)
+    else:
+        reg_t = resample_volume(run.m_t, run.moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, volume_t)
+    registered = Volume(reg_t.cpu().numpy(), fixed.ijk_to_ras.copy(), "registered") if opts.compute_registered else None
+    difference = None
+    if opts.compute_difference:
+        diff = difference_image(run.f_t, reg_t, intensity_range(run.f_t), intensity_range(run.m_t))
+        difference = Volume(diff.cpu().numpy(), fixed.ijk_to_ras.copy(), "difference")
+    return registered, difference
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[stage]`` (seconds; the report's ``timings_s``)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
 
 
 def register_volumes(
@@ -545,231 +726,61 @@ def register_volumes(
     """Register ``moving`` to ``fixed`` (neither is modified) with a slice-wise network.
 
     ``progress(fraction, message)`` is called as work proceeds; ``cancel()`` is polled between
-    batches and raises :class:`RegistrationCancelled` when it returns True.
+    batches and raises :class:`RegistrationCancelled` when it returns True. The stages (module
+    docstring) are timed in ``result.timings``: initialise, prepare, predict, refine, quality,
+    resample.
     """
     opts = options or RegistrationOptions()
     opts.validate()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    report = progress or (lambda fraction, message: None)
-    named = [v if v.name != "volume" else replace(v, name=f"{role} volume") for v, role in ((fixed, "fixed"), (moving, "moving"))]
-    card = predictor.card
-    kind = card.transform
-    size, spacing = card.input_size, card.spacing_mm
-    frame = check_before_registration(named[0], named[1], opts.axis, size, spacing)
-    try:
-        device = resolve_device(opts.device)
-    except RuntimeError as exc:
-        raise InputError(str(exc)) from None
-
-    precision = resolve_precision(opts.precision, torch.device(getattr(predictor, "device", device)))
-
-    report(0.0, "finding where to start")
-    t_i = time.perf_counter()
-    try:  # the moving volume placed at the start: registered from there, the start composed at the end
-        moving, initialisation = place_moving(named[0], named[1], opts.init, opts.initial_transform,
-                                              search=opts.mode == "volume")
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    start_t = initialisation.fixed_to_moving_ras
-    timings["initialise"] = time.perf_counter() - t_i
-    report(0.02, "preparing slices")
-    f_t = as_float_tensor(fixed, device)
-    m_t = as_float_tensor(moving, device)
-    survey = survey_slices(
-        f_t, fixed.ijk_to_ras, m_t, moving.ijk_to_ras, frame, size, spacing, min_foreground=opts.min_foreground
-    )
-    check_overlap(survey)
-    idx = select_slices(survey, opts.max_slices if opts.mode == "volume" else 0)
-    used = np.zeros(len(frame.offsets), dtype=bool)
-    used[idx] = True
-    n_slices = len(frame.offsets)
-    # volume mode samples its few fixed slices at once; slices mode group by group as the passes
-    # first need them (sampling a large volume's whole stack at once takes most of the working
-    # memory), keeping each one: the passes and the quality figures read them again
-    fixed_sel = sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx) if opts.mode == "volume" else None
-    fixed_kept = torch.empty((len(idx), *size), dtype=torch.float32, device=device) if fixed_sel is None else None
-    sampled = np.zeros(len(idx), dtype=bool)
-
-    def fixed_rows(rows: np.ndarray) -> torch.Tensor:
-        if fixed_sel is not None:
-            return fixed_sel[rows]
-        need = np.asarray(rows)[~sampled[rows]]
-        if len(need):
-            fixed_kept[need] = sample_slice_stack(f_t, fixed.ijk_to_ras, frame, size, spacing, idx[need])
-            sampled[need] = True
-        return fixed_kept[rows]
-
-    # the slices registered from the identity: all of them in volume mode; in slices mode those
-    # of the common-motion stage (the others start from its result)
-    first_rows = (np.arange(len(idx)) if opts.mode == "volume"
-                  else np.searchsorted(idx, select_slices(survey, opts.max_slices or 8)))
-    moving_start = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx[first_rows])
-    timings["prepare"] = time.perf_counter() - t0 - timings["initialise"]
-
-    # ---- predict, re-warp and predict again, composing in the slice frame
-    t1 = time.perf_counter()
-
-    passes_run = _PassSettings(predictor, frame, kind, opts.iterations, _floor(kind, opts.outlier_floor), opts.batch_size,
-                               precision, report, cancel, opts.symmetric, opts.symmetric_stride)
-
-    def run_passes(rows: np.ndarray, start: np.ndarray | None, combine: bool, span: tuple[float, float],
-                   tolerance: float, first_tolerance: float | None = None) -> tuple[np.ndarray, int]:
-        """Network passes over the selected slices ``idx[rows]`` (module docstring, step 3)."""
-        return _network_passes(
-            passes_run, lambda r: fixed_rows(rows[r]), idx[rows], moving_start if start is None else None,
-            lambda sl, tr: sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, sl, tr),
-            start, tolerance, combine, span, first_tolerance,
-        )
-
-    # with the refinement to follow, the passes only need to bring the motion within its reach
-    refine_follows = opts.refine and opts.mode == "volume" and kind == "rigid"
-    tolerance = max(opts.tolerance, REFINE_PASS_TOLERANCE) if refine_follows else opts.tolerance
-    if opts.mode == "volume":
-        current, passes = run_passes(first_rows, None, True, (0.05, 0.8), tolerance,
-                                     tolerance if refine_follows else None)
-    else:
-        # slices mode: the motion common to all slices first, from a few slices spread over the
-        # brain (as volume mode); then every slice, started there, for its own residual motion,
-        # re-predicting only the slices whose correction is still above the tolerance; the common
-        # motion is only where the slices start, so its passes stop at that tolerance too
-        common, passes = run_passes(first_rows, None, True, (0.05, 0.25), max(tolerance, SLICE_PASS_TOLERANCE))
-        start = np.broadcast_to(common[0], (len(idx), card.n_params)).copy()
-        current, more = run_passes(np.arange(len(idx)), start, False, (0.25, 0.8), max(tolerance, SLICE_PASS_TOLERANCE))
-        passes += more
-    timings["predict"] = time.perf_counter() - t1
-
-    # ---- slices mode: each slice's own in-plane transform refined on its image similarity
-    refinement = None
+    run = _prepare(fixed, moving, predictor, opts, progress or (lambda fraction, message: None), cancel, timings)
+    kind = run.kind
+    with _timed(timings, "predict"):
+        network = _predict(run)
+    current, refinement = network.params, None
     if opts.refine_slices and opts.mode == "slices" and kind == "rigid":
-        report(0.8, "refining every slice on image similarity")
-        t_r = time.perf_counter()
-        metric = opts.metric
-        if metric == "auto":  # on the common-motion stage's slices (first_rows), as the network left them
-            net = np.stack([geo.params_to_ras(p, frame, kind, int(s)) for p, s in zip(current[first_rows], idx[first_rows])])
-            metric = choose_metric(fixed_rows(first_rows),
-                                   sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx[first_rows], net))
-        try:
-            sliced = refine_slices(f_t, fixed.ijk_to_ras, m_t, moving.ijk_to_ras, frame, idx, current, size, spacing,
-                                   metric=metric, cancel=cancel)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        # how far the image similarity took each slice from the network's estimate: more than 1 deg /
-        # 1 mm means the two disagree on that slice (a network miss, or a similarity optimum elsewhere)
-        moved_rot, moved_mm = geo.params_error_2d(sliced.params, current)
-        current = sliced.params
-        scored = np.isfinite(sliced.similarity_before)  # the slices with enough signal to refine
-        if scored.any():
-            refinement = {"metric": metric, "scope": "slices",
-                          "similarity_before": float(sliced.similarity_before[scored].mean()),
-                          "similarity_after": float(sliced.similarity_after[scored].mean()),
-                          "steps": sliced.steps, "slices_refined": int(sliced.improved.sum()),
-                          "slices_moved_over_1": int(np.sum((moved_rot > 1.0) | (moved_mm > 1.0))),
-                          "seconds": sliced.seconds}
-        timings["refine"] = time.perf_counter() - t_r
-
-    # ---- combine
-    combined, inl = robust_combine(current, _floor(kind, opts.outlier_floor))
-    inlier = np.zeros(n_slices, dtype=bool)
-    inlier[idx] = inl
-    agrees = np.zeros(n_slices, dtype=bool)
-    agrees[idx] = np.all(np.abs(current - combined) <= _agreement_tolerance(kind), axis=1)
-    slice_params = np.broadcast_to(combined, (n_slices, card.n_params)).copy()
-    if opts.mode == "slices":
-        slice_params[idx] = current
-    volume_t = geo.params_to_ras(combined, frame, kind)
-    network_t = volume_t.copy()
-    per_slice_t = (np.stack([geo.params_to_ras(p, frame, kind, s) for s, p in enumerate(slice_params)])
-                   if opts.mode == "slices" else None)  # slices mode: each slice resampled with its own
-    if cancel is not None and cancel():
-        raise RegistrationCancelled("registration cancelled")
-
-    # ---- refinement: all six rigid parameters on image similarity, from the network's estimate
+        with _timed(timings, "refine"):
+            current, refinement = _refine_each_slice(run, current)
+    combined = _combine(run, current)
+    run.check_cancel()
+    volume_t = network_t = combined.volume_t
+    net_moving = None
     if opts.refine and opts.mode == "volume" and kind == "rigid":
-        report(0.8, "refining on image similarity")
-        t_r = time.perf_counter()
-        net_moving = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx, network_t)
-        metric = opts.metric
-        if metric == "auto":
-            metric = choose_metric(fixed_sel, net_moving)
-        try:
-            refined = refine_rigid(f_t, fixed.ijk_to_ras, m_t, moving.ijk_to_ras, volume_t, metric=metric,
-                                   levels_mm=tuple(opts.refine_levels_mm), cancel=cancel)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        volume_t = refined.fixed_to_moving_ras
-        refinement = {"metric": metric, "similarity_before": refined.similarity_before,
-                      "similarity_after": refined.similarity_after, "steps": refined.steps,
-                      "steps_per_level": list(refined.steps_per_level),
-                      "seconds": refined.seconds}
-        timings["refine"] = time.perf_counter() - t_r
-
-    # ---- quality figures on the network grid of the registered slices
-    report(0.82, "measuring similarity")
-    t_q = time.perf_counter()
-    if opts.mode == "slices":  # all slices: in groups, so no further whole stack is kept
-        nb, mb = _stack_similarity(len(idx), fixed_rows, lambda rows: sample_slice_stack(
-            m_t, moving.ijk_to_ras, frame, size, spacing, idx[rows]))
-        na, ma = _stack_similarity(len(idx), fixed_rows, lambda rows: sample_slice_stack(
-            m_t, moving.ijk_to_ras, frame, size, spacing, idx[rows], per_slice_t[idx[rows]]))
-    else:
-        after_moving = sample_slice_stack(m_t, moving.ijk_to_ras, frame, size, spacing, idx, volume_t)
-        nb, mb = slice_similarity(fixed_sel, moving_start)
-        na, ma = slice_similarity(fixed_sel, after_moving)
-    sims = {k: np.full(n_slices, np.nan) for k in ("ncc_before", "ncc_after", "mi_before", "mi_after")}
-    if refinement is not None and opts.mode == "volume":
-        # an independent check of the refinement: the slices' MI must not fall below the network's
-        net_ncc, net_mi = slice_similarity(fixed_sel, net_moving)
-        if float(np.mean(ma)) < float(np.mean(net_mi)) - REFINE_REJECT_MI:
-            volume_t, na, ma = network_t.copy(), net_ncc, net_mi
-            refinement["rejected"] = True  # a quality finding (quality.judge)
-    sims["ncc_before"][idx], sims["mi_before"][idx] = nb, mb
-    sims["ncc_after"][idx], sims["mi_after"][idx] = na, ma
-    verdict = _quality_verdict(f_t, fixed, m_t, moving, frame, idx, size, spacing, opts.mode, volume_t, network_t,
-                               per_slice_t, refinement, agrees)
-    timings["quality"] = time.perf_counter() - t_q
-
-    # ---- output images on the fixed grid
-    registered = difference = None
-    t2 = time.perf_counter()
-    if opts.compute_registered or opts.compute_difference:
-        report(0.9, "resampling the moving volume")
-        if opts.mode == "slices":
-            reg_t = resample_per_slice(m_t, moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, frame.axis, per_slice_t)
-        else:
-            reg_t = resample_volume(m_t, moving.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, volume_t)
-        if opts.compute_registered:
-            registered = Volume(reg_t.cpu().numpy(), fixed.ijk_to_ras.copy(), "registered")
-        if opts.compute_difference:
-            diff = difference_image(f_t, reg_t, intensity_range(f_t), intensity_range(m_t))
-            difference = Volume(diff.cpu().numpy(), fixed.ijk_to_ras.copy(), "difference")
-    timings["resample"] = time.perf_counter() - t2
-    report(1.0, "done")
+        with _timed(timings, "refine"):
+            volume_t, refinement, net_moving = _refine_volume(run, network_t)
+    with _timed(timings, "quality"):
+        judged = _judge(run, combined, volume_t, network_t, refinement, net_moving)
+    with _timed(timings, "resample"):
+        registered, difference = _resample_outputs(run, judged.volume_t, combined.per_slice_t)
+    run.report(1.0, "done")
+    used = np.zeros(len(run.frame.offsets), dtype=bool)
+    used[run.idx] = True
     return RegistrationResult(
-        fixed_to_moving_ras=start_t @ volume_t,
-        params=combined,
-        slice_params=slice_params,
+        fixed_to_moving_ras=run.start_t @ judged.volume_t,
+        params=combined.params,
+        slice_params=combined.slice_params,
         used=used,
-        inlier=inlier,
-        similarity_slices=sims,
-        frame=frame,
+        inlier=combined.inlier,
+        similarity_slices=judged.similarity,
+        frame=run.frame,
         mode=opts.mode,
         transform_kind=kind,
-        device=str(device),
+        device=str(run.device),
         seconds=time.perf_counter() - t0,
         registered=registered,
         difference=difference,
         timings=timings,
-        informative=survey.informative.copy(),
-        precision=precision,
+        informative=run.survey_informative,
+        precision=run.precision,
         symmetric=opts.symmetric,
-        passes=passes,
-        network_fixed_to_moving_ras=start_t @ network_t,
+        passes=network.passes,
+        network_fixed_to_moving_ras=run.start_t @ network_t,
         refinement=refinement,
-        warnings=list(verdict.reasons),
-        agrees=agrees,
-        quality=verdict,
-        initialisation=initialisation,
+        warnings=list(judged.verdict.reasons),
+        agrees=combined.agrees,
+        quality=judged.verdict,
+        initialisation=run.initialisation,
     )
 
 

@@ -41,13 +41,13 @@ import numpy as np
 import torch
 
 from . import geometry as geo
+from .options import INIT_MODES
 from .preprocess import foreground_threshold, intensity_range
 from .refine import _block_average, _block_matrix, _dilate, _factors, refine_rigid
 from .resample import sample_volume_at_ras
 from .similarity import mutual_information
 from .volume import Volume
 
-INIT_MODES = ("auto", "header", "centre", "moments")
 #: Block size (mm) of the coarse copies on which moments and similarity are measured.
 COARSE_MM = 6.0
 #: The headers "overlap well" (``auto`` keeps them) when at least this fraction of the fixed

@@ -11,13 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import InputError
 from .geometry import SliceFrame
-from .volume import Volume
 from .resample import sample_slice_stack
-
-
-class InputError(ValueError):
-    """Bad input from the user: the message is one clear line, shown as is."""
+from .volume import Volume
 
 
 def validate_volume(volume: Volume) -> None:

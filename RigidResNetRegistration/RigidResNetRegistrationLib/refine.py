@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from . import geometry as geo
+from .errors import RegistrationCancelled
 from .optimisers import LBFGS, Rprop
 from .preprocess import foreground_threshold, intensity_range
 from .resample import grid_sample_points, index_to_grid, sample_at_indices, torch_params_to_matrix_2d
@@ -83,13 +84,6 @@ class RefineResult:
 
 class _OutOfSteps(Exception):
     """A level used up its similarity evaluations in the middle of an L-BFGS line search."""
-
-
-def _cancelled() -> Exception:
-    # imported when needed: engine may import this module, so a module-level import would be circular
-    from .engine import RegistrationCancelled
-
-    return RegistrationCancelled("registration cancelled")
 
 
 def _block_matrix(factors: tuple[int, ...]) -> np.ndarray:
@@ -277,7 +271,7 @@ def refine_rigid(
 
     Returns a :class:`RefineResult` whose ``fixed_to_moving_ras`` is ``T(x) = T0(U(x))`` (module
     docstring): ``registered(x) = moving(T(x))``. ``cancel()`` is polled before every similarity
-    evaluation; when it returns True, ``engine.RegistrationCancelled`` is raised. A ``ValueError``
+    evaluation; when it returns True, ``errors.RegistrationCancelled`` is raised. A ``ValueError``
     (one line) is raised for an unknown metric, bad levels or steps, and for volumes without
     overlapping signal under ``T0``.
 
@@ -403,7 +397,7 @@ def refine_rigid(
             if evals >= n:
                 raise _OutOfSteps
             if cancel is not None and cancel():
-                raise _cancelled()
+                raise RegistrationCancelled("registration cancelled")
             p.grad = None
             loss = -LOSS_SCALE * evaluate(lv, base, p, radius)
             loss.backward()
@@ -511,7 +505,7 @@ def refine_slices(
     gradient, so this is one independent 3-parameter optimisation per slice, run as one batch
     (steps from 0.05 up to 0.5 deg or mm, down to 1e-4). Each slice keeps the best parameters it
     was evaluated at, its start included: no slice ends less similar than it started.
-    ``cancel()`` is polled before every iteration (``engine.RegistrationCancelled`` when True);
+    ``cancel()`` is polled before every iteration (``errors.RegistrationCancelled`` when True);
     a ``ValueError`` (one line) is raised for bad arguments.
     """
     t_start = time.perf_counter()
@@ -606,7 +600,7 @@ def refine_slices(
     done = 0
     for it in range(int(steps) + 1):  # the last evaluation only scores the last step
         if cancel is not None and cancel():
-            raise _cancelled()
+            raise RegistrationCancelled("registration cancelled")
         p.grad = None
         sim = evaluate(p)
         better = (sim.detach().double() > best) & mask

@@ -43,6 +43,7 @@ import slicer
 import slicer.util
 import vtk
 
+from .errors import RegistrationCancelled
 from .model_card import MODELS_DIR, ModelError, read_model_card  # torch-free
 
 if TYPE_CHECKING:  # only for type hints: these modules import torch
@@ -50,10 +51,6 @@ if TYPE_CHECKING:  # only for type hints: these modules import torch
     from .preprocess import Volume
 
 DEFAULT_MODEL = "rigid_resnet34"
-DEVICES = ("auto", "cpu", "cuda")
-MODES = ("volume", "slices")
-AXES = ("auto", "axial", "coronal", "sagittal")
-INITS = ("auto", "header", "centre", "moments")  # initialise.INIT_MODES, without importing torch
 
 #: Attribute names set on the output nodes.
 ATTRIBUTE_PREFIX = "RigidResNetRegistration."
@@ -573,6 +570,5 @@ def _node_ids(scene: Any) -> list[str]:
 
 
 def is_cancellation(exc: BaseException) -> bool:
-    """True if ``exc`` is the engine's ``RegistrationCancelled`` (checked without importing torch)."""
-    engine = sys.modules.get(__package__ + ".engine")
-    return engine is not None and isinstance(exc, engine.RegistrationCancelled)
+    """True if ``exc`` is the engine's :class:`errors.RegistrationCancelled` (a torch-free module)."""
+    return isinstance(exc, RegistrationCancelled)

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from RigidResNetRegistrationLib import geometry as geo
-from RigidResNetRegistrationLib.engine import PRECISIONS, predict_parameters, resolve_precision
+from RigidResNetRegistrationLib.engine import predict_parameters, resolve_precision
 from RigidResNetRegistrationLib.model import LoadedModel, load_model
+from RigidResNetRegistrationLib.options import PRECISIONS
 
 from .data import LoadedSubject, PairBatch, find_subjects, load_subject, sample_pairs
 

@@ -257,3 +257,31 @@ def test_bundled_model_on_identical_slices_is_biased_in_one_order_and_not_when_s
         assert np.abs(plain).max() > 0.1
     assert np.abs(both[:, 0]).max() < 1e-9
     assert np.hypot(both[:, 1], both[:, 2]).max() < 0.005
+
+
+def test_point_metrics_score_as_the_functions_they_wrap_and_reject_what_they_cannot_score() -> None:
+    """The refinements' metric objects (similarity.point_metric): NCC and Mattes MI of moving
+    values against fixed values fixed once, for one pair (N,) and a batch (B, N), equal to the
+    functions with the same scaling; MI without intensity ranges and unknown names are errors."""
+    from RigidResNetRegistrationLib.similarity import fixed_bins, mattes_mutual_information, ncc, point_metric
+
+    g = torch.Generator().manual_seed(3)
+    fixed = torch.rand((3, 500), generator=g) * 80 + 10
+    moving = 200 - 1.5 * fixed + torch.rand((3, 500), generator=g) * 20  # anti-correlated, another contrast
+    weights = (torch.rand((3, 500), generator=g) > 0.2).float()
+    f_range, m_range = (12.0, 88.0), (60.0, 190.0)
+    n_batch = point_metric("ncc", fixed)(moving, weights)
+    torch.testing.assert_close(n_batch, ncc(fixed, moving, weights))
+    torch.testing.assert_close(point_metric("ncc", fixed[1])(moving[1], weights[1]), n_batch[1])
+    assert float(n_batch.max()) < -0.8
+    mi = point_metric("mi", fixed, f_range, m_range, bins=32)
+    expected = mattes_mutual_information(fixed_bins((fixed - 12.0) / 76.0, 32), (moving - 60.0) / 130.0, weights, 32)
+    torch.testing.assert_close(mi(moving, weights), expected)
+    single = point_metric("mi", fixed[0], f_range, m_range, bins=32)(moving[0], weights[0])
+    torch.testing.assert_close(single, expected[0])
+    unrelated = point_metric("mi", fixed[0], f_range, m_range, bins=32)(moving[0][torch.randperm(500, generator=g)], weights[0])
+    assert float(single) > float(unrelated) + 0.2
+    with pytest.raises(ValueError, match="intensity ranges"):
+        point_metric("mi", fixed)
+    with pytest.raises(ValueError, match="must be one of ncc, mi"):
+        point_metric("ssd", fixed)

@@ -53,9 +53,9 @@ from .errors import RegistrationCancelled
 from .optimisers import LBFGS, Rprop
 from .preprocess import foreground_threshold, intensity_range
 from .resample import grid_sample_points, index_to_grid, sample_at_indices, torch_params_to_matrix_2d
-from .similarity import fixed_bins, mattes_mutual_information, ncc
+from .similarity import POINT_METRICS, PointMetric, point_metric
 
-METRICS = ("ncc", "mi")
+METRICS = POINT_METRICS
 
 #: The loss handed to L-BFGS is ``-LOSS_SCALE * similarity``: NCC and MI move by ~1e-3 per mm
 #: near the optimum, which would sit close to L-BFGS's fixed absolute tolerances.
@@ -178,7 +178,7 @@ class _Level:
     moving: torch.Tensor  # (1, 1, I', J', K') float32 moving volume (block averages at coarse levels)
     ras_to_grid: torch.Tensor  # (4, 4) float64 RAS -> grid_sample's normalised (x, y, z) in ``moving``
     bound: torch.Tensor  # (3,) float32 ITK bound of the normalised coordinates (resample.index_to_grid)
-    fixed_bin: torch.Tensor | None = None  # (N,) int64 MI bin of each fixed value (metric "mi")
+    metric: PointMetric | None = None  # the similarity against this level's fixed values (made once)
 
 
 def _ras_to_grid(ijk_to_ras: np.ndarray, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,21 +312,14 @@ def refine_rigid(
     moving_ijk_to_ras = np.asarray(moving_ijk_to_ras, dtype=np.float64)
     fixed_f, moving_f = fixed.float(), moving.float()
 
-    if metric == "mi":
-        # [0, 1] by the 1st/99th percentiles; applied after sampling (the map is linear up to the
-        # clamp, and clamping the interpolated values is what the similarity needs)
-        f_lo, f_hi = intensity_range(fixed_f)
-        m_lo, m_hi = intensity_range(moving_f)
-        f_span, m_span = (f_hi - f_lo) or 1.0, (m_hi - m_lo) or 1.0
+    # MI: both sides mapped to [0, 1] by their 1st/99th percentiles, applied after sampling (the map
+    # is linear up to the clamp, and clamping the interpolated values is what the similarity needs)
+    ranges = (intensity_range(fixed_f), intensity_range(moving_f)) if metric == "mi" else (None, None)
 
-        def similarity(lv: _Level, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            if lv.fixed_bin is None:  # the fixed values' bins, once per level
-                lv.fixed_bin = fixed_bins((lv.fixed_values - f_lo) / f_span, bins)
-            return mattes_mutual_information(lv.fixed_bin, (moving_values - m_lo) / m_span, weights, bins)
-    else:
-
-        def similarity(lv: _Level, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            return ncc(lv.fixed_values[None], moving_values[None], weights[None])[0]
+    def similarity(lv: _Level, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if lv.metric is None:  # the fixed side (values, bins), once per level
+            lv.metric = point_metric(metric, lv.fixed_values, *ranges, bins=bins)
+        return lv.metric(moving_values, weights)
 
     centre = geo.volume_centre_ras(fixed_ijk_to_ras, tuple(fixed.shape))
     centre_t = torch.as_tensor(centre, dtype=torch.float64, device=dev)
@@ -572,18 +565,8 @@ def refine_slices(
         fixed_values, f_inside = sample(fixed_f, to_grid(f_grid, q), f_bound)
     valid &= f_inside
 
-    if metric == "mi":
-        f_lo, f_hi = intensity_range(fixed_f)
-        m_lo, m_hi = intensity_range(moving_f)
-        fixed_bin = fixed_bins((fixed_values - f_lo) / ((f_hi - f_lo) or 1.0), bins)
-        m_span = (m_hi - m_lo) or 1.0
-
-        def similarity(moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            return mattes_mutual_information(fixed_bin, (moving_values - m_lo) / m_span, weights, bins)
-    else:
-
-        def similarity(moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            return ncc(fixed_values, moving_values, weights)
+    ranges = (intensity_range(fixed_f), intensity_range(moving_f)) if metric == "mi" else (None, None)
+    similarity = point_metric(metric, fixed_values, *ranges, bins=bins)
 
     def evaluate(p: torch.Tensor) -> torch.Tensor:
         """Each slice's similarity ``(S,)`` at parameters ``p`` ``(S, 3)`` (degrees, mm)."""

@@ -5,12 +5,19 @@ by the engine (before/after) and the benchmarks. :func:`ncc` and :func:`mutual_i
 batched over the first axis, differentiable, and accept an optional mask of the pixels to use.
 :func:`mattes_mutual_information` is the form the refinements optimise (one pair, or a batch of
 slice pairs with one histogram each), with the fixed image's bins computed once (:func:`fixed_bins`)
-and an analytic gradient.
+and an analytic gradient. :class:`NCCMetric` and :class:`MattesMIMetric` (:func:`point_metric`)
+hold what a refinement fixes once (the fixed values, their bins, the intensity scaling) and score
+moving values sampled at the same points: both refinements (6-DOF and per slice) use them.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+#: The similarities a refinement can maximise.
+POINT_METRICS = ("ncc", "mi")
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
@@ -138,3 +145,59 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | No
     pb = p.sum(dim=1, keepdim=True)
     ratio = p / (pa * pb).clamp_min(1e-12)
     return (p * torch.log(ratio.clamp_min(1e-12))).sum(dim=(1, 2))
+
+
+class PointMetric(Protocol):
+    """A similarity of moving values sampled at fixed sample points (higher is better): called
+    with ``moving_values`` and ``weights`` shaped as the fixed values it was made with (``(N,)``:
+    a scalar; ``(B, N)``: ``B`` independent pairs, ``(B,)``); differentiable in ``moving_values``."""
+
+    name: str
+
+    def __call__(self, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+class NCCMetric:
+    """Normalised cross-correlation (:func:`ncc`) against fixed values ``(N,)`` or ``(B, N)``."""
+
+    name = "ncc"
+
+    def __init__(self, fixed_values: torch.Tensor) -> None:
+        self.fixed_values = fixed_values
+
+    def __call__(self, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.fixed_values.dim() == 1:
+            return ncc(self.fixed_values[None], moving_values[None], weights[None])[0]
+        return ncc(self.fixed_values, moving_values, weights)
+
+
+class MattesMIMetric:
+    """Mattes mutual information (:func:`mattes_mutual_information`) against fixed values ``(N,)``
+    or ``(B, N)``: each side mapped to ``[0, 1]`` by its intensity range ``(low, high)`` (the
+    volumes' 1st/99th percentiles, :func:`preprocess.intensity_range`) and clamped; the fixed
+    values' bins computed once."""
+
+    name = "mi"
+
+    def __init__(self, fixed_values: torch.Tensor, fixed_range: tuple[float, float],
+                 moving_range: tuple[float, float], bins: int = 48) -> None:
+        f_lo, f_hi = fixed_range
+        self.fixed_bin = fixed_bins((fixed_values - f_lo) / ((f_hi - f_lo) or 1.0), bins)
+        self.m_lo = moving_range[0]
+        self.m_span = (moving_range[1] - moving_range[0]) or 1.0
+        self.bins = int(bins)
+
+    def __call__(self, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return mattes_mutual_information(self.fixed_bin, (moving_values - self.m_lo) / self.m_span, weights, self.bins)
+
+
+def point_metric(name: str, fixed_values: torch.Tensor, fixed_range: tuple[float, float] | None = None,
+                 moving_range: tuple[float, float] | None = None, bins: int = 48) -> PointMetric:
+    """The :class:`PointMetric` called ``name`` (``ncc`` or ``mi``; MI needs both intensity ranges)."""
+    if name == "ncc":
+        return NCCMetric(fixed_values)
+    if name == "mi":
+        if fixed_range is None or moving_range is None:
+            raise ValueError("mutual information needs the fixed and moving intensity ranges")
+        return MattesMIMetric(fixed_values, fixed_range, moving_range, bins)
+    raise ValueError(f"metric must be one of {', '.join(POINT_METRICS)}, not {name!r}")

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "input: the fixed image's own (NRRD, MetaImage or NIfTI; NIfTI for DICOM and 2D images)")
     p.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--profile", action="store_true",
+                   help="print how long each stage took (imports, reading, model, the engine's stages, writing)")
     p.add_argument("--demo", action="store_true",
                    help="register the embedded sample against a copy moved by a known motion and print the error")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -255,15 +257,19 @@ def run(args: argparse.Namespace) -> dict:
     failed or interrupted run leaves OUTDIR as it was (no partial outputs, no temporary files, not
     even OUTDIR itself when it did not exist). The input files are only read.
     """
-    from .engine import RegistrationOptions, register_volumes
-    from .io import (itk_dimension, output_suffix, read_volume, staged_outputs, write_csv, write_image_2d, write_json,
-                     write_tfm, write_volume)
-    from .model import DEFAULT_CARD, load_model, read_model_card, resolve_device
-    from .preprocess import InputError, check_before_registration
-    from .overview import overview_figure
-    from .report import result_report
+    from .profiling import timed
 
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}  # the command's own stages (--profile; report.json "command_timings_s")
+    with timed(stages, "imports (torch, engine)"):
+        from .engine import RegistrationOptions, register_volumes
+        from .io import (itk_dimension, output_suffix, read_volume, staged_outputs, write_csv, write_image_2d,
+                         write_json, write_tfm, write_volume)
+        from .model import DEFAULT_CARD, load_model, read_model_card, resolve_device
+        from .overview import overview_figure
+        from .preprocess import check_before_registration
+        from .report import result_report
+
     check_option_conflicts(args)
     out = prepare_output(args.output)
     card_path = resolve_card(args.weights)
@@ -284,40 +290,46 @@ def run(args: argparse.Namespace) -> dict:
     options.validate()
     resolve_device(args.device)  # CUDA asked for but absent: say so before reading anything
     truth = None
-    if args.demo:
-        from .sample import apply_known_motion, load_sample
+    with timed(stages, "read inputs"):
+        if args.demo:
+            from .sample import apply_known_motion, load_sample
 
-        fixed = load_sample()
-        moving, truth = apply_known_motion(fixed)
-    else:
-        if not args.fixed or not args.moving:
-            raise CliError("give FIXED and MOVING images (or --demo)")
-        fixed = read_volume(args.fixed, f"fixed image {args.fixed}")
-        moving = read_volume(args.moving, f"moving image {args.moving}")
-    check_before_registration(fixed, moving, options.axis, card.input_size, card.spacing_mm)
+            fixed = load_sample()
+            moving, truth = apply_known_motion(fixed)
+        else:
+            if not args.fixed or not args.moving:
+                raise CliError("give FIXED and MOVING images (or --demo)")
+            fixed = read_volume(args.fixed, f"fixed image {args.fixed}")
+            moving = read_volume(args.moving, f"moving image {args.moving}")
+        check_before_registration(fixed, moving, options.axis, card.input_size, card.spacing_mm)
     with staged_outputs(out) as stage:  # probes that OUTDIR is writable before the heavy work
-        model = load_model(card_path, args.device)
+        with timed(stages, "load model"):
+            model = load_model(card_path, args.device)
         progress = _Progress(not args.quiet)
         try:
-            result = register_volumes(fixed, moving, model, options, progress)
+            with timed(stages, "engine"):
+                result = register_volumes(fixed, moving, model, options, progress)
         finally:
             progress.close()
         assert result.registered is not None and result.difference is not None
-        ext = output_suffix(args.output_format, None if args.demo else args.fixed)
-        if args.demo:
-            write_volume(fixed, stage / f"fixed{ext}")
-            write_volume(moving, stage / f"moving{ext}")
-        write_volume(result.registered, stage / f"registered{ext}")
-        write_volume(result.difference, stage / f"difference{ext}")
-        # two 2D images: a 2D transform, the only kind ITK applies to them
-        two_d = not args.demo and itk_dimension(args.fixed) == 2 and itk_dimension(args.moving) == 2
-        write_tfm(result.fixed_to_moving_ras, stage / "transform.tfm", 2 if two_d else 3)
-        write_csv(result.slice_table(), stage / "slices.csv")
-        if fixed.shape[2] == 1 and result.frame.axis == 2:
-            write_image_2d(result.registered.array[:, :, 0].T, stage / "registered.png")
-            write_image_2d(result.difference.array[:, :, 0].T, stage / "difference.png")
+        with timed(stages, "write volumes"):
+            ext = output_suffix(args.output_format, None if args.demo else args.fixed)
+            if args.demo:
+                write_volume(fixed, stage / f"fixed{ext}")
+                write_volume(moving, stage / f"moving{ext}")
+            write_volume(result.registered, stage / f"registered{ext}")
+            write_volume(result.difference, stage / f"difference{ext}")
+        with timed(stages, "write transform, tables"):
+            # two 2D images: a 2D transform, the only kind ITK applies to them
+            two_d = not args.demo and itk_dimension(args.fixed) == 2 and itk_dimension(args.moving) == 2
+            write_tfm(result.fixed_to_moving_ras, stage / "transform.tfm", 2 if two_d else 3)
+            write_csv(result.slice_table(), stage / "slices.csv")
+            if fixed.shape[2] == 1 and result.frame.axis == 2:
+                write_image_2d(result.registered.array[:, :, 0].T, stage / "registered.png")
+                write_image_2d(result.difference.array[:, :, 0].T, stage / "difference.png")
         if not args.no_overview:
-            overview_figure(fixed, moving, result, stage / "overview.png")
+            with timed(stages, "overview.png"):
+                overview_figure(fixed, moving, result, stage / "overview.png")
         report = result_report(result, model.card.name, model.card.sha256, model.card.trained)
         report["inputs"] = {
             "fixed": "embedded sample" if args.demo else str(args.fixed),
@@ -330,8 +342,9 @@ def run(args: argparse.Namespace) -> dict:
 
             rot, trans = rigid_error(result.fixed_to_moving_ras, truth, volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
             report["demo"] = {"true_fixed_to_moving_RAS": truth.tolist(), "rotation_error_deg": rot, "translation_error_mm": trans}
-        report["total_seconds"] = round(time.perf_counter() - t0, 3)
         report["outputs"] = sorted([*(item.name for item in stage.iterdir()), "report.json"])
+        report["command_timings_s"] = {k: round(v, 4) for k, v in stages.items()}
+        report["total_seconds"] = round(time.perf_counter() - t0, 3)  # up to writing report.json
         write_json(report, stage / "report.json")
     return report
 
@@ -400,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     if not args.quiet:
         print(summary(report, Path(args.output)))
+    if args.profile:
+        from .profiling import profile_table
+
+        print(profile_table(report["command_timings_s"], report["timings_s"], report["total_seconds"]))
     return 0
 
 

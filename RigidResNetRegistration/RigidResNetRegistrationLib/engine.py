@@ -30,9 +30,8 @@ All transforms are kept in the *resampling* direction (fixed point -> moving poi
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -52,6 +51,7 @@ from .preprocess import (
     select_slices,
     survey_slices,
 )
+from .profiling import timed
 from .quality import QualityVerdict, RunSignals, judge, measure
 from .refine import refine_rigid, refine_slices
 from .resample import resample_per_slice, resample_volume, sample_slice_stack
@@ -540,14 +540,14 @@ def _prepare(fixed: Volume, moving: Volume, predictor: Predictor, opts: Registra
         raise InputError(str(exc)) from None
     precision = resolve_precision(opts.precision, torch.device(getattr(predictor, "device", device)))
 
-    with _timed(timings, "initialise"):
+    with timed(timings, "initialise"):
         report(0.0, "finding where to start")
         try:  # the moving volume placed at the start: registered from there, the start composed at the end
             placed, initialisation = place_moving(named[0], named[1], opts.init, opts.initial_transform,
                                                   search=opts.mode == "volume")
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    with _timed(timings, "prepare"):
+    with timed(timings, "prepare"):
         report(0.02, "preparing slices")
         f_t = as_float_tensor(fixed, device)
         m_t = as_float_tensor(placed, device)
@@ -705,16 +705,6 @@ def _resample_outputs(run: _Run, volume_t: np.ndarray, per_slice_t: np.ndarray |
     return registered, difference
 
 
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the wall time of the block to ``timings[stage]`` (seconds; the report's ``timings_s``)."""
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
-
-
 def register_volumes(
     fixed: Volume,
     moving: Volume,
@@ -736,22 +726,22 @@ def register_volumes(
     timings: dict[str, float] = {}
     run = _prepare(fixed, moving, predictor, opts, progress or (lambda fraction, message: None), cancel, timings)
     kind = run.kind
-    with _timed(timings, "predict"):
+    with timed(timings, "predict"):
         network = _predict(run)
     current, refinement = network.params, None
     if opts.refine_slices and opts.mode == "slices" and kind == "rigid":
-        with _timed(timings, "refine"):
+        with timed(timings, "refine"):
             current, refinement = _refine_each_slice(run, current)
     combined = _combine(run, current)
     run.check_cancel()
     volume_t = network_t = combined.volume_t
     net_moving = None
     if opts.refine and opts.mode == "volume" and kind == "rigid":
-        with _timed(timings, "refine"):
+        with timed(timings, "refine"):
             volume_t, refinement, net_moving = _refine_volume(run, network_t)
-    with _timed(timings, "quality"):
+    with timed(timings, "quality"):
         judged = _judge(run, combined, volume_t, network_t, refinement, net_moving)
-    with _timed(timings, "resample"):
+    with timed(timings, "resample"):
         registered, difference = _resample_outputs(run, judged.volume_t, combined.per_slice_t)
     run.report(1.0, "done")
     used = np.zeros(len(run.frame.offsets), dtype=bool)

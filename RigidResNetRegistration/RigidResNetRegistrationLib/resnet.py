@@ -60,7 +60,9 @@ class ResNetFeatures(nn.Module):
         self.layer4 = self._make_layer(512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Identity()
-        for m in self.modules():  # torchvision's initialisation
+        # torchvision's initialisation; none on the meta device (a network built there to take loaded
+        # weights, model.load_model: initialising it would import torch._dynamo, 1.4 s)
+        for m in (() if self.conv1.weight.is_meta else self.modules()):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):

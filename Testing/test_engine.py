@@ -563,3 +563,26 @@ def test_symmetric_prediction_is_the_default_and_can_be_turned_off(card_factory)
     assert abs(sym.params[0]) < 1e-6 and np.hypot(*sym.params[1:]) < 0.02
     with pytest.raises(InputError, match="symmetric must be"):
         RegistrationOptions(symmetric="yes").validate()
+
+
+def test_intensity_range_is_remembered_per_tensor_and_recomputed_after_an_in_place_change() -> None:
+    """preprocess.intensity_range remembers a tensor's range (several stages ask for it): the same
+    figures as computed afresh, again after the tensor is modified in place, per argument set, and
+    never served to another tensor with the same values' id reused."""
+    from RigidResNetRegistrationLib import preprocess
+
+    g = torch.Generator().manual_seed(5)
+    t = torch.rand((60, 50, 40), generator=g) * 100
+    first = preprocess.intensity_range(t)
+    assert preprocess.intensity_range(t) == first
+    assert preprocess._RANGE_CACHE[id(t)][3] == first  # remembered
+    t.mul_(2.0)  # in place: the version counter moves on
+    doubled = preprocess.intensity_range(t)
+    assert doubled == pytest.approx((2 * first[0], 2 * first[1]), rel=1e-5)
+    assert preprocess.intensity_range(t, 0.1, 0.9) != doubled
+    other = t.clone().add_(50.0)
+    assert preprocess.intensity_range(other)[0] == pytest.approx(doubled[0] + 50.0, rel=1e-5)
+    del t
+    fresh = torch.zeros(60, 50, 40)  # may reuse the dead tensor's id: its entry is never served
+    fresh[30:] = 1.0
+    assert preprocess.intensity_range(fresh) == pytest.approx((0.0, 1.0))

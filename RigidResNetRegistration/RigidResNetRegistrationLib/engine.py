@@ -409,7 +409,7 @@ def scale_to_unit(values: torch.Tensor, value_range: tuple[float, float]) -> tor
     """Map ``value_range`` ``(low, high)`` (e.g. a volume's :func:`preprocess.intensity_range`) to
     ``[0, 1]``, clipped."""
     lo, hi = value_range
-    return ((values - lo) / (hi - lo if hi > lo else 1.0)).clamp(0.0, 1.0)
+    return torch.sub(values, lo).div_(hi - lo if hi > lo else 1.0).clamp_(0.0, 1.0)  # one new tensor
 
 
 def difference_image(fixed: torch.Tensor, resampled: torch.Tensor, fixed_range: tuple[float, float],
@@ -418,7 +418,7 @@ def difference_image(fixed: torch.Tensor, resampled: torch.Tensor, fixed_range: 
     (or part of it) and the moving one resampled onto the fixed grid (or part of it) each scaled
     by their whole volume's 1st/99th percentiles (``fixed_range``, ``moving_range``:
     :func:`preprocess.intensity_range`)."""
-    return (scale_to_unit(fixed, fixed_range) - scale_to_unit(resampled, moving_range)).abs()
+    return scale_to_unit(fixed, fixed_range).sub_(scale_to_unit(resampled, moving_range)).abs_()
 
 
 # --------------------------------------------------------------------------- the flow, stage by stage
@@ -542,15 +542,16 @@ def _prepare(fixed: Volume, moving: Volume, predictor: Predictor, opts: Registra
 
     with timed(timings, "initialise"):
         report(0.0, "finding where to start")
+        # the voxels as float32 once: the start, every later stage and their intensity ranges share them
+        # (placing the moving volume changes its header, not its voxels)
+        f_t, m_t = as_float_tensor(fixed, device), as_float_tensor(moving, device)
         try:  # the moving volume placed at the start: registered from there, the start composed at the end
             placed, initialisation = place_moving(named[0], named[1], opts.init, opts.initial_transform,
-                                                  search=opts.mode == "volume")
+                                                  search=opts.mode == "volume", fixed_voxels=f_t, moving_voxels=m_t)
         except ValueError as exc:
             raise InputError(str(exc)) from None
     with timed(timings, "prepare"):
         report(0.02, "preparing slices")
-        f_t = as_float_tensor(fixed, device)
-        m_t = as_float_tensor(placed, device)
         survey = survey_slices(f_t, fixed.ijk_to_ras, m_t, placed.ijk_to_ras, frame, size, spacing,
                                min_foreground=opts.min_foreground)
         check_overlap(survey)

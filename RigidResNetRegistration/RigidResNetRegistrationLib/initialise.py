@@ -105,9 +105,18 @@ class CoarseVolume:
     threshold: float  # the foreground threshold, on the [0, 1] scale
 
 
-def coarse_volume(volume: Volume, level_mm: float = COARSE_MM) -> CoarseVolume:
-    """Block averages of ``volume`` and where its foreground is (see :class:`CoarseVolume`)."""
-    full = torch.from_numpy(np.asarray(volume.array, dtype=np.float32))
+def _voxels(volume: Volume, voxels: torch.Tensor | None) -> torch.Tensor:
+    """The volume's voxels as a float32 CPU tensor: ``voxels`` when the caller has them (the
+    engine's own copy: converted, and its intensity range measured, once per registration)."""
+    if voxels is not None and voxels.device.type == "cpu" and tuple(voxels.shape) == tuple(volume.shape):
+        return voxels
+    return torch.from_numpy(np.asarray(volume.array, dtype=np.float32))
+
+
+def coarse_volume(volume: Volume, level_mm: float = COARSE_MM, voxels: torch.Tensor | None = None) -> CoarseVolume:
+    """Block averages of ``volume`` and where its foreground is (see :class:`CoarseVolume`);
+    ``voxels``: its voxels as a float32 tensor, when the caller has them."""
+    full = _voxels(volume, voxels)
     lo, hi = intensity_range(full)
     span = (hi - lo) or 1.0
     threshold = (foreground_threshold(full) - lo) / span
@@ -249,10 +258,12 @@ def best_candidates(fixed: CoarseVolume, moving: CoarseVolume, fixed_t: torch.Te
     return best_i, best_t, best_s
 
 
-def initial_transform(fixed: Volume, moving: Volume, mode: str = "auto", search: bool = True) -> Initialisation:
+def initial_transform(fixed: Volume, moving: Volume, mode: str = "auto", search: bool = True,
+                      fixed_voxels: torch.Tensor | None = None, moving_voxels: torch.Tensor | None = None) -> Initialisation:
     """Initial RAS resampling transform (fixed -> moving) of ``moving`` to ``fixed`` by ``mode``
     (:data:`INIT_MODES`, module docstring); ``search``: allow ``auto``'s coarse rotation search
-    (otherwise ``auto`` is ``header`` or ``moments``)."""
+    (otherwise ``auto`` is ``header`` or ``moments``); ``fixed_voxels``, ``moving_voxels``: the
+    volumes' voxels as float32 CPU tensors when the caller has them (not modified)."""
     t0 = time.perf_counter()
     if mode not in INIT_MODES:
         raise ValueError(f"init must be one of {', '.join(INIT_MODES)}, not {mode!r}")
@@ -263,7 +274,8 @@ def initial_transform(fixed: Volume, moving: Volume, mode: str = "auto", search:
     signals: dict[str, float] = {}
     if mode == "header":
         return done("header", np.eye(4), "requested: the headers as they are")
-    fc, mc = coarse_volume(fixed), coarse_volume(moving)
+    f_t, m_t = _voxels(fixed, fixed_voxels), _voxels(moving, moving_voxels)
+    fc, mc = coarse_volume(fixed, voxels=f_t), coarse_volume(moving, voxels=m_t)
     fm, mm = foreground_moments(fc), foreground_moments(mc)
     centred = centre_transform(fm, mm)
     signals.update(header_overlap=overlap_fraction(fc, mc), centre_distance_mm=float(np.linalg.norm(mm.centre_ras - fm.centre_ras)),
@@ -278,8 +290,6 @@ def initial_transform(fixed: Volume, moving: Volume, mode: str = "auto", search:
         if header_well:
             return done("header", np.eye(4), f"thin volume, the headers overlap well: {why}")
         return done("centre", centred, f"thin volume, the headers do not overlap well ({why}): centres aligned")
-    f_t = torch.from_numpy(np.asarray(fixed.array, dtype=np.float32))
-    m_t = torch.from_numpy(np.asarray(moving.array, dtype=np.float32))
     axes = [centre_transform(fm, mm, r) for r in axis_rotations(fm, mm)]
     if mode == "moments":
         # the header's orientation first: on a tie (symmetric spreads) it wins
@@ -317,7 +327,8 @@ def initial_transform(fixed: Volume, moving: Volume, mode: str = "auto", search:
 
 
 def place_moving(fixed: Volume, moving: Volume, mode: str = "auto", given: np.ndarray | None = None,
-                 search: bool = True) -> tuple[Volume, Initialisation]:
+                 search: bool = True, fixed_voxels: torch.Tensor | None = None,
+                 moving_voxels: torch.Tensor | None = None) -> tuple[Volume, Initialisation]:
     """The moving volume placed at the start of a registration, and how it was placed.
 
     ``given``: the caller's initial RAS resampling transform ``G`` (fixed -> moving; None: none);
@@ -326,10 +337,10 @@ def place_moving(fixed: Volume, moving: Volume, mode: str = "auto", given: np.nd
     with ``T0 = G @ T1`` (the voxels are shared, not copied), so that registering ``fixed`` to it
     from the identity and composing ``T0 @ T`` gives the transform to the original ``moving``:
     ``registered(x) = moving(T0(T(x)))``; and the :class:`Initialisation` (``fixed_to_moving_ras``
-    = ``T0``)."""
+    = ``T0``). ``fixed_voxels``, ``moving_voxels``: as :func:`initial_transform`."""
     g = None if given is None else np.asarray(given, dtype=np.float64)
     first = moving if g is None else Volume(moving.array, geo.invert(g) @ moving.ijk_to_ras, moving.name)
-    init = initial_transform(fixed, first, mode, search)
+    init = initial_transform(fixed, first, mode, search, fixed_voxels, moving_voxels)
     if g is not None:
         init.given = g
         init.fixed_to_moving_ras = g @ init.fixed_to_moving_ras

@@ -6,6 +6,8 @@ A :class:`Volume` is an ``array[i, j, k]`` (nibabel order) with its ``ijk_to_ras
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +51,15 @@ def as_float_tensor(volume: Volume, device: torch.device | str = "cpu") -> torch
     return torch.from_numpy(np.array(volume.array, dtype=np.float32, copy=True, order="C")).to(device)
 
 
+#: :func:`intensity_range` results by ``id`` of the tensor: (a weak reference to it, its version
+#: counter, the arguments, the result). One registration asks for the same two volumes' ranges
+#: from several stages (start, refinement, quality, difference image): 16 computations, 20 ms of
+#: CPU each on a 240 x 240 x 155 volume, became 2.
+_RANGE_CACHE: dict[int, tuple[weakref.ref, int, tuple[float, float, int], tuple[float, float]]] = {}
+_RANGE_CACHE_SIZE = 16
+_RANGE_LOCK = threading.Lock()
+
+
 def intensity_range(
     values: torch.Tensor, low: float = 0.01, high: float = 0.99, max_samples: int = 65_536
 ) -> tuple[float, float]:
@@ -56,14 +67,30 @@ def intensity_range(
 
     Large tensors are subsampled with a fixed stride (deterministic) to at most ``max_samples``
     values: the quantiles of a 9-million-voxel brain volume move by well under 1% of the range.
+    Remembered for the same tensor object while it lives and is not modified in place (its
+    version counter), so stages that each need a volume's range do not recompute it.
     """
+    args = (float(low), float(high), int(max_samples))
+    with _RANGE_LOCK:
+        hit = _RANGE_CACHE.get(id(values))
+    if hit is not None and hit[0]() is values and hit[1] == values._version and hit[2] == args:
+        return hit[3]
     flat = values.reshape(-1)
     if flat.numel() > max_samples:
         step = -(-flat.numel() // max_samples)  # ceil
         flat = flat[step // 2 :: step]
     flat = flat.float()
     q = torch.quantile(flat, torch.tensor([low, high], dtype=flat.dtype, device=flat.device))
-    return float(q[0]), float(q[1])
+    result = (float(q[0]), float(q[1]))
+    try:
+        ref = weakref.ref(values)
+    except TypeError:  # not weakly referenceable: not remembered
+        return result
+    with _RANGE_LOCK:
+        if len(_RANGE_CACHE) >= _RANGE_CACHE_SIZE:
+            _RANGE_CACHE.pop(next(iter(_RANGE_CACHE)))
+        _RANGE_CACHE[id(values)] = (ref, values._version, args, result)
+    return result
 
 
 def foreground_threshold(volume: torch.Tensor) -> float:

@@ -93,6 +93,30 @@ def test_each_format_reads_the_voxels_and_frame_it_was_written_with(tmp_path, ki
     assert geo.slice_frame(got.ijk_to_ras, got.shape).axis == 2
 
 
+@pytest.mark.parametrize("fast_gzip", [True, False])
+def test_nii_gz_written_with_either_gzip_is_read_by_nibabel_and_simpleitk(tmp_path, monkeypatch, fast_gzip):
+    """.nii.gz files are compressed by io._gzip (ISA-L when installed, else the standard library):
+    both give a gzip stream that nibabel and SimpleITK read back voxel for voxel, frame included."""
+    import SimpleITK as sitk
+
+    from RigidResNetRegistrationLib import io as rio
+
+    if fast_gzip:
+        pytest.importorskip("isal", reason="isal (ISA-L gzip) is not installed")
+    else:
+        monkeypatch.setattr(rio, "_gzip", lambda: gzip)
+    vol = phantom_volume(shape=(20, 22, 18), codes="LAS", spacing=(2.0, 1.5, 2.5))
+    path = tmp_path / "v.nii.gz"
+    write_volume(vol, path)
+    assert path.read_bytes()[:2] == b"\x1f\x8b"
+    back = nib.load(str(path))
+    assert np.array_equal(np.asarray(back.dataobj), vol.array.astype(np.float32))
+    assert np.allclose(back.affine, vol.ijk_to_ras)
+    itk = sitk.ReadImage(str(path))
+    assert np.array_equal(sitk.GetArrayFromImage(itk).transpose(2, 1, 0), vol.array.astype(np.float32))
+    assert np.allclose(read_volume(path).ijk_to_ras, vol.ijk_to_ras)
+
+
 @pytest.mark.parametrize("name,compress", [("gz_named.nii", True), ("plain_named.nii.gz", False), ("no_suffix", True),
                                            ("named.nrrd", False)])
 def test_nifti_is_recognised_by_its_content_whatever_its_name(tmp_path, name, compress):

@@ -71,6 +71,23 @@ def read_volume(path: str | Path, name: str | None = None) -> Volume:
     raise InputError(f"{label}: unsupported file type {suffix or '(none)'}; use {_SUPPORTED}")
 
 
+def _gzip() -> Any:
+    """The gzip implementation for NIfTI files: ``isal.igzip`` (Intel ISA-L, same format, about 10x
+    faster at level 1: 0.03 s instead of 0.27 s for a 240 x 240 x 155 float32 volume) where it is
+    installed, the standard library's ``gzip`` otherwise."""
+    try:
+        from isal import igzip
+
+        return igzip
+    except ImportError:
+        return gzip
+
+
+#: gzip level of written ``.nii.gz`` files: 1, nibabel's own default (level 6 was 1.4-2.5x slower
+#: with the standard library for files 4% smaller).
+NIFTI_GZIP_LEVEL = 1
+
+
 def _nifti_content(p: Path) -> tuple[bool, int] | None:
     """``(gzipped, 1 or 2)`` when the file holds a single-file NIfTI-1/-2 image, else None."""
     try:
@@ -91,10 +108,10 @@ def _read_nifti(p: Path, label: str, content: tuple[bool, int] | None) -> Volume
     import nibabel as nib
 
     try:
-        if content is not None and (content[0] != p.name.lower().endswith(".gz") or _suffix(p) not in NIFTI_SUFFIXES):
-            # NIfTI under another name (a gzip file called .nii, no suffix, ...): nibabel picks its
-            # reader from the name, so give it the bytes
-            with (gzip.open(p, "rb") if content[0] else open(p, "rb")) as f:
+        if content is not None and (content[0] or p.name.lower().endswith(".gz") or _suffix(p) not in NIFTI_SUFFIXES):
+            # gzipped NIfTI (decompressed here: nibabel's gzip reader is the slow standard one), or
+            # NIfTI under another name (nibabel picks its reader from the name): give it the bytes
+            with (_gzip().open(p, "rb") if content[0] else open(p, "rb")) as f:
                 raw = f.read()
             img = (nib.Nifti2Image if content[1] == 2 else nib.Nifti1Image).from_bytes(raw)
         else:
@@ -293,7 +310,11 @@ def write_volume(volume: Volume, path: str | Path, dtype: Any = np.float32) -> N
             img = nib.Nifti1Image(np.asarray(volume.array, dtype=dtype), np.asarray(volume.ijk_to_ras, dtype=np.float64))
             img.set_qform(img.affine, code=1)
             img.set_sform(img.affine, code=1)
-            nib.save(img, str(tmp))
+            if str(tmp).lower().endswith(".gz"):  # compressed here (_gzip: the fast implementation)
+                with _gzip().open(tmp, "wb", compresslevel=NIFTI_GZIP_LEVEL) as f:
+                    f.write(img.to_bytes())
+            else:
+                nib.save(img, str(tmp))
         else:
             import SimpleITK as sitk
 

@@ -407,3 +407,171 @@ def test_synthetic_contrast_is_another_contrast_exactly_aligned_with_its_t1(tmp_
         made = sample_volume_at_ras(subject.volumes[contrast], subject.ijk_to_ras[contrast], pts)
         assert torch.allclose(at_truth[i], made.float(), atol=1e-2), i
         assert not torch.allclose(batch.moving[i], made.float(), atol=1.0)
+
+
+# --------------------------------------------------------------------------- rrr_benchmarks.speed
+
+
+def _speed_measures(**over):
+    """Measurements of every speed row that meet every goal (``over`` replaces rows)."""
+    from rrr_benchmarks import speed
+
+    def timed(median):
+        return speed.stats([median * 0.9, median, median * 1.2])
+
+    good = [speed.error_row("p1", 0.1, 0.2)]
+    m = {"engine": {"ours": timed(0.3), "elastix": timed(3.0), "ratio": 10.0, "accuracy": {"ours": good, "elastix": good}},
+         "process": {"ours": timed(5.0), "elastix": timed(8.0), "ratio": 1.6, "accuracy": {"ours": good, "elastix": good}},
+         "batch": {"n": 2, "ours_total_s": 2.0, "ours_per_pair_s": 1.0, "elastix_total_s": 16.0, "elastix_per_pair_s": 8.0,
+                   "ratio": 8.0, "accuracy": {"ours": good * 2, "elastix": good * 2}},
+         "slices": {"ms_per_slice": 7.5, "used_slices": 140, "seconds": timed(1.05),
+                    "slice_accuracy": {"n": 140, "rot_median": 0.05, "trans_median": 0.1, "success": 0.97}},
+         "memory": {"ours_mb": 900.0, "elastix_mb": 500.0, "accuracy": {"ours": good, "elastix": good}}}
+    m.update(over)
+    return m
+
+
+def test_speed_goal_verdicts_follow_the_measurements():
+    """Every row of the speed table is judged from its numbers: met, not met (time, ratio or memory),
+    not met because ours was inaccurate on its timed pairs, not available, not measured."""
+    from rrr_benchmarks import speed
+
+    verdicts = {r["key"]: r["verdict"] for r in speed.goal_rows(_speed_measures())}
+    assert verdicts == {"engine": "met", "process": "met", "batch": "met", "slices": "met", "memory": "met"}
+    base = _speed_measures()
+    slow_engine = {**base["engine"], "ours": speed.stats([0.36, 0.40])}  # 10x elastix but over 0.35 s
+    few_x = {**base["engine"], "ratio": 7.9}  # fast but under 8x elastix
+    slower_process = {**base["process"], "ours": speed.stats([8.0, 8.1])}  # not faster than elastix (tie at the median)
+    bad_pair = {**base["batch"], "accuracy": {"ours": [speed.error_row("p1", 0.1, 0.2), speed.error_row("p2", 2.0, 0.1)],
+                                              "elastix": []}}
+    failed_pair = {**base["batch"], "accuracy": {"ours": [speed.error_row("p1", error="RuntimeError: boom")], "elastix": []}}
+    cases_ = {
+        "engine": [(slow_engine, "not met"), (few_x, "not met"), ({**base["engine"], "ratio": float("nan")}, "not measured")],
+        "process": [(slower_process, "not met"), ({"failed": "hyperfine exit 1"}, "not measured (hyperfine exit 1)")],
+        "batch": [({**base["batch"], "ratio": 4.99}, "not met"), (bad_pair, "not met (ours outside 1 deg / 1 mm or failed on 1 of 2 pairs)"),
+                  (failed_pair, "not met (ours outside 1 deg / 1 mm or failed on 1 of 1 pairs)"),
+                  ({**base["batch"], "unavailable": "no --batch"}, "not available (no --batch)")],
+        "slices": [({**base["slices"], "ms_per_slice": 10.01}, "not met"),
+                   ({**base["slices"], "slice_accuracy": {**base["slices"]["slice_accuracy"], "trans_median": 1.2}}, "not met (")],
+        "memory": [({**base["memory"], "ours_mb": 1500.5}, "not met"), ({**base["memory"], "ours_mb": None}, "not measured")],
+    }
+    for key, variants in cases_.items():
+        for m, expected in variants:
+            got = next(r["verdict"] for r in speed.goal_rows(_speed_measures(**{key: m})) if r["key"] == key)
+            assert got == expected or (expected.endswith("(") and got.startswith(expected)), (key, m, got)
+    assert speed.verdict("batch", None) == "not available"
+    # the table: one row per goal, the goal column says the goal and the verdict
+    table = speed.goal_table(speed.goal_rows(_speed_measures(memory={**base["memory"], "ours_mb": 2000.0})))
+    lines = table.splitlines()
+    assert lines[0] == "| " + " | ".join(speed.GOAL_COLUMNS) + " |" and len(lines) == 2 + len(speed.GOALS)
+    engine_row = next(x for x in lines if x.startswith("| engine call"))
+    assert engine_row.endswith("<= 0.35 s and >= 8x elastix: **met** |") and "0.30 s (0.27-0.36, 3 runs)" in engine_row
+    assert "10.0x faster" in engine_row and "1/1 within 1 deg / 1 mm" in engine_row
+    assert next(x for x in lines if x.startswith("| peak memory")).endswith("<= 1.5 GB: **not met** |")
+    assert "8.0x faster per pair" in next(x for x in lines if x.startswith("| `--batch`"))
+    assert speed.faster_text(1.0, 2.0) == "2.0x slower" and speed.faster_text(None, 2.0) == "—"
+    # without --batch the row is "not available" and still shows elastix's figure
+    rows = speed.goal_rows(_speed_measures(batch={**base["batch"], "ours_unavailable": "no --batch", "unavailable": "no --batch",
+                                                  "ours_per_pair_s": None, "ratio": float("nan")}))
+    batch_row = next(r for r in rows if r["key"] == "batch")
+    assert batch_row["ours"].startswith("not available") and batch_row["elastix"].startswith("8.00 s / pair")
+    stages = speed.stage_table([{"prepare": 0.1, "refine": 0.2}, {"prepare": 0.3, "refine": 0.2}])
+    assert "| prepare | 0.200 | 0.100-0.300 |" in stages and "| total (sum of the stages) | 0.400 | 0.300-0.500 |" in stages
+
+
+def test_speed_helpers_stats_csv_parsers_and_commands(tmp_path):
+    import csv
+
+    from rrr_benchmarks import speed
+
+    s = speed.stats([3.0, 1.0, 2.0, float("nan")])
+    assert (s["n"], s["min"], s["median"], s["max"]) == (3, 1.0, 2.0, 3.0)
+    assert speed.stats([])["n"] == 0 and np.isnan(speed.stats([])["median"]) and speed.fmt_stats(speed.stats([])) == "—"
+    assert speed.ratio(8.0, 2.0) == 4.0 and np.isnan(speed.ratio(8.0, None)) and np.isnan(speed.ratio(8.0, 0.0))
+    # the --batch pairs file: fixed, moving, name with absolute paths
+    pairs = [{"fixed": str(tmp_path / "f.nii.gz"), "moving": str(tmp_path / "m,1.nii.gz"), "name": "01-a-t1-t2"},
+             {"fixed": str(tmp_path / "f.nii.gz"), "moving": str(tmp_path / "m2.nii.gz"), "name": "02-a-t1-flair"}]
+    with open(speed.write_pairs_csv(pairs, tmp_path / "pairs.csv"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["fixed", "moving", "name"] and [r["name"] for r in rows] == ["01-a-t1-t2", "02-a-t1-flair"]
+    assert rows[0]["moving"] == str(tmp_path / "m,1.nii.gz")
+    # --batch is told apart from --batch-size
+    assert not speed.batch_available("  --batch-size N        slices per network batch (default 32)")
+    assert speed.batch_available("  --batch-size N  ...\n  --batch PAIRS.csv     register every pair of PAIRS.csv")
+    assert speed.parse_max_rss_mb("\tUser time (seconds): 1.0\n\tMaximum resident set size (kbytes): 1000000\n") == pytest.approx(1024.0)
+    assert speed.parse_max_rss_mb("nothing") is None
+    # pairs: T1 (else T1ce) fixed, the other contrasts moving, in the subjects' order, then again
+    plan = speed.pair_plan([("held", ["flair", "t1", "t2"]), ("no-t1", ["flair"]), ("b15", ["t1ce", "flair"])], 5)
+    assert plan == [("held", "t1", "t2", 0), ("held", "t1", "flair", 0), ("b15", "t1ce", "flair", 0),
+                    ("held", "t1", "t2", 1), ("held", "t1", "flair", 1)]
+    assert speed.pair_plan([("x", ["t1"])], 3) == []
+    # hyperfine: one call, a prepare per command, in order
+    argv = speed.hyperfine_argv([("a", "cmd a", "prep a"), ("b", "cmd b", "prep b")], 1, 5, tmp_path / "h.json")
+    assert argv[:5] == ["hyperfine", "--warmup", "1", "--runs", "5"] and argv[-2:] == ["cmd a", "cmd b"]
+    assert [argv[i + 1] for i, x in enumerate(argv) if x == "--prepare"] == ["prep a", "prep b"]
+    assert [argv[i + 1] for i, x in enumerate(argv) if x == "--command-name"] == ["a", "b"]
+    # the elastix command line's transform file (LPS Euler about its centre) -> RAS, as the bridge reads itk-elastix
+    params, centre = np.array([0.05, -0.03, 0.08, 2.0, -1.5, 3.0]), np.array([119.5, -119.5, 77.0])
+    (tmp_path / "TransformParameters.0.txt").write_text(
+        '(Transform "EulerTransform")\n(NumberOfParameters 6)\n(TransformParameters ' + " ".join(map(str, params)) + ")\n"
+        "// EulerTransform specific\n(CenterOfRotationPoint " + " ".join(map(str, centre)) + ')\n(ComputeZYX "false")\n')
+    assert np.allclose(speed.read_elastix_transform(tmp_path / "TransformParameters.0.txt"),
+                       bridge.elastix_euler_to_ras(params, centre, False))
+    (tmp_path / "affine.txt").write_text('(Transform "AffineTransform")\n')
+    with pytest.raises(ValueError, match="EulerTransform"):
+        speed.read_elastix_transform(tmp_path / "affine.txt")
+
+
+def test_speed_cases_come_from_the_shared_data_held_out_subject_first():
+    from conftest import SHARED_DATA
+
+    from rrr_benchmarks import speed
+
+    if not (SHARED_DATA / "brats" / speed.HELD_OUT).is_dir():
+        pytest.skip(f"shared data not found ({SHARED_DATA / 'brats' / speed.HELD_OUT})")
+    subjects = speed.source_subjects(SHARED_DATA)
+    assert subjects[0][0] == speed.HELD_OUT and {"t1", "t2", "flair", "t1ce"} <= set(subjects[0][1])
+    plan = speed.pair_plan([(k, list(v)) for k, v in subjects], 20)
+    assert len(plan) == 20 and [p[:3] for p in plan[:3]] == [(speed.HELD_OUT, "t1", c) for c in speed.MOVING_CONTRASTS]
+    if (SHARED_DATA / "brats2015").is_dir():  # no T1 there: T1ce -> FLAIR
+        assert any(f == "t1ce" and m == "flair" for _, f, m, _ in plan)
+
+
+def test_speed_elastix_command_line_result_reads_back_as_the_known_motion(tmp_path):
+    """The elastix command line with itk-elastix's default rigid map written to a file, on a phantom
+    moved by a known 6-DOF motion: its TransformParameters.0.txt reads back as that motion."""
+    import shutil
+    import subprocess
+
+    from rrr_benchmarks import speed
+
+    elastix = shutil.which("elastix")
+    if elastix is None:
+        pytest.skip("the elastix command line is not installed (Debian package elastix)")
+    pytest.importorskip("itk", reason="itk-elastix not installed")
+    text = speed.write_elastix_map(tmp_path / "rigid.txt")
+    assert '(Transform "EulerTransform")' in text and "AdvancedMattesMutualInformation" in text
+    fixed = phantom_volume(shape=(48, 56, 40), codes="LPS")
+    centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
+    truth = geo.rigid_matrix_3d((3.0, -2.0, 4.0), (2.0, -3.0, 1.5), centre)
+    write_volume(fixed, tmp_path / "fixed.nii.gz")
+    write_volume(moved_copy(fixed, truth), tmp_path / "moving.nii.gz")
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run([elastix, "-f", str(tmp_path / "fixed.nii.gz"), "-m", str(tmp_path / "moving.nii.gz"), "-p",
+                           str(tmp_path / "rigid.txt"), "-out", str(tmp_path / "out"), "-threads", "1"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    pair = {"name": "phantom", "truth": truth.tolist(), "centre_ras": centre.tolist()}
+    err = speed.pair_error(pair, speed.read_elastix_transform(tmp_path / "out" / "TransformParameters.0.txt"))
+    assert err["success"] and err["rot_err_deg"] < 0.5 and err["trans_err_mm"] < 0.5, err
+
+
+def test_speed_missing_tools_or_data_are_one_line_errors(tmp_path, capsys):
+    from rrr_benchmarks import speed
+
+    assert speed.main(["--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data folder not found") and "\n" not in err
+    assert speed.main(["--data", str(tmp_path), "-o", str(tmp_path / "o"), "--elastix", str(tmp_path / "no-elastix")]) == 2
+    assert "elastix command is not found" in capsys.readouterr().err
+    assert speed.main(["--data", str(tmp_path), "--pairs", "0"]) == 2

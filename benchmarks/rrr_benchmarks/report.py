@@ -63,6 +63,15 @@ def _f(v: float, digits: int = 3) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table: a header of ``columns``, then one line per row (cells as ``str``; a ``|``
+    inside a cell is escaped, ``\\|``, so that it cannot split the cell)."""
+    def line(cells: list[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(columns), "|" + " --- |" * len(columns), *(line(r) for r in rows)]) + "\n"
+
+
 def markdown_tables(summaries: list[dict[str, Any]], device: str = "cpu") -> str:
     """A table per (dimension, motion), columns :data:`COLUMNS_3D` / :data:`COLUMNS_2D`."""
     parts = []

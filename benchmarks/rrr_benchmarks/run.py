@@ -25,7 +25,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .cases import HEADERS, MOTIONS, PAIRINGS
 from .methods import METHOD_LABELS, METHODS_2D, Settings, set_thread_env
@@ -118,9 +118,15 @@ def run_worker(spec: dict[str, Any], folder: Path, threads: int) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
+def run_command(body: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
+    """Run a benchmark command's ``body(argv)``: a :class:`BenchmarkError` or an interrupt ends it
+    with one line ``error: ...`` on stderr (exit 2 / 130) instead of a traceback."""
     args_list = sys.argv[1:] if argv is None else list(argv)
     try:
-        return _main(args_list)
+        return body(args_list)
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

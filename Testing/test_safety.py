@@ -224,6 +224,7 @@ SETTINGS = {
     "--symmetric-stride": ["--symmetric-stride", "2"], "--no-overview": ["--no-overview"], "--quiet": ["--quiet"],
     "--demo": ["--demo"], "--output-format": ["--output-format", "nrrd"],
     "--init": ["--init", "moments"], "--initial-transform": ["--initial-transform", "start.tfm"],
+    "--batch": ["--batch", "pairs.csv"],
 }
 
 #: The contradictions, decided one by one: a set of settings (alone, default mode volume, or as a
@@ -240,6 +241,8 @@ CONTRADICTIONS = {
     frozenset({"--metric auto", "--mode slices"}): "but --mode slices without --refine-slices refines nothing",
     frozenset({"--tolerance", "--iterations 1"}): "--tolerance stops the passes early; --iterations 1 makes a single pass",
     frozenset({"--demo", "FIXED MOVING"}): "--demo registers the embedded sample: give FIXED and MOVING or --demo, not both",
+    frozenset({"--batch", "FIXED MOVING"}): "--batch reads the pairs from PAIRS.csv: give FIXED and MOVING or --batch, not both",
+    frozenset({"--batch", "--demo"}): "--demo registers the embedded sample: give --demo or --batch, not both",
 }
 SAME_OPTION = [{"--mode volume", "--mode slices"}, {"--iterations 1", "--iterations 3"}, {"--metric ncc", "--metric auto"}]
 
@@ -288,7 +291,7 @@ def test_every_pair_of_options_is_either_a_contradiction_or_accepted():
             cli.check_option_conflicts(args)
         assert any(text in str(caught.value) for text in expected), (combo, str(caught.value))
         seen.add(str(caught.value))
-    assert len(seen) == 8  # every rule fired, the --metric one in both modes
+    assert len(seen) == 10  # every rule fired, the --metric one in both modes
 
 
 def test_given_options_are_told_apart_from_defaults():

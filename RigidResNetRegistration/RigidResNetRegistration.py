@@ -8,6 +8,7 @@ functions): opening Slicer or this module never imports or installs anything.
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -405,6 +406,8 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         out = logic.register(fixedVolumeNode, movingVolumeNode, device="auto", mode="volume")
         out.transform_node, out.registered_volume_node, out.difference_volume_node, out.table_node
         print(out.summary())
+        results = logic.registerMany([(fixed1, moving1), (fixed2, moving2)])  # model loaded once
+        [(r.name, r.status, r.error) for r in results]; results[0].output.transform_node
 
     Uses ScriptedLoadableModuleLogic base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
@@ -529,18 +532,8 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         outputs = (registeredVolume, differenceVolume, sliceTable)
         slicer_nodes.check_inputs(fixedVolume, movingVolume, transformNode, *outputs)  # before any heavy import
-        options = RegistrationOptions(mode=mode, axis=axis, device=(device or "").lower(), batch_size=batchSize,
-                                      iterations=iterations, refine=refine, symmetric=symmetric,
-                                      symmetric_stride=symmetricStride, refine_slices=refineSlices, init=init)
-        options.validate()  # torch-free: a bad choice is a ValueError before anything is installed or loaded
-        cardPath = slicer_nodes.model_card_path(model) if predictor is None else None
-        self.ensureDependencies()
-        from RigidResNetRegistrationLib.model import load_model
-
-        if predictor is None:
-            if progress:
-                progress(0.0, _("loading the model"))
-            predictor = load_model(cardPath, device)
+        options, predictor = self._optionsAndModel(device, mode, model, axis, iterations, batchSize, refine, symmetric,
+                                                   symmetricStride, refineSlices, init, progress, predictor)
         out = slicer_nodes.register_nodes(
             fixedVolume,
             movingVolume,
@@ -557,6 +550,57 @@ class RigidResNetRegistrationLogic(ScriptedLoadableModuleLogic):
         )
         (logging.info if out.verdict == "ok" else logging.warning)(f"Rigid ResNet Registration: {out.summary()}")
         return out
+
+    def registerMany(self, pairs: list, **settings) -> list:
+        """Register each ``(fixedVolume, movingVolume)`` node pair of ``pairs`` with the model loaded
+        once, as :meth:`register` does, with a new transform node (and new output nodes) for each.
+
+        :param settings: keyword arguments of :meth:`register`, with its defaults, for every pair:
+            ``device``, ``mode``, ``model``, ``axis``, ``iterations``, ``batchSize``, ``refine``,
+            ``symmetric``, ``symmetricStride``, ``refineSlices``, ``init``, ``applyTransform``,
+            ``predictor``; ``registeredVolume``, ``differenceVolume`` and ``sliceTable`` True (a new
+            node for each pair) or False; ``progress(fraction, message)`` runs over the whole list;
+            ``cancel()`` returning True stops it (``RegistrationCancelled``; the pairs done keep
+            their nodes).
+        :return: one ``RigidResNetRegistrationLib.batch.PairResult`` per pair, in order: ``status``
+            (``ok`` or ``failed``), ``error`` (a failed pair's one-line message: a failed pair is
+            recorded, never raised, and leaves no nodes), ``verdict``, ``similarity``, ``seconds``,
+            and ``output``, the pair's nodes as :meth:`register` returns them.
+        :raises ValueError: bad options (before any pair); TypeError: an unknown keyword.
+        :raises RuntimeError: PyTorch missing, model or device problems.
+        """
+        for name in ("transformNode", "initialTransformNode"):
+            if name in settings:
+                raise ValueError(f"{name} is a node for one pair: registerMany makes a transform node for each pair")
+        bound = inspect.signature(self.register).bind(None, None, **settings)  # register's keywords and defaults
+        bound.apply_defaults()
+        s = bound.arguments
+        options, predictor = self._optionsAndModel(**{k: s[k] for k in inspect.signature(self._optionsAndModel).parameters})
+        results = slicer_nodes.register_node_pairs(list(pairs), predictor, options, s["registeredVolume"], s["differenceVolume"],
+                                                   s["sliceTable"], s["applyTransform"], s["progress"], s["cancel"])
+        failed = [r.name for r in results if r.status != "ok"]
+        (logging.warning if failed else logging.info)(
+            f"Rigid ResNet Registration: {len(results) - len(failed)} of {len(results)} pairs registered"
+            + (f"; failed: {', '.join(failed)}" if failed else ""))
+        return results
+
+    def _optionsAndModel(self, device, mode, model, axis, iterations, batchSize, refine, symmetric, symmetricStride,
+                         refineSlices, init, progress, predictor) -> tuple:
+        """The engine's options and the loaded model (``predictor`` when given) for :meth:`register`
+        and :meth:`registerMany`; the choices are checked before anything is imported."""
+        options = RegistrationOptions(mode=mode, axis=axis, device=(device or "").lower(), batch_size=batchSize,
+                                      iterations=iterations, refine=refine, symmetric=symmetric,
+                                      symmetric_stride=symmetricStride, refine_slices=refineSlices, init=init)
+        options.validate()  # torch-free: a bad choice is a ValueError before anything is installed or loaded
+        cardPath = slicer_nodes.model_card_path(model) if predictor is None else None
+        self.ensureDependencies()
+        from RigidResNetRegistrationLib.model import load_model
+
+        if predictor is None:
+            if progress:
+                progress(0.0, _("loading the model"))
+            predictor = load_model(cardPath, device)
+        return options, predictor
 
 
 #

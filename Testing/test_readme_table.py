@@ -302,11 +302,33 @@ def bad_numbers(c: Case) -> list[str]:
 def contradicting_options(c: Case) -> list[str]:
     cases = [["--mode", "slices", "--no-refine"], ["--refine-slices"], ["--metric", "mi"],
              ["--mode", "slices", "--symmetric-stride", "2", "--no-symmetric"], ["--symmetric-stride", "2"], ["--tolerance", "0.1"],
-             ["--demo"]]
+             ["--demo"], ["--batch", "pairs.csv"]]
     errors = [c.bad(None, None, *extra) for extra in cases]  # cli_args has --no-refine (volume mode) and --iterations 1
     affine = write_card(c.tmp, transform="affine", name="affine")
     return errors + [c.error(str(c.data / "fixed.nii.gz"), str(c.data / "moving.nii.gz"), "-o", str(c.out()), "--weights", str(affine),
                              "--metric", "ncc")]
+
+
+def _batch(c: Case, *lines: str, code: int = 2) -> str:
+    """The one error line of ``--batch`` on a pairs file of ``lines`` (the fastest options, --quiet)."""
+    pairs = c.tmp / "pairs.csv"
+    pairs.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return c.error("--batch", str(pairs), *cli_args(c.data, c.models, c.out())[2:], code=code)
+
+
+def pairs_file(c: Case) -> list[str]:
+    f, m = c.data / "fixed.nii.gz", c.data / "moving.nii.gz"
+    return [_batch(c, "fixed,moving_image", f"{f},{m}"), _batch(c, "fixed,moving", f"{f},{m}", f"{f},{m}"),
+            _batch(c, "fixed,moving,name", f"{f},{m},a/b"), _batch(c, "fixed,moving,name,mode", f"{f},{m},x,slices")]
+
+
+def failed_pair_of_a_cohort(c: Case) -> list[str]:
+    f, m = c.data / "fixed.nii.gz", c.data / "moving.nii.gz"
+    error = _batch(c, "fixed,moving,name", f"{f},{m},good", f"{f},{c.tmp / 'nope.nii.gz'},bad", code=1)
+    summary = (c.tmp / f"out{c.n}" / "summary.csv").read_text()
+    rows = {line.split(",")[0]: line.split(",")[3] for line in summary.splitlines()[1:]}
+    assert rows == {"good": "ok", "bad": "failed"} and "file not found" in summary
+    return [error]
 
 
 def trainer_data(c: Case) -> list[str]:
@@ -357,7 +379,11 @@ SCENARIOS = {
     "bad numbers (`--batch-size 0`, `--iterations 0`, trainer `--steps -5`, `--lr nan`)": bad_numbers,
     "options that contradict each other (`--mode slices --no-refine`, `--refine-slices` without `--mode slices`, `--metric` when "
     "nothing is refined, `--symmetric-stride` with `--no-symmetric` or in volume mode, `--tolerance` with `--iterations 1`, "
-    "`--demo` with FIXED MOVING, `--refine-slices` or `--metric` with an affine model)": contradicting_options,
+    "`--demo` with FIXED MOVING, `--batch` with FIXED MOVING, `--refine-slices` or `--metric` with an affine model)":
+        contradicting_options,
+    "pairs file of `--batch`: an unknown column, a name used twice, a name that cannot be a folder, a row whose option "
+    "contradicts the command line's": pairs_file,
+    "a pair of `--batch` that fails while the cohort runs (an image missing, unreadable or constant)": failed_pair_of_a_cohort,
     "trainer: data folder missing, no recognisable subjects, a corrupt image inside": trainer_data,
 }
 

@@ -224,6 +224,7 @@ SETTINGS = {
     "--symmetric-stride": ["--symmetric-stride", "2"], "--no-overview": ["--no-overview"], "--quiet": ["--quiet"],
     "--demo": ["--demo"], "--output-format": ["--output-format", "nrrd"],
     "--init": ["--init", "moments"], "--initial-transform": ["--initial-transform", "start.tfm"],
+    "--batch": ["--batch", "pairs.csv"], "--profile": ["--profile"],
 }
 
 #: The contradictions, decided one by one: a set of settings (alone, default mode volume, or as a
@@ -240,6 +241,9 @@ CONTRADICTIONS = {
     frozenset({"--metric auto", "--mode slices"}): "but --mode slices without --refine-slices refines nothing",
     frozenset({"--tolerance", "--iterations 1"}): "--tolerance stops the passes early; --iterations 1 makes a single pass",
     frozenset({"--demo", "FIXED MOVING"}): "--demo registers the embedded sample: give FIXED and MOVING or --demo, not both",
+    frozenset({"--batch", "FIXED MOVING"}): "--batch reads the pairs from PAIRS.csv: give FIXED and MOVING or --batch, not both",
+    frozenset({"--batch", "--demo"}): "--demo registers the embedded sample: give --demo or --batch, not both",
+    frozenset({"--profile", "--batch"}): "--profile prints one run's stages; with --batch each pair's report.json holds them",
 }
 SAME_OPTION = [{"--mode volume", "--mode slices"}, {"--iterations 1", "--iterations 3"}, {"--metric ncc", "--metric auto"}]
 
@@ -288,7 +292,7 @@ def test_every_pair_of_options_is_either_a_contradiction_or_accepted():
             cli.check_option_conflicts(args)
         assert any(text in str(caught.value) for text in expected), (combo, str(caught.value))
         seen.add(str(caught.value))
-    assert len(seen) == 8  # every rule fired, the --metric one in both modes
+    assert len(seen) == 11  # every rule fired, the --metric one in both modes
 
 
 def test_given_options_are_told_apart_from_defaults():
@@ -434,3 +438,19 @@ def test_grey_saved_as_colour_is_read_as_grey(tmp_path, mode):
     assert colour.array.shape == grey.array.shape == (60, 70, 1)
     assert np.array_equal(colour.array, grey.array) and np.array_equal(colour.ijk_to_ras, grey.ijk_to_ras)
     assert len(np.unique(colour.array)) > 100  # every grey level kept, not a palette of a few
+
+
+def test_the_command_line_takes_its_choices_and_defaults_from_the_options_module():
+    """options.py is the one place for choices and defaults: the parser restates none of them."""
+    from RigidResNetRegistrationLib import options
+
+    parser = cli.build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    for name in cli.CLI_OPTION_FIELDS:
+        assert actions[name].default == options.default(name), name
+    for name, choices in (("mode", options.MODES), ("axis", options.AXES), ("device", options.DEVICES),
+                          ("precision", options.PRECISIONS), ("metric", options.METRICS), ("init", options.INIT_MODES)):
+        assert tuple(actions[name].choices) == tuple(choices), name
+    assert options.option_conflicts(options.RegistrationOptions(mode="slices"), {"refine"}, {"refine": "refine=False"}) \
+        .startswith("refine=False turns off")
+    assert options.option_conflicts(options.RegistrationOptions(), {"metric", "iterations"}) is None

@@ -3,7 +3,8 @@
 Importable without Slicer. Modules: ``geometry`` (frames, transforms, RAS/LPS), ``resample``
 (the interpolator), ``similarity`` (NCC, MI), ``preprocess`` (volumes, normalisation, slice
 stacks), ``model_card`` (model cards, no torch), ``model`` (ResNet-34 regressor, loading), ``engine`` (the registration flow),
-``io`` (files), ``report`` (summaries, overview figure), ``cli`` (command line), ``sample``
+``io`` (files), ``report`` (summaries, overview figure), ``cli`` (command line), ``batch`` (many
+pairs: the loop, the pairs file, the torchrun split), ``distributed`` (torchrun's variables), ``sample``
 (embedded sample and demo), ``volume`` (the Volume type, numpy only). Only ``slicer_nodes`` (Slicer adapter) imports ``slicer``.
 """
 

@@ -47,6 +47,7 @@ from .errors import RegistrationCancelled
 from .model_card import MODELS_DIR, ModelError, read_model_card  # torch-free
 
 if TYPE_CHECKING:  # only for type hints: these modules import torch
+    from .batch import PairResult
     from .engine import Predictor, RegistrationOptions, RegistrationResult
     from .preprocess import Volume
 
@@ -465,19 +466,83 @@ def register_nodes(
     ``RegistrationCancelled`` when ``cancel()`` returned True (nothing is created), and removes
     every node it created if anything fails while writing outputs.
     """
-    from . import geometry as geo
-    from .engine import RegistrationOptions, register_volumes
-    from .report import result_report
+    from .engine import register_volumes
 
-    check_inputs(fixed_node, moving_node, transform_node, registered_volume, difference_volume, slice_table)
+    outputs = _Outputs(transform_node, registered_volume, difference_volume, slice_table, apply_transform)
+    fixed, moving, opts, moving_initial = _node_inputs(fixed_node, moving_node, options, outputs, initial_transform_node)
+    result = register_volumes(  # validates the options and checks the volumes before any heavy work
+        fixed, moving, predictor, opts, progress=progress, cancel=cancel)
+    return _result_nodes(fixed_node, moving_node, result, predictor.card, moving_initial, outputs)
+
+
+def register_node_pairs(
+    pairs: "list[tuple[Any, Any]]",
+    predictor: "Predictor",
+    options: Optional["RegistrationOptions"] = None,
+    registered_volume: bool = True,
+    difference_volume: bool = True,
+    slice_table: bool = True,
+    apply_transform: bool = True,
+    progress: Optional[Callable[[float, str], None]] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> "list[PairResult]":
+    """Register each (fixed node, moving node) pair as :func:`register_nodes` does (new output
+    nodes for each), in :func:`batch.register_many`'s loop: one :class:`~.batch.PairResult` per pair,
+    its ``output`` the pair's :class:`RegistrationNodes`; a failed pair (bad nodes included) is
+    recorded with its one-line error, not raised, and leaves no nodes. The nodes are read in the
+    main thread (no prefetch: MRML is not thread-safe). Output arguments: True (create) or False."""
+    from .batch import Pair, PairInputs, register_many
+
+    for role, value in (("registered volume", registered_volume), ("difference volume", difference_volume),
+                        ("slice table", slice_table)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{role} output must be True (create one for each pair) or False for many pairs, not a node")
+    outputs = _Outputs(None, registered_volume, difference_volume, slice_table, apply_transform)
+    items = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"pair {i + 1} must be a (fixed volume node, moving volume node) tuple")
+        items.append(Pair(pair[0], pair[1], name=pair[1].GetName() if _is_node(pair[1]) else f"pair {i + 1}"))
+
+    def read(pair: Pair) -> PairInputs:
+        fixed, moving, opts, moving_initial = _node_inputs(pair.fixed, pair.moving, options, outputs, None)
+        return PairInputs(fixed, moving, opts, context=moving_initial)
+
+    def write(pair: Pair, inputs: PairInputs, result: "RegistrationResult", started: float) -> RegistrationNodes:
+        return _result_nodes(pair.fixed, pair.moving, result, predictor.card, inputs.context, outputs)
+
+    return register_many(items, predictor, options, read=read, write=write, progress=progress, cancel=cancel, prefetch=False)
+
+
+@dataclasses.dataclass
+class _Outputs:
+    """The outputs asked for: the transform node (None: create one), the optional outputs (node,
+    True: create, False/None: none) and whether the moving volume observes the transform."""
+
+    transform_node: Any
+    registered_volume: OutputSpec
+    difference_volume: OutputSpec
+    slice_table: OutputSpec
+    apply_transform: bool
+
+
+def _node_inputs(fixed_node: Any, moving_node: Any, options: Optional["RegistrationOptions"], outputs: _Outputs,
+                 initial_transform_node: Any) -> "tuple[Volume, Volume, RegistrationOptions, np.ndarray]":
+    """Check the nodes; return the fixed and moving volumes in world RAS, the options for them and
+    the moving volume's starting position (its parent transforms to world)."""
+    from . import geometry as geo
+    from .engine import RegistrationOptions
+
+    check_inputs(fixed_node, moving_node, outputs.transform_node, outputs.registered_volume, outputs.difference_volume,
+                 outputs.slice_table)
     scene = fixed_node.GetScene()
     opts = dataclasses.replace(
         options or RegistrationOptions(),
-        compute_registered=bool(registered_volume),
-        compute_difference=bool(difference_volume),
+        compute_registered=bool(outputs.registered_volume),
+        compute_difference=bool(outputs.difference_volume),
     )
     fixed_world = parent_to_world(fixed_node, "fixed volume")
-    moving_initial = parent_to_world(moving_node, "moving volume", skip=transform_node)
+    moving_initial = parent_to_world(moving_node, "moving volume", skip=outputs.transform_node)
     fixed = volume_from_node(fixed_node, "fixed volume", fixed_world)
     moving = volume_from_node(moving_node, "moving volume", moving_initial)
     if initial_transform_node is not None:
@@ -492,9 +557,19 @@ def register_nodes(
         initial_transform_node.GetMatrixTransformToWorld(m)
         # modeling (moving world -> fixed world) to the engine's resampling direction
         opts = dataclasses.replace(opts, initial_transform=geo.invert(_matrix(m)))
-    result = register_volumes(  # validates the options and checks the volumes before any heavy work
-fixed, moving, predictor, opts, progress=progress, cancel=cancel)
+    return fixed, moving, opts, moving_initial
 
+
+def _result_nodes(fixed_node: Any, moving_node: Any, result: "RegistrationResult", card: Any, moving_initial: np.ndarray,
+                  outputs: _Outputs) -> RegistrationNodes:
+    """The output nodes of a registration (created or written into); every node added is removed
+    again when anything fails."""
+    from . import geometry as geo
+    from .report import result_report
+
+    transform_node, registered_volume, difference_volume, slice_table = (
+        outputs.transform_node, outputs.registered_volume, outputs.difference_volume, outputs.slice_table)
+    scene = fixed_node.GetScene()
     # the inputs may have been removed while events were processed during the run
     for node, role in ((fixed_node, "fixed volume"), (moving_node, "moving volume"), (transform_node, "output transform"),
                        (registered_volume, "registered volume"), (difference_volume, "difference volume"),
@@ -504,7 +579,6 @@ fixed, moving, predictor, opts, progress=progress, cancel=cancel)
 
     # modeling transform: moving volume as stored -> moving world (initial) -> fixed world
     moving_to_fixed_world = geo.invert(result.fixed_to_moving_ras) @ moving_initial
-    card = predictor.card
     moving_name, fixed_name = moving_node.GetName(), fixed_node.GetName()
     created: list[Any] = []
     existing = _node_ids(scene)
@@ -553,7 +627,7 @@ fixed, moving, predictor, opts, progress=progress, cancel=cancel)
         out = RegistrationNodes(tnode, reg_node, dif_node, table_node, result, moving_to_fixed_world,
                                 card.name, bool(card.trained), created)
         tnode.SetAttribute(ATTRIBUTE_PREFIX + "Summary", out.summary())
-        if apply_transform:
+        if outputs.apply_transform:
             moving_node.SetAndObserveTransformNodeID(tnode.GetID())
         return out
     except BaseException:

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from RigidResNetRegistrationLib import distributed as lib_distributed
 from RigidResNetRegistrationLib import geometry as geo
-from RigidResNetRegistrationLib.model import MODELS_DIR, ModelCard, ResNetRegressor, resolve_device, save_weights
+from RigidResNetRegistrationLib.distributed import Distributed, DistributedError
+from RigidResNetRegistrationLib.model import MODELS_DIR, ModelCard, ResNetRegressor, save_weights
 from RigidResNetRegistrationLib.preprocess import normalise_slices
 
 from .data import LoadedSubject, PairBatch, augment_intensity, find_subjects, load_subject, remap_same_contrast, sample_pairs
@@ -278,54 +280,20 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process sits in a ``torchrun`` launch; ``world_size`` 1 is a plain single-process run."""
-
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 def distributed_from_env(environ: dict | None = None) -> Distributed:
     """Read ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (set by ``torchrun``); absent or 1: one process."""
-    env = os.environ if environ is None else environ
-    raw = env.get("WORLD_SIZE", "1")
     try:
-        world = int(raw)
-    except ValueError:
-        raise TrainError(f"WORLD_SIZE must be an integer, not {raw!r}") from None
-    if world <= 1:
-        return Distributed()
-    try:
-        rank = int(env["RANK"])
-        local = int(env.get("LOCAL_RANK", rank))
-    except (KeyError, ValueError):
-        raise TrainError(f"WORLD_SIZE={world} but RANK/LOCAL_RANK are missing or not integers: "
-                         "launch several processes with torchrun") from None
-    if not 0 <= rank < world or local < 0:
-        raise TrainError(f"RANK={rank} / LOCAL_RANK={local} do not fit WORLD_SIZE={world}")
-    return Distributed(world, rank, local)
+        return lib_distributed.distributed_from_env(environ)
+    except DistributedError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def training_device(name: str, dist_info: Distributed) -> torch.device:
     """``--device`` resolved; under ``torchrun`` on CUDA each process takes cuda:LOCAL_RANK."""
-    device = resolve_device(name)
-    if not dist_info.enabled or device.type != "cuda":
-        return device
-    n = torch.cuda.device_count()
-    if n < dist_info.local_rank + 1:
-        raise TrainError(f"torchrun process with local rank {dist_info.local_rank} needs cuda:{dist_info.local_rank} "
-                         f"but only {n} CUDA GPU(s) are visible (use --nproc_per_node {n} or fewer, or --device cpu)")
-    return torch.device("cuda", dist_info.local_rank)
+    try:
+        return lib_distributed.process_device(name, dist_info)
+    except DistributedError as exc:
+        raise TrainError(str(exc)) from None
 
 
 _GROUPS_STARTED = 0  # process groups this process has started (the same count on every rank)

@@ -1,0 +1,412 @@
+"""Many pairs in one process: :func:`register_many` (the loop the command line's ``--batch`` and the
+Slicer Logic's ``registerMany`` share), the pairs file of ``--batch PAIRS.csv``
+(:func:`read_pairs_file`) and the share of a cohort each torchrun process takes (:func:`my_share`,
+:func:`start_process_group`, :func:`gather_to_rank0`; where a process sits: :mod:`.distributed`).
+
+Importing this module imports neither torch nor the engine (they are imported when a cohort runs);
+``torch.distributed`` is touched only when ``WORLD_SIZE`` > 1.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .distributed import Distributed
+    from .engine import Predictor, RegistrationOptions, RegistrationResult
+    from .volume import Volume
+
+#: Columns of a pairs file besides the per-pair options: the two images and the pair's name.
+PAIR_COLUMNS = ("fixed", "moving", "name")
+#: Per-pair option columns and the command line option each one sets for its row (``refine``:
+#: the refinement of the row's mode, ``--no-refine`` in volume mode, ``--refine-slices`` in slices
+#: mode). A column name may also be written with hyphens (``max-slices``).
+OPTION_COLUMNS = {
+    "mode": "--mode", "axis": "--axis", "init": "--init", "metric": "--metric", "refine": "--refine",
+    "iterations": "--iterations", "max_slices": "--max-slices", "initial_transform": "--initial-transform",
+}
+#: Columns holding a file path (relative ones are relative to the pairs file's folder).
+PATH_COLUMNS = ("fixed", "moving", "initial_transform")
+#: The merged summary a cohort writes into OUTROOT; no pair may be named so.
+SUMMARY_NAME = "summary.csv"
+#: Columns of ``summary.csv``, in order.
+SUMMARY_COLUMNS = ("name", "fixed", "moving", "status", "seconds", "verdict", "ncc_before", "ncc_after",
+                   "mi_before", "mi_after", "rank", "error")
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
+_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg", ".tif",
+                    ".tiff", ".bmp")
+
+
+class PairsFileError(ValueError):
+    """A pairs file that cannot be used as it is (one line, naming the file and the line)."""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a failure is reported with: the first line of its message (the exception's
+    class name when it has none); a memory error says what to lower."""
+    if isinstance(exc, MemoryError):
+        return "out of memory (try --batch-size 8)"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+# --------------------------------------------------------------------------- the pairs file
+
+
+@dataclasses.dataclass
+class PairRow:
+    """One row of a pairs file: its line number, the pair's name, the two image paths (absolute)
+    and its non-empty option cells (column -> text; ``initial_transform`` an absolute path)."""
+
+    line: int
+    name: str
+    fixed: str
+    moving: str
+    options: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def default_name(moving: str | Path) -> str:
+    """The name of a pair without one: the moving file's name without its image suffix
+    (``sub-01_T2w.nii.gz`` -> ``sub-01_T2w``; a DICOM folder: its name), any character that is not
+    a letter, digit, ``. _ + -`` replaced by ``_``."""
+    base = Path(str(moving).rstrip("/\\")).name
+    lower = base.lower()
+    suffix = next((s for s in _VOLUME_SUFFIXES if lower.endswith(s) and len(base) > len(s)), "")
+    stem = base[: len(base) - len(suffix)]
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", stem).lstrip(".-")[:128] or "pair"
+
+
+def check_name(name: str) -> None:
+    """A pair's name is its output folder's name: letters, digits and ``. _ + -``, at most 128,
+    not starting with ``.``, ``+`` or ``-``, and not the summary file's name."""
+    if not _SAFE_NAME.fullmatch(name):
+        raise PairsFileError(f"the name {name!r} cannot be a folder name (letters, digits and . _ + - only, at most 128, "
+                             "not starting with . + or -)")
+    if name.lower() == SUMMARY_NAME:
+        raise PairsFileError(f"the name {name!r} is taken by the cohort's summary file")
+
+
+def read_pairs_file(path: str | Path) -> list[PairRow]:
+    """Read a pairs file: CSV with a header; columns ``fixed``, ``moving`` (required), ``name``
+    and the option columns of :data:`OPTION_COLUMNS` (optional; an empty cell leaves that option to
+    the command line). Relative paths are relative to the file's folder. Blank rows are skipped.
+
+    Raises :class:`PairsFileError` (one line naming the file and the line) for a missing or empty
+    file, an unknown or repeated column, a row without both images or with more cells than the
+    header, an unsafe name (:func:`check_name`), or a name used twice (compared without case: the
+    names are folders). The images themselves are not opened here.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PairsFileError(f"pairs file not found: {p}" if not p.exists() else f"pairs file is not a file: {p}")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PairsFileError(f"pairs file {p} cannot be read ({error_line(exc)})") from None
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if not header or not any(cell.strip() for cell in header):
+        raise PairsFileError(f"pairs file {p} is empty: it needs a header line with the columns fixed,moving")
+    columns = [cell.strip().lower().replace("-", "_") for cell in header]
+    known = (*PAIR_COLUMNS, *OPTION_COLUMNS)
+    for column in columns:
+        if column not in known:
+            raise PairsFileError(f"{p}: unknown column {column!r} (columns: {', '.join(known)})")
+        if columns.count(column) > 1:
+            raise PairsFileError(f"{p}: the column {column!r} appears twice")
+    for column in ("fixed", "moving"):
+        if column not in columns:
+            raise PairsFileError(f"{p}: no {column!r} column (the header needs fixed and moving)")
+    folder = os.path.dirname(os.path.abspath(p))
+    rows: list[PairRow] = []
+    seen: dict[str, int] = {}
+    for number, cells in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in cells):
+            continue
+        where = f"{p} line {number}"
+        if len(cells) > len(columns):
+            raise PairsFileError(f"{where}: {len(cells)} cells but the header has {len(columns)} columns")
+        values = {c: v.strip() for c, v in zip(columns, cells) if v.strip()}
+        for column in ("fixed", "moving"):
+            if column not in values:
+                raise PairsFileError(f"{where}: the {column} image is missing")
+        for column in PATH_COLUMNS:
+            if column in values:
+                values[column] = os.path.join(folder, os.path.expanduser(values[column]))
+        name = values.pop("name", None) or default_name(values["moving"])
+        try:
+            check_name(name)
+        except PairsFileError as exc:
+            raise PairsFileError(f"{where}: {exc}" + ("" if "name" in columns else " (add a name column)")) from None
+        if name.lower() in seen:
+            raise PairsFileError(f"{where}: the name {name!r} is already used on line {seen[name.lower()]}; pair names must "
+                                 "be unique (they are the output folders" + ("" if "name" in columns else
+                                                                                ": add a name column") + ")")
+        seen[name.lower()] = number
+        fixed, moving = values.pop("fixed"), values.pop("moving")
+        rows.append(PairRow(number, name, fixed, moving, values))
+    if not rows:
+        raise PairsFileError(f"pairs file {p} lists no pairs")
+    return rows
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class Pair:
+    """One registration of a cohort: the fixed and moving image (a :class:`~.volume.Volume`, a path,
+    or whatever the ``read`` of :func:`register_many` takes, e.g. volume nodes), its name (default:
+    the moving image's) and its options (None: those given to :func:`register_many`)."""
+
+    fixed: Any
+    moving: Any
+    name: str | None = None
+    options: RegistrationOptions | None = None
+
+
+@dataclasses.dataclass
+class PairInputs:
+    """What ``read`` gives for a pair: the two volumes, optionally the options to register them
+    with (None: the pair's), and anything ``write`` needs from the reading (``context``)."""
+
+    fixed: Volume
+    moving: Volume
+    options: RegistrationOptions | None = None
+    context: Any = None
+
+
+@dataclasses.dataclass
+class PairResult:
+    """The outcome of one pair: ``status`` ``ok`` or ``failed`` (the command line also records
+    ``skipped``: outputs already complete), ``seconds`` (the pair's wall time in the loop, waiting
+    for its images included), the quality ``verdict`` and ``similarity`` before/after (ok pairs),
+    ``error`` (failed pairs: one line), ``result`` (the engine's result, unless dropped) and
+    ``output`` (what ``write`` returned: the command line's report, the Slicer Logic's nodes)."""
+
+    index: int
+    name: str
+    fixed: str
+    moving: str
+    status: str
+    seconds: float = 0.0
+    verdict: str | None = None
+    similarity: dict[str, float] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    result: RegistrationResult | None = None
+    output: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def summary_row(self, rank: int = 0) -> dict[str, Any]:
+        """The pair's row of ``summary.csv`` (:data:`SUMMARY_COLUMNS`)."""
+        s = self.similarity
+        return {"name": self.name, "fixed": self.fixed, "moving": self.moving, "status": self.status,
+                "seconds": round(self.seconds, 3), "verdict": self.verdict or "",
+                **{k: ("" if s.get(k) is None else round(float(s[k]), 6)) for k in ("ncc_before", "ncc_after", "mi_before", "mi_after")},
+                "rank": rank, "error": self.error or ""}
+
+
+ReadHook = Callable[[Pair], "PairInputs | tuple[Volume, Volume]"]
+WriteHook = Callable[[Pair, PairInputs, "RegistrationResult", float], Any]
+
+
+def label(image: Any) -> str:
+    """How a pair's image is named in results: a path as given, a volume by its name, a node by its name."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if hasattr(image, "GetName"):
+        return str(image.GetName())
+    return str(getattr(image, "name", None) or type(image).__name__)
+
+
+def read_pair(pair: Pair) -> PairInputs:
+    """The default ``read``: a path is read with :func:`io.read_volume` (as the command line reads
+    FIXED and MOVING), a :class:`~.volume.Volume` is used as it is."""
+    from .io import read_volume
+
+    def volume(image: Any, role: str) -> Volume:
+        if isinstance(image, (str, os.PathLike)):
+            return read_volume(image, f"{role} image {image}")
+        if hasattr(image, "array") and hasattr(image, "ijk_to_ras"):
+            return image
+        raise TypeError(f"the {role} image of pair {pair.name!r} is neither a path nor a Volume ({type(image).__name__})")
+
+    return PairInputs(volume(pair.fixed, "fixed"), volume(pair.moving, "moving"))
+
+
+def _as_pair(item: Any, index: int) -> Pair:
+    if isinstance(item, Pair):
+        pair = dataclasses.replace(item)
+    elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        pair = Pair(*item)
+    else:
+        raise TypeError(f"pair {index + 1} must be a Pair or a (fixed, moving[, name]) tuple, not {type(item).__name__}")
+    if pair.name is None:
+        pair.name = default_name(pair.moving) if isinstance(pair.moving, (str, os.PathLike)) else label(pair.moving)
+    return pair
+
+
+class _Prefetch:
+    """Reads pair i+1 in a background thread while pair i is registered (at most two pairs' volumes
+    in memory); a reading error is raised when that pair's turn comes."""
+
+    def __init__(self, pairs: Sequence[Pair], read: ReadHook, enabled: bool) -> None:
+        self.pairs, self.read = pairs, read
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rigid-resnet-read") \
+            if enabled and len(pairs) > 1 else None
+        self.futures: dict[int, concurrent.futures.Future] = {}
+
+    def _start(self, i: int) -> None:
+        if self.pool is not None and i < len(self.pairs) and i not in self.futures:
+            self.futures[i] = self.pool.submit(self.read, self.pairs[i])
+
+    def get(self, i: int) -> Any:
+        self._start(i)
+        self._start(i + 1)  # queued behind pair i: read while pair i computes
+        future = self.futures.pop(i, None)
+        return self.read(self.pairs[i]) if future is None else future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def register_many(
+    pairs: Iterable[Pair | tuple],
+    predictor: Predictor | None = None,
+    options: RegistrationOptions | None = None,
+    *,
+    read: ReadHook | None = None,
+    write: WriteHook | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    done: Callable[[PairResult], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    prefetch: bool = True,
+    keep_results: bool = True,
+) -> list[PairResult]:
+    """Register every pair with one loaded model, in order; return one :class:`PairResult` per pair.
+
+    Args:
+        pairs: :class:`Pair` objects or ``(fixed, moving)`` / ``(fixed, moving, name)`` tuples;
+            images are :class:`~.volume.Volume` objects or paths (any file :func:`io.read_volume`
+            reads), or what ``read`` takes.
+        predictor: a loaded model (:func:`model.load_model`); None loads the bundled one on
+            ``options.device``.
+        options: the options of every pair whose own are None (default ``RegistrationOptions()``);
+            checked before any pair (a bad option raises ``InputError``).
+        read: ``read(pair)`` -> :class:`PairInputs` or ``(fixed, moving)`` volumes; default
+            :func:`read_pair`.
+        write: ``write(pair, inputs, result, started)``, called after a pair's registration
+            (``started``: ``time.perf_counter()`` when its turn began); its return value is the
+            result's ``output``. The command line writes the pair's files here, Slicer its nodes.
+        progress: ``progress(fraction, message)`` over the whole cohort; the message names the pair.
+        done: ``done(pair_result)`` after each pair, failed ones included.
+        cancel: polled between network batches; True stops the cohort (``RegistrationCancelled``
+            is raised; the pairs done so far keep their outputs).
+        prefetch: read the next pair in a background thread while the current one is registered
+            (``read`` must then be safe outside the main thread: files are, Slicer nodes are not).
+        keep_results: keep each pair's :class:`~.engine.RegistrationResult` (with its registered
+            and difference volumes) in ``result``; False drops it once ``write`` is done (large
+            cohorts), the verdict and similarities are kept.
+
+    A pair that fails (an image that cannot be read, a constant volume, a failure in ``write``...)
+    is recorded with status ``failed`` and its one-line error, never raised; the others go on.
+    ``KeyboardInterrupt`` and cancellation stop the cohort.
+    """
+    from .engine import RegistrationCancelled, RegistrationOptions, register_volumes
+
+    items = [_as_pair(item, i) for i, item in enumerate(pairs)]
+    base = options or RegistrationOptions()
+    base.validate()
+    if predictor is None:
+        from .model import load_model
+
+        predictor = load_model(None, base.device)
+    reader = read or read_pair
+    loader = _Prefetch(items, reader, prefetch)
+    n = len(items)
+    results: list[PairResult] = []
+    try:
+        for i, pair in enumerate(items):
+            started = time.perf_counter()
+            out = PairResult(i, str(pair.name), label(pair.fixed), label(pair.moving), "failed")
+
+            def report(fraction: float, message: str, i: int = i, name: str = out.name) -> None:
+                if progress is not None:
+                    progress((i + min(max(fraction, 0.0), 1.0)) / n, f"pair {i + 1}/{n} {name}: {message}")
+
+            report(0.0, "reading")
+            try:
+                inputs = loader.get(i)
+                if not isinstance(inputs, PairInputs):
+                    inputs = PairInputs(*inputs)
+                opts = inputs.options or pair.options or base
+                result = register_volumes(inputs.fixed, inputs.moving, predictor, opts, progress=report, cancel=cancel)
+                out.output = write(pair, inputs, result, started) if write is not None else None
+                out.status, out.verdict, out.similarity = "ok", result.verdict, dict(result.similarity)
+                out.result = result if keep_results else None
+            except (KeyboardInterrupt, RegistrationCancelled):
+                raise
+            except Exception as exc:  # a failed pair is recorded, never raised
+                out.error = error_line(exc)
+            finally:
+                inputs = result = None  # this pair's volumes go before the next pair is read
+            out.seconds = time.perf_counter() - started
+            results.append(out)
+            if done is not None:
+                done(out)
+        if progress is not None and n:
+            progress(1.0, f"{n} pairs done")
+    finally:
+        loader.close()
+    return results
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def my_share(items: Sequence[Any], dist_info: Distributed) -> list[tuple[int, Any]]:
+    """(index, item) of the items this process takes: item i goes to rank ``i % WORLD_SIZE``, so
+    every item is taken by exactly one process, the same one on every run of the same cohort."""
+    return [(i, item) for i, item in enumerate(items) if i % dist_info.world_size == dist_info.rank]
+
+
+def start_process_group(device: str) -> None:
+    """Join torchrun's process group: NCCL when this process computes on CUDA (the device set to
+    ``cuda:LOCAL_RANK``), gloo on the CPU. The only collective is :func:`gather_to_rank0`, once at the
+    end, so the timeout is long: a process may finish its share hours before the slowest one."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=48))
+
+
+def gather_to_rank0(rows: list[Any]) -> list[Any] | None:
+    """Every process's ``rows`` to rank 0 (a barrier: it returns once every process got here);
+    rank 0 gets all rows, in rank order, the others None. Leaves the process group."""
+    import torch.distributed as dist
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    gathered: list[Any] | None = [None] * size if rank == 0 else None
+    try:
+        dist.gather_object(rows, gathered, dst=0)
+    finally:
+        dist.destroy_process_group()
+    return None if gathered is None else [row for part in gathered for row in (part or [])]

@@ -206,13 +206,23 @@ def test_checkpoint_resumes_to_the_same_state_and_export_round_trips(tiny_data, 
     straight = tmp_path / "straight"
     train(_cfg(tiny_data, straight))
     interrupted = tmp_path / "interrupted"
-    train(_cfg(tiny_data, interrupted), stop_after=4)
-    assert torch.load(interrupted / "last.pt", weights_only=True)["step"] == 4
+    train(_cfg(tiny_data, interrupted), stop_after=3)  # a session's end between validations is a checkpoint too
+    assert torch.load(interrupted / "last.pt", weights_only=True)["step"] == 3
     train(_cfg(tiny_data, interrupted), resume=True)
     a = torch.load(straight / "last.pt", weights_only=True)["model"]
     b = torch.load(interrupted / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
-    assert len(list(open(interrupted / "log.csv"))) == 1 + 3  # header + validations at 2, 4, 6
+    assert len(list(open(interrupted / "log.csv"))) == 1 + 4  # header + validations at 2, 3 (the session's end), 4, 6
+    # OUT/compute.csv: a row per session (steps, hours, device, threads, precision)
+    import csv
+
+    from rrr_training.train import training_precision
+
+    rows = list(csv.DictReader(open(interrupted / "compute.csv")))
+    assert [(int(r["step_start"]), int(r["step_end"]), int(r["saved_step"])) for r in rows] == [(0, 3, 3), (3, 6, 6)]
+    precision = training_precision("auto", torch.device("cpu"))
+    assert all(r["device"] == "cpu" and r["precision"] == precision and r["threads"] == "1" and r["batch_size"] == "4" for r in rows)
+    assert all(float(r["wall_hours"]) > 0 and r["session_end"] >= r["session_start"] for r in rows)
     assert (straight / "curves.png").stat().st_size > 0
 
     card_path = export(straight / "best.pt", tmp_path / "models", name="tiny")
@@ -686,24 +696,23 @@ def test_motion_curriculum_widens_the_ranges_linearly(tiny_data):
         TrainConfig(data=["x"], out="o", holdout=["h"], curriculum_steps=-1).validate()
 
 
-def test_compute_log_has_a_row_per_session_and_precision_is_chosen(tiny_data, tmp_path):
-    """``OUT/compute.csv``: a fresh run writes one row, each ``--resume`` appends one (steps, hours,
-    device, threads, precision); ``--precision`` bf16 trains under CPU autocast, fp32 without."""
+def test_compute_log_appends_on_resume_and_precision_is_chosen(tiny_data, tmp_path):
+    """``OUT/compute.csv`` (the trainer's rows are checked in the resume test above): a fresh run
+    starts the file, a resumed one appends its row; ``--precision`` bf16 trains under CPU
+    autocast, fp32 without."""
     import csv
 
     from RigidResNetRegistrationLib.engine import resolve_precision
     from rrr_training import train as T
 
-    out = tmp_path / "run"
-    cfg = replace(_cfg(tiny_data, out, steps=4), precision="bf16")
-    train(cfg, stop_after=2)
-    train(cfg, resume=True)
-    rows = list(csv.DictReader(open(out / "compute.csv")))
-    assert [(int(r["step_start"]), int(r["step_end"]), int(r["saved_step"])) for r in rows] == [(0, 2, 2), (2, 4, 4)]
-    assert all(r["device"] == "cpu" and r["precision"] == "bf16" and r["threads"] == "1" and r["batch_size"] == "4" for r in rows)
-    assert all(float(r["wall_hours"]) > 0 and r["session_end"] >= r["session_start"] for r in rows)
-    train(replace(cfg, steps=1))  # a fresh run starts the log again
-    assert len(list(csv.DictReader(open(out / "compute.csv")))) == 1
+    cfg = _cfg(tiny_data, tmp_path)
+    path = tmp_path / "compute.csv"
+    T.ComputeLog(path, False, 0, torch.device("cpu"), "fp32", cfg, 1).update(5, 4)
+    T.ComputeLog(path, True, 4, torch.device("cpu"), "bf16", cfg, 1).update(9, 8)
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["step_start"], r["step_end"], r["saved_step"], r["precision"]) for r in rows] == [("0", "5", "4", "fp32"), ("4", "9", "8", "bf16")]
+    T.ComputeLog(path, False, 0, torch.device("cpu"), "fp32", cfg, 1)  # a fresh run in the same folder starts again
+    assert len(list(csv.DictReader(open(path)))) == 1
     # the arithmetic: bf16 autocast around the network on the CPU, none for fp32
     used = []
     real = torch.autocast
@@ -713,6 +722,7 @@ def test_compute_log_has_a_row_per_session_and_precision_is_chosen(tiny_data, tm
             used.append((device_type, dtype, enabled))
             super().__init__(device_type, dtype=dtype, enabled=enabled, **kw)
 
+    cfg = replace(cfg, precision="bf16")
     subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
     net = ResNetRegressor(3)
     opt = torch.optim.AdamW(net.parameters())

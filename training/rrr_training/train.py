@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import math
 import os
@@ -311,6 +312,10 @@ def optimisation_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler
     return loss.item(), stats
 
 
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 COMPUTE_FIELDS = ["session_start", "session_end", "step_start", "step_end", "saved_step", "wall_hours", "steps_per_hour",
                   "device", "processes", "threads", "precision", "batch_size", "host", "torch"]
 
@@ -321,16 +326,15 @@ class ComputeLog:
     step of the last checkpoint it saved (what a later ``--resume`` continues from), wall hours,
     device, processes, threads, precision, batch size per process, host and torch version. The
     row is rewritten at every checkpoint and when the session ends, so a killed session keeps
-    the time up to its last checkpoint."""
+    the time up to its last checkpoint. ``started``: when the session began (before reading the
+    data), now if not given."""
 
     def __init__(self, path: Path, resume: bool, step: int, device: torch.device, precision: str, cfg: TrainConfig,
-                 processes: int) -> None:
-        import datetime
+                 processes: int, started: datetime.datetime | None = None) -> None:
         import platform
 
         self.path = path
-        self._now = lambda: datetime.datetime.now(datetime.timezone.utc)
-        self.start = self._now()
+        self.start = started or utc_now()
         self.rows: list[dict] = []
         if resume and path.exists():
             with open(path, newline="") as fh:
@@ -342,7 +346,7 @@ class ComputeLog:
         self.update(step, step)
 
     def update(self, step: int, saved_step: int) -> None:
-        end = self._now()
+        end = utc_now()
         hours = (end - self.start).total_seconds() / 3600.0
         done = saved_step - int(self.row["step_start"])
         self.row.update({"session_end": end.isoformat(timespec="seconds"), "step_end": step, "saved_step": saved_step,
@@ -468,8 +472,9 @@ _GROUPS_STARTED = 0  # process groups this process has started (the same count o
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
-    """Run training; returns the path of the best checkpoint. ``stop_after`` ends this run after
-    that many steps (as an interruption would; ``--resume`` continues).
+    """Run training; returns the path of the best checkpoint. ``stop_after`` ends this run (a
+    session) after that many steps, validated and checkpointed there (``--resume`` continues; the
+    pairs drawn are those of an uninterrupted run).
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1) every process joins a process group (nccl on
     CUDA, gloo on CPU), trains a DistributedDataParallel copy of the model on its own pairs
@@ -515,6 +520,7 @@ def _gather(obj, dist_info: Distributed) -> list:
 def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch.device, out: Path,
            dist_info: Distributed) -> Path:
     main_rank = dist_info.is_main
+    started = utc_now()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)  # same on every rank: the same initial model (DDP also broadcasts rank 0's)
@@ -584,7 +590,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch
         if not (resume and log_path.exists()):
             with open(log_path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=fields).writeheader()
-    compute = ComputeLog(out / "compute.csv", resume, step, device, precision, cfg, dist_info.world_size) if main_rank else None
+    compute = ComputeLog(out / "compute.csv", resume, step, device, precision, cfg, dist_info.world_size, started) if main_rank else None
     saved_step = step
     t0 = time.time()
     running: list[float] = []
@@ -603,7 +609,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch
             mi_run.append(stats["mi"])
             if main_rank and step % 25 == 0:
                 print(f"step {step}/{cfg.steps} loss {np.mean(running[-25:]):.4f} {time.time() - t0:.0f}s", flush=True)
-            if step % cfg.val_every == 0 or step == cfg.steps:
+            if step % cfg.val_every == 0 or step == cfg.steps or step == stop_at:  # a session's end is a checkpoint too
                 train_means = [float(np.mean(running)), float(np.mean(ncc_run)), float(np.mean(mi_run))]
                 random_states = _gather((rng.bit_generator.state, gen.get_state()), dist_info)
                 stop = False
@@ -743,6 +749,9 @@ def _main(argv: list[str] | None = None) -> int:
                    help="slice orientations to train on (default axial)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="end this session after N more steps, with a checkpoint (a session of a long run; --resume "
+                   "continues it)")
     p.add_argument("--freeze-bn", action="store_true",
                    help="keep every batch norm's running statistics as they are (for fine-tunes from --init)")
     for key in ("transform", "size", "spacing_mm", "hidden", "batch_size", "steps", "lr", "weight_decay", "max_rotation_deg",
@@ -753,6 +762,8 @@ def _main(argv: list[str] | None = None) -> int:
         choices = {"remap_loss": REMAP_LOSSES, "precision": TRAIN_PRECISIONS}.get(key)
         p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, choices=choices, help=f"default {default}")
     a = p.parse_args(argv)
+    if a.stop_after is not None and a.stop_after < 1:
+        raise TrainError(f"--stop-after must be at least 1, not {a.stop_after}")
     holdout = list(a.holdout)
     if a.holdout_file:
         if not Path(a.holdout_file).is_file():
@@ -760,9 +771,9 @@ def _main(argv: list[str] | None = None) -> int:
         holdout += [name for name in read_holdout_file(a.holdout_file) if name not in holdout]
     if not holdout:
         raise TrainError(f"name the held-out subjects: --holdout NAME ... or --holdout-file FILE (e.g. {DEFAULT_HOLDOUT_FILE})")
-    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k not in ("resume", "holdout_file")})
+    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k not in ("resume", "holdout_file", "stop_after")})
     cfg.holdout = holdout
-    best = train(cfg, resume=a.resume)
+    best = train(cfg, resume=a.resume, stop_after=a.stop_after)
     if distributed_from_env().is_main:
         print(f"best checkpoint: {best}")
     return 0

@@ -218,7 +218,8 @@ def test_checkpoint_resumes_to_the_same_state_and_export_round_trips(tiny_data, 
 
     from rrr_training.train import training_precision
 
-    rows = list(csv.DictReader(open(interrupted / "compute.csv")))
+    with open(interrupted / "compute.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert [(int(r["step_start"]), int(r["step_end"]), int(r["saved_step"])) for r in rows] == [(0, 3, 3), (3, 6, 6)]
     precision = training_precision("auto", torch.device("cpu"))
     assert all(r["device"] == "cpu" and r["precision"] == precision and r["threads"] == "1" and r["batch_size"] == "4" for r in rows)
@@ -564,7 +565,7 @@ def test_synthetic_contrast_is_non_monotonic_keeps_geometry_and_is_seeded():
     curves = intensity_curve(x, torch.rand(40, DEFAULT_SYNTH.knots, generator=torch.Generator().manual_seed(0)), "smooth")[:, 0]
     slope = torch.diff(curves, dim=1)
     assert ((slope > 1e-4).any(1) & (slope < -1e-4).any(1)).float().mean() > 0.95
-    plain = dict(max_blur_px=0.0, thick_slice=0.0, bias=0.0, max_noise=0.0, tissue_share=0.0, random_background=0.0)
+    plain = {"max_blur_px": 0.0, "thick_slice": 0.0, "bias": 0.0, "max_noise": 0.0, "tissue_share": 0.0, "random_background": 0.0}
     from rrr_training.synth import SynthOptions
 
     many = _images(seed=3, n=24)
@@ -613,7 +614,7 @@ def test_synthetic_pieces_blur_thick_slices_and_tissue_classes():
     img[:, 10, 10] = 1.0
     blurred = gaussian_blur(img, torch.tensor([0.0, 2.0]))
     assert torch.allclose(blurred[0], img[0], atol=1e-6) and blurred[1].sum() == pytest.approx(1.0, abs=1e-4)
-    ys, xs = torch.meshgrid(torch.arange(21.0), torch.arange(21.0), indexing="ij")
+    xs = torch.arange(21.0)[None].expand(21, 21)
     assert float((blurred[1] * xs).sum()) == pytest.approx(10.0, abs=1e-3)  # centred: nothing moves
     stripes = (torch.arange(24.0) % 2)[None].expand(24, 24)[None].repeat(2, 1, 1)  # columns alternate
     thick = thick_slice(stripes, torch.tensor([1, 4]), torch.tensor([1, 1]))
@@ -659,7 +660,9 @@ def test_synth_pairs_are_two_contrasts_of_one_scan_with_exact_truth(tiny_data):
         TrainConfig(data=["x"], out="o", holdout=["h"], remap=0.6, synth=0.5).validate()
 
 
-def test_motion_curriculum_widens_the_ranges_linearly(tiny_data):
+def test_motion_curriculum_widens_the_ranges_linearly(tiny_data, monkeypatch):
+    from RigidResNetRegistrationLib import geometry as geo
+    from rrr_training import train as T
     from rrr_training.train import draw_training_batch, motion_ranges
 
     cfg = TrainConfig(data=["x"], out="o", holdout=["h"], max_rotation_deg=30, max_translation_mm=30, curriculum_steps=100,
@@ -670,26 +673,18 @@ def test_motion_curriculum_widens_the_ranges_linearly(tiny_data):
     assert motion_ranges(replace(cfg, curriculum_steps=0), 0) == (30.0, 30.0)  # none: the maximum from the start
     assert motion_ranges(replace(cfg, curriculum_start_rotation_deg=2, curriculum_start_translation_mm=10), 50) == pytest.approx((16.0, 20.0))
     subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
-    from RigidResNetRegistrationLib import geometry as geo
+    seen = []
+    original = T.sample_pairs
 
+    def recording(*args, **kwargs):
+        b = original(*args, **kwargs)
+        seen.append(geo.invert_params_2d(b.truth.double().numpy(), "rigid"))  # the motions drawn
+        return b
+
+    monkeypatch.setattr(T, "sample_pairs", recording)
     for step, limit in ((0, 5.0), (100, 30.0)):
-        batch_rng = np.random.default_rng(0)
-        from rrr_training import train as T
-
-        seen = []
-        original = T.sample_pairs
-
-        def recording(*args, **kwargs):
-            b = original(*args, **kwargs)
-            seen.append(geo.invert_params_2d(b.truth.double().numpy(), "rigid"))  # the motions drawn
-            return b
-
-        T.sample_pairs = recording
-        try:
-            draw_training_batch(subj, batch_rng, torch.Generator().manual_seed(0), cfg, step)
-        finally:
-            T.sample_pairs = original
-        motion = seen[0]
+        draw_training_batch(subj, np.random.default_rng(0), torch.Generator().manual_seed(0), cfg, step)
+        motion = seen[-1]
         assert np.abs(motion[:, 0]).max() <= limit + 1e-9 and np.abs(motion[:, 1:]).max() <= limit + 1e-9
         assert np.abs(motion[:, 0]).max() > 0.8 * limit  # and spans it
     with pytest.raises(Exception, match="--curriculum-steps"):
@@ -709,10 +704,12 @@ def test_compute_log_appends_on_resume_and_precision_is_chosen(tiny_data, tmp_pa
     path = tmp_path / "compute.csv"
     T.ComputeLog(path, False, 0, torch.device("cpu"), "fp32", cfg, 1).update(5, 4)
     T.ComputeLog(path, True, 4, torch.device("cpu"), "bf16", cfg, 1).update(9, 8)
-    rows = list(csv.DictReader(open(path)))
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
     assert [(r["step_start"], r["step_end"], r["saved_step"], r["precision"]) for r in rows] == [("0", "5", "4", "fp32"), ("4", "9", "8", "bf16")]
     T.ComputeLog(path, False, 0, torch.device("cpu"), "fp32", cfg, 1)  # a fresh run in the same folder starts again
-    assert len(list(csv.DictReader(open(path)))) == 1
+    with open(path) as fh:
+        assert len(list(csv.DictReader(fh))) == 1
     # the arithmetic: bf16 autocast around the network on the CPU, none for fp32
     used = []
     real = torch.autocast

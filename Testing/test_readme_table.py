@@ -305,7 +305,8 @@ def contradicting_options(c: Case) -> list[str]:
              ["--demo"], ["--batch", "pairs.csv"]]
     errors = [c.bad(None, None, *extra) for extra in cases]  # cli_args has --no-refine (volume mode) and --iterations 1
     affine = write_card(c.tmp, transform="affine", name="affine")
-    return errors + [c.error(str(c.data / "fixed.nii.gz"), str(c.data / "moving.nii.gz"), "-o", str(c.out()), "--weights", str(affine),
+    return errors + [c.error("--batch", str(c.tmp / "pairs.csv"), "--profile", "-o", str(c.out())),
+                     c.error(str(c.data / "fixed.nii.gz"), str(c.data / "moving.nii.gz"), "-o", str(c.out()), "--weights", str(affine),
                              "--metric", "ncc")]
 
 
@@ -379,7 +380,7 @@ SCENARIOS = {
     "bad numbers (`--batch-size 0`, `--iterations 0`, trainer `--steps -5`, `--lr nan`)": bad_numbers,
     "options that contradict each other (`--mode slices --no-refine`, `--refine-slices` without `--mode slices`, `--metric` when "
     "nothing is refined, `--symmetric-stride` with `--no-symmetric` or in volume mode, `--tolerance` with `--iterations 1`, "
-    "`--demo` with FIXED MOVING, `--batch` with FIXED MOVING, `--refine-slices` or `--metric` with an affine model)":
+    "`--demo` with FIXED MOVING, `--batch` with FIXED MOVING, `--profile` with `--batch`, `--refine-slices` or `--metric` with an affine model)":
         contradicting_options,
     "pairs file of `--batch`: an unknown column, a name used twice, a name that cannot be a folder, a row whose option "
     "contradicts the command line's": pairs_file,

@@ -206,13 +206,24 @@ def test_checkpoint_resumes_to_the_same_state_and_export_round_trips(tiny_data, 
     straight = tmp_path / "straight"
     train(_cfg(tiny_data, straight))
     interrupted = tmp_path / "interrupted"
-    train(_cfg(tiny_data, interrupted), stop_after=4)
-    assert torch.load(interrupted / "last.pt", weights_only=True)["step"] == 4
+    train(_cfg(tiny_data, interrupted), stop_after=3)  # a session's end between validations is a checkpoint too
+    assert torch.load(interrupted / "last.pt", weights_only=True)["step"] == 3
     train(_cfg(tiny_data, interrupted), resume=True)
     a = torch.load(straight / "last.pt", weights_only=True)["model"]
     b = torch.load(interrupted / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
-    assert len(list(open(interrupted / "log.csv"))) == 1 + 3  # header + validations at 2, 4, 6
+    assert len(list(open(interrupted / "log.csv"))) == 1 + 4  # header + validations at 2, 3 (the session's end), 4, 6
+    # OUT/compute.csv: a row per session (steps, hours, device, threads, precision)
+    import csv
+
+    from rrr_training.train import training_precision
+
+    with open(interrupted / "compute.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(int(r["step_start"]), int(r["step_end"]), int(r["saved_step"])) for r in rows] == [(0, 3, 3), (3, 6, 6)]
+    precision = training_precision("auto", torch.device("cpu"))
+    assert all(r["device"] == "cpu" and r["precision"] == precision and r["threads"] == "1" and r["batch_size"] == "4" for r in rows)
+    assert all(float(r["wall_hours"]) > 0 and r["session_end"] >= r["session_start"] for r in rows)
     assert (straight / "curves.png").stat().st_size > 0
 
     card_path = export(straight / "best.pt", tmp_path / "models", name="tiny")
@@ -300,7 +311,7 @@ def test_two_processes_under_torchrun_train_one_model_and_only_rank0_writes(tiny
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each rank draws its own pairs
     assert ranks[0]["params"] == ranks[1]["params"]  # ... and DDP keeps one model
     assert run.stdout.count("val val_loss=") == 2  # only rank 0 validates and prints
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt", "log.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "compute.csv", "config.json", "curves.png", "last.pt", "log.csv"]
     assert len(list(open(out / "log.csv"))) == 1 + 2  # header + validations at 2, 4
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["step"] == 4 and last["world_size"] == 2 and len(last["rng_ranks"]) == 2
@@ -433,3 +444,369 @@ def test_pair_refinement_brings_estimates_back_to_the_truth(tiny_data):
     stay = ev.refine_pair_estimates(batch, truth, "t1", (32, 32), 2.5, "ncc")
     rot, trans = geo.params_error_2d(stay, truth)
     assert rot.max() < 0.05 and trans.max() < 0.05
+
+
+# --------------------------------------------------------------------------- issue 20: data at scale, synthetic
+# contrasts, motion curriculum, compute log, precision, held-out evaluation rows
+
+
+def test_find_subjects_splits_a_folder_of_several_peoples_scans(tmp_path):
+    """A folder of one person's contrasts is one subject named after the folder (BraTS, z-scored
+    BRATS 2015 names with the contrast first); a folder of several people's single scans (IXI,
+    clinical whole heads, NRRD too) gives one subject per person, named without the contrast."""
+    from RigidResNetRegistrationLib.io import write_volume
+
+    from rrr_training.data import subject_key
+
+    vol = phantom_volume(shape=(20, 22, 16))
+    files = {"ixi/IXI012-HH-1211_T1.nii.gz", "ixi/IXI013-HH-1212_T1.nii.gz", "pat1/Flair_subtrMeanDivStd.nii.gz",
+             "pat1/T1c_subtrMeanDivStd.nii.gz", "pat1/brainmask.nii.gz", "heads/studyforrest_t1w_2mm.nii.gz",
+             "heads/pyradiomics_brain1_t1gd.nrrd", "heads/torchio_fernando_t2.nii.gz", "spm/avg152T1.nii", "spm/avg152PD.nii"}
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        write_volume(vol, tmp_path / rel)
+    found = {s.name: {c: p.name for c, p in s.images.items()} for s in find_subjects(tmp_path)}
+    assert found == {
+        "IXI012-HH-1211": {"t1": "IXI012-HH-1211_T1.nii.gz"}, "IXI013-HH-1212": {"t1": "IXI013-HH-1212_T1.nii.gz"},
+        "pat1": {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1ce": "T1c_subtrMeanDivStd.nii.gz"},  # no mask
+        "studyforrest_2mm": {"t1": "studyforrest_t1w_2mm.nii.gz"}, "pyradiomics_brain1": {"t1ce": "pyradiomics_brain1_t1gd.nrrd"},
+        "torchio_fernando": {"t2": "torchio_fernando_t2.nii.gz"}, "spm": {"t1": "avg152T1.nii", "pd": "avg152PD.nii"}}
+    assert subject_key(Path("BraTS2021_00001_t1ce.nii.gz")) == "BraTS2021_00001"
+    assert contrast_of(Path("Flair_subtrMeanDivStd.nii.gz")) == "flair" and contrast_of(Path("brainmask.nii.gz")) is None
+    nrrd = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tmp_path / "heads") if s.name == "pyradiomics_brain1"]
+    assert nrrd[0] is not None and len(nrrd[0].slices) > 0  # NRRD read by the product's reader
+
+
+def test_views_in_three_orientations_share_one_copy_of_the_voxels(tiny_data):
+    from rrr_training.data import load_subject_views
+
+    subject = find_subjects(tiny_data)[0]
+    views = load_subject_views(subject, (32, 32), 2.5, ("axial", "coronal", "sagittal"), min_foreground=0.05)
+    assert [v.orientation for v in views] == ["axial", "coronal", "sagittal"]
+    normals = np.array([v.frame.n for v in views])
+    assert np.allclose(np.abs(normals), np.eye(3)[[2, 1, 0]], atol=1e-6)  # S, A, R
+    assert all(v.volumes is views[0].volumes for v in views)
+    axial = load_subject(subject, (32, 32), 2.5, min_foreground=0.05)
+    assert np.array_equal(axial.slices, views[0].slices) and axial.orientation == "axial"
+    # pairs drawn from all views carry their own frame: at the truth the moving slice is the fixed one
+    batch = sample_pairs(views, np.random.default_rng(0), 12, (32, 32), 2.5, cross_contrast=0.0)
+    assert len({src[0].orientation for src in batch.sources}) > 1
+    at_truth = batch.resample_moving(batch.truth.double().numpy(), "rigid", (32, 32), 2.5)
+    assert torch.all((at_truth - batch.fixed).abs().mean(dim=(1, 2)) < 0.35 * (batch.moving - batch.fixed).abs().mean(dim=(1, 2)) + 1e-3)
+
+
+def test_multi_contrast_share_sets_the_share_of_pairs_from_multi_contrast_subjects(tiny_data, tmp_path):
+    from rrr_training.data import slice_weights
+
+    single = tmp_path / "single"
+    single.mkdir()
+    for i in range(3):
+        _save(phantom_volume(shape=(36, 40, 14), seed=10 + i, spacing=(2.0, 2.0, 4.0)), single / f"head{i}_T1.nii.gz")
+    subj = [load_subject(s, (32, 32), 2.5) for s in [*find_subjects(tiny_data), *find_subjects(single)]]
+    multi = np.array([len(s.volumes) > 1 for s in subj])
+    assert multi.sum() == 3 and (~multi).sum() == 3
+    plain = slice_weights(subj)
+    assert np.allclose(plain, [len(s.slices) for s in subj] / np.sum([len(s.slices) for s in subj]))
+    w = slice_weights(subj, 0.8)
+    assert w.sum() == pytest.approx(1.0) and w[multi].sum() == pytest.approx(0.8)
+    assert np.allclose(w[multi] / w[multi].sum(), plain[multi] / plain[multi].sum())  # slices equally likely within
+    batch = sample_pairs(subj, np.random.default_rng(0), 200, (32, 32), 2.5, multi_contrast_share=0.8)
+    share = np.mean([len(src[0].volumes) > 1 for src in batch.sources])
+    assert 0.7 < share < 0.9
+
+
+def test_holdout_file_names_the_projects_held_out_subjects():
+    """``training/holdout.txt``: BraTS2021_90004, 15 IXI subjects chosen by a rule (every 10th
+    sorted name from the 6th) and one whole-head scan, each with its evaluation group; checked
+    against the shared data when it is there."""
+    from conftest import ROOT, SHARED_DATA
+
+    from rrr_training.data import read_holdout_file
+    from rrr_training.train import DEFAULT_HOLDOUT_FILE
+
+    assert DEFAULT_HOLDOUT_FILE == ROOT / "training" / "holdout.txt"
+    held = read_holdout_file(DEFAULT_HOLDOUT_FILE)
+    ixi = [n for n in held if n.startswith("IXI")]
+    assert held["BraTS2021_90004"] == "skull-stripped" and len(ixi) == 15
+    others = [n for n in held if n != "BraTS2021_90004" and n not in ixi]
+    assert len(others) == 1 and all(held[n] == "whole-head" for n in [*ixi, *others])
+    if not (SHARED_DATA / "ixi-t1-2mm").is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}: the names were not checked against it")
+    names = sorted(p.name.replace("_T1.nii.gz", "") for p in (SHARED_DATA / "ixi-t1-2mm").glob("*_T1.nii.gz"))
+    assert ixi == names[5::10]
+    found = {s.name for s in find_subjects(SHARED_DATA)}
+    assert set(held) <= found
+
+
+def _images(seed=0, n=6, size=48):
+    """Brain-like network-grid slices (a phantom on a 2D grid), background near 0."""
+    vol = phantom_volume(shape=(size, size, n), seed=seed, spacing=(2.0, 2.0, 36.0 / n))  # slices within +-18 mm of the centre
+    return torch.from_numpy(np.moveaxis(vol.array, 2, 0).copy()).float()
+
+
+def test_synthetic_contrast_is_non_monotonic_keeps_geometry_and_is_seeded():
+    from rrr_training.synth import DEFAULT_SYNTH, BACKGROUND_LEVEL, gradient_magnitude, intensity_curve, synthetic_contrast
+
+    images = _images()
+    before = images.clone()
+    out = synthetic_contrast(images, torch.Generator().manual_seed(1))
+    assert torch.equal(images, before) and out.shape == images.shape
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    # seeded: the same seed gives the same contrasts, another seed others
+    assert torch.equal(out, synthetic_contrast(images, torch.Generator().manual_seed(1)))
+    assert not torch.allclose(out, synthetic_contrast(images, torch.Generator().manual_seed(2)), atol=0.05)
+    # the draws do not depend on the pixels (a pair's contrast can be re-applied to a re-sampled slice)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    synthetic_contrast(images, g1)
+    synthetic_contrast(images.flip(-1) * 3 + 7, g2)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    # non-monotonic: the smooth curves rise and fall; binned against the input, the output does too
+    x = torch.linspace(0, 1, 201)[None, None].expand(40, 1, 201)
+    curves = intensity_curve(x, torch.rand(40, DEFAULT_SYNTH.knots, generator=torch.Generator().manual_seed(0)), "smooth")[:, 0]
+    slope = torch.diff(curves, dim=1)
+    assert ((slope > 1e-4).any(1) & (slope < -1e-4).any(1)).float().mean() > 0.95
+    plain = {"max_blur_px": 0.0, "thick_slice": 0.0, "bias": 0.0, "max_noise": 0.0, "tissue_share": 0.0, "random_background": 0.0}
+    from rrr_training.synth import SynthOptions
+
+    many = _images(seed=3, n=24)
+    mapped = synthetic_contrast(many, torch.Generator().manual_seed(4), SynthOptions(**plain))
+    v = normalise_slices(many)
+    rises = falls = tested = 0
+    for i in range(len(many)):
+        fg = v[i] > 0.15
+        bins = torch.bucketize(v[i][fg], torch.linspace(0.15, 1, 7))
+        means = [mapped[i][fg][bins == b].mean() for b in bins.unique() if (bins == b).sum() > 20]
+        if len(means) < 4:
+            continue  # a slice with too little brain
+        d = torch.diff(torch.stack(means))
+        tested += 1
+        rises += int((d > 0.02).any())
+        falls += int((d < -0.02).any())
+    assert tested >= 16 and rises >= 0.7 * tested and falls >= 0.7 * tested, (tested, rises, falls)
+    # background: dark by default (the share given a random one aside), random with random_background=1
+    bg = normalise_slices(images) < 0.05  # outside the head
+    dark = synthetic_contrast(images.repeat(4, 1, 1), torch.Generator().manual_seed(6), SynthOptions(random_background=0.0))
+    bg4 = bg.repeat(4, 1, 1)
+    bg_means = torch.stack([dark[i][bg4[i]].mean() for i in range(len(dark))])
+    fg_means = torch.stack([dark[i][~bg4[i]].mean() for i in range(len(dark))])
+    assert float(bg_means.median()) < BACKGROUND_LEVEL + 0.05 and float((bg_means < fg_means).float().mean()) > 0.8
+    bright = synthetic_contrast(images.repeat(4, 1, 1), torch.Generator().manual_seed(6), SynthOptions(random_background=1.0))
+    bright_means = torch.stack([bright[i][bg4[i]].mean() for i in range(len(bright))])
+    assert float(bright_means.std()) > 0.1 and float(bright_means.max()) > 0.3
+    # geometry kept: the tissue boundaries (gradient magnitude) stay where they were, whatever the contrast
+    def corr(a, b):
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    ref = gradient_magnitude(images / images.amax())
+    for seed in range(4):
+        syn = synthetic_contrast(images, torch.Generator().manual_seed(seed), SynthOptions(max_noise=0.0))
+        g = gradient_magnitude(syn)
+        same = np.mean([corr(ref[i], g[i]) for i in range(len(images))])
+        shifted = np.mean([corr(ref[i], torch.roll(g[i], 4, dims=1)) for i in range(len(images))])
+        assert same > 0.4 and same > shifted + 0.2, (seed, same, shifted)
+
+
+def test_synthetic_pieces_blur_thick_slices_and_tissue_classes():
+    from rrr_training.synth import gaussian_blur, quantile_tissue_labels, thick_slice
+
+    img = torch.zeros(2, 21, 21)
+    img[:, 10, 10] = 1.0
+    blurred = gaussian_blur(img, torch.tensor([0.0, 2.0]))
+    assert torch.allclose(blurred[0], img[0], atol=1e-6) and blurred[1].sum() == pytest.approx(1.0, abs=1e-4)
+    xs = torch.arange(21.0)[None].expand(21, 21)
+    assert float((blurred[1] * xs).sum()) == pytest.approx(10.0, abs=1e-3)  # centred: nothing moves
+    stripes = (torch.arange(24.0) % 2)[None].expand(24, 24)[None].repeat(2, 1, 1)  # columns alternate
+    thick = thick_slice(stripes, torch.tensor([1, 4]), torch.tensor([1, 1]))
+    assert torch.equal(thick[0], stripes[0]) and float(thick[1].std()) < 0.2 * float(stripes[1].std())
+    along = thick_slice(stripes, torch.tensor([4, 4]), torch.tensor([0, 0]))  # along rows: columns untouched
+    assert torch.allclose(along, stripes)
+    v = torch.linspace(0, 1, 400).reshape(1, 20, 20)
+    labels = quantile_tissue_labels(v, torch.tensor([4]))
+    assert torch.equal(labels[v <= 0.1], torch.zeros_like(labels[v <= 0.1]))
+    counts = torch.bincount(labels.flatten())[1:]
+    assert len(counts) == 4 and int(counts.max() - counts.min()) <= 2
+    assert torch.all(torch.diff(labels.flatten()) >= 0)  # iso-intensity classes in intensity order
+
+
+def test_synth_pairs_are_two_contrasts_of_one_scan_with_exact_truth(tiny_data):
+    """``--synth P``: a share of the same-contrast pairs gets a synthetic contrast on each slice
+    (cross contrast, MI); ``--remap`` and ``--synth`` split one draw; with ``--remap-loss ncc`` the
+    loss compares the original slices."""
+    from rrr_training.train import training_inputs
+
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    batch = sample_pairs(subj, np.random.default_rng(5), 40, (32, 32), 2.5, cross_contrast=0.0)
+    out = remap_same_contrast(batch, torch.Generator().manual_seed(0), 0.3, synth=0.4)
+    changed_fixed = ~torch.isclose(out.fixed, batch.fixed).flatten(1).all(1)
+    changed_moving = ~torch.isclose(out.moving, batch.moving).flatten(1).all(1)
+    synth, remap = changed_fixed, changed_moving & ~changed_fixed
+    assert torch.equal(~out.same_contrast, synth | remap)
+    assert 6 <= int(synth.sum()) <= 26 and 4 <= int(remap.sum()) <= 22 and int((~(synth | remap)).sum()) >= 4
+    assert torch.equal(out.truth, batch.truth)
+    # legacy draws: no --synth, the same pairs as before
+    a = remap_same_contrast(batch, torch.Generator().manual_seed(0), 0.3)
+    b = remap_same_contrast(batch, torch.Generator().manual_seed(0), 0.3, synth=0.0)
+    assert torch.equal(a.moving, b.moving) and torch.equal(a.fixed, batch.fixed)
+    assert remap_same_contrast(batch, torch.Generator(), 0.0, synth=0.0) is batch
+    _, f, m = prepare_inputs(out, None, 0.0)
+    at_truth, _ = similarity_loss(f[synth], m[synth], out.truth[synth], out.same_contrast[synth], "rigid", 2.5)
+    at_zero, _ = similarity_loss(f[synth], m[synth], torch.zeros_like(out.truth[synth]), out.same_contrast[synth], "rigid", 2.5)
+    assert at_truth < at_zero - 0.02  # MI between two synthetic contrasts still finds the truth
+    _, f_ncc, m_ncc, same_ncc = training_inputs(batch, out, None, 0.0, "ncc")
+    assert torch.equal(f_ncc, normalise_slices(batch.fixed)) and torch.equal(m_ncc, normalise_slices(batch.moving))
+    assert same_ncc.all()
+    with pytest.raises(Exception, match="--remap and --synth"):
+        TrainConfig(data=["x"], out="o", holdout=["h"], remap=0.6, synth=0.5).validate()
+
+
+def test_motion_curriculum_widens_the_ranges_linearly(tiny_data, monkeypatch):
+    from RigidResNetRegistrationLib import geometry as geo
+    from rrr_training import train as T
+    from rrr_training.train import draw_training_batch, motion_ranges
+
+    cfg = TrainConfig(data=["x"], out="o", holdout=["h"], max_rotation_deg=30, max_translation_mm=30, curriculum_steps=100,
+                      size=32, spacing_mm=2.5, batch_size=64, flip=0.0, augment=0.0)
+    assert motion_ranges(cfg, 0) == (5.0, 5.0)
+    assert motion_ranges(cfg, 50) == pytest.approx((17.5, 17.5))
+    assert motion_ranges(cfg, 100) == (30.0, 30.0) and motion_ranges(cfg, 1000) == (30.0, 30.0)
+    assert motion_ranges(replace(cfg, curriculum_steps=0), 0) == (30.0, 30.0)  # none: the maximum from the start
+    assert motion_ranges(replace(cfg, curriculum_start_rotation_deg=2, curriculum_start_translation_mm=10), 50) == pytest.approx((16.0, 20.0))
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    seen = []
+    original = T.sample_pairs
+
+    def recording(*args, **kwargs):
+        b = original(*args, **kwargs)
+        seen.append(geo.invert_params_2d(b.truth.double().numpy(), "rigid"))  # the motions drawn
+        return b
+
+    monkeypatch.setattr(T, "sample_pairs", recording)
+    for step, limit in ((0, 5.0), (100, 30.0)):
+        draw_training_batch(subj, np.random.default_rng(0), torch.Generator().manual_seed(0), cfg, step)
+        motion = seen[-1]
+        assert np.abs(motion[:, 0]).max() <= limit + 1e-9 and np.abs(motion[:, 1:]).max() <= limit + 1e-9
+        assert np.abs(motion[:, 0]).max() > 0.8 * limit  # and spans it
+    with pytest.raises(Exception, match="--curriculum-steps"):
+        TrainConfig(data=["x"], out="o", holdout=["h"], curriculum_steps=-1).validate()
+
+
+def test_compute_log_appends_on_resume_and_precision_is_chosen(tiny_data, tmp_path):
+    """``OUT/compute.csv`` (the trainer's rows are checked in the resume test above): a fresh run
+    starts the file, a resumed one appends its row; ``--precision`` bf16 trains under CPU
+    autocast, fp32 without."""
+    import csv
+
+    from RigidResNetRegistrationLib.engine import resolve_precision
+    from rrr_training import train as T
+
+    cfg = _cfg(tiny_data, tmp_path)
+    path = tmp_path / "compute.csv"
+    T.ComputeLog(path, False, 0, torch.device("cpu"), "fp32", cfg, 1).update(5, 4)
+    T.ComputeLog(path, True, 4, torch.device("cpu"), "bf16", cfg, 1).update(9, 8)
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["step_start"], r["step_end"], r["saved_step"], r["precision"]) for r in rows] == [("0", "5", "4", "fp32"), ("4", "9", "8", "bf16")]
+    T.ComputeLog(path, False, 0, torch.device("cpu"), "fp32", cfg, 1)  # a fresh run in the same folder starts again
+    with open(path) as fh:
+        assert len(list(csv.DictReader(fh))) == 1
+    # the arithmetic: bf16 autocast around the network on the CPU, none for fp32
+    used = []
+    real = torch.autocast
+
+    class Spy(real):
+        def __init__(self, device_type, dtype=None, enabled=True, **kw):
+            used.append((device_type, dtype, enabled))
+            super().__init__(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    cfg = replace(cfg, precision="bf16")
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    net = ResNetRegressor(3)
+    opt = torch.optim.AdamW(net.parameters())
+    x, f, m, same = T.draw_training_batch(subj, np.random.default_rng(0), torch.Generator(), cfg, 0)
+    T.torch.autocast = Spy
+    try:
+        T.optimisation_step(net, opt, torch.amp.GradScaler("cuda", enabled=False), x, f, m, same, cfg, torch.device("cpu"), "bf16")
+        T.optimisation_step(net, opt, torch.amp.GradScaler("cuda", enabled=False), x, f, m, same, cfg, torch.device("cpu"), "fp32")
+    finally:
+        T.torch.autocast = real
+    assert used == [("cpu", torch.bfloat16, True), ("cpu", torch.bfloat16, False)]
+    assert T.training_precision("fp32", torch.device("cpu")) == "fp32"
+    assert T.training_precision("auto", torch.device("cpu")) == (resolve_precision("auto", torch.device("cpu")) if T.CPU_AUTO_BF16 else "fp32")
+    with pytest.raises(Exception, match="--precision"):
+        TrainConfig(data=["x"], out="o", holdout=["h"], precision="fp16").validate()
+    with pytest.raises(Exception, match="--orientations"):
+        TrainConfig(data=["x"], out="o", holdout=["h"], orientations=["axial", "oblique"]).validate()
+
+
+def test_trainer_command_line_takes_a_holdout_file_and_the_new_options(tiny_data, tmp_path):
+    from rrr_training.train import main
+
+    holdout = tmp_path / "holdout.txt"
+    holdout.write_text("# held out\ncase2 skull-stripped\n")
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_data), "--holdout-file", str(holdout), "--out", str(out), "--size", "32", "--spacing-mm", "2.5",
+            "--batch-size", "2", "--steps", "2", "--val-every", "2", "--val-pairs", "4", "--threads", "1", "--device", "cpu",
+            "--orientations", "axial", "coronal", "--synth", "0.5", "--multi-contrast-share", "0.5", "--curriculum-steps", "10",
+            "--max-rotation-deg", "30", "--max-translation-mm", "30", "--precision", "fp32"]
+    assert main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["holdout"] == ["case2"] and config["orientations"] == ["axial", "coronal"] and config["synth"] == 0.5
+    assert config["curriculum_steps"] == 10 and config["precision"] == "fp32"
+    card = json.loads(export(out / "last.pt", tmp_path / "models", name="cli").read_text())
+    assert card["training"]["orientations"] == ["axial", "coronal"] and card["training"]["curriculum"]["steps"] == 10
+    assert main([a for a in args if a not in ("--holdout-file", str(holdout))]) == 2  # no hold-out named: one error line
+
+
+def test_throughput_measures_each_precision_and_batch_size(tiny_data):
+    from rrr_training.throughput import markdown_table, measure
+
+    cfg = TrainConfig(data=[str(tiny_data)], out="", holdout=[], size=32, spacing_mm=2.5, synth=0.5, threads=1)
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    rows = [measure(cfg, subj, p, b, 1, 0, torch.device("cpu")) for p in ("fp32", "bf16") for b in (2, 4)]
+    assert [(r.precision, r.batch_size) for r in rows] == [("fp32", 2), ("fp32", 4), ("bf16", 2), ("bf16", 4)]
+    assert all(r.data_s > 0 and r.network_s > 0 and r.pairs_per_s == pytest.approx(r.batch_size / r.step_s) for r in rows)
+    assert markdown_table(rows).count("\n") == 5
+
+
+def test_evaluate_rows_pick_subjects_pairing_motion_and_synthetic_contrast(tiny_data, tmp_path, card_factory, capsys):
+    """``rigid-resnet-evaluate --subjects-file --rows GROUP:PAIRING --motions``: one table, a row
+    per (motion, row, passes), the subject group and motion named; ``synth`` pairs are two
+    synthetic contrasts of one scan whose moving contrast is re-applied after each pass."""
+    import rrr_training.evaluate as ev
+
+    groups = tmp_path / "groups.txt"
+    groups.write_text("case0 skull-stripped\ncase1 whole-head  # a comment\n")
+    card = card_factory(size=32, spacing=2.5, bias=[0.0, 0.0, 0.0])
+    args = ["--data", str(tiny_data), "--weights", str(card), "--subjects-file", str(groups), "--pairs", "6",
+            "--rows", "skull-stripped:t1-t2", "whole-head:same", "whole-head:synth", "all:t1-t1", "--motions", "5/5", "30/30",
+            "--iterations", "1", "2", "--device", "cpu", "--threads", "1"]
+    capsys.readouterr()
+    assert ev.main(args) == 0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| subjects | motion (deg / mm) | pairs | passes |")
+    rows = table[2:]
+    assert len(rows) == 2 * 4 * 2
+    assert sum("| +-30 / +-30 |" in r for r in rows) == 8 and sum("| whole-head |" in r for r in rows) == 8
+    assert any("| whole-head | +-30 / +-30 | synthetic -> synthetic contrast | 2 | 6 |" in r for r in rows)
+    assert "case2" not in printed.split("subjects")[1].splitlines()[0]  # only the listed subjects
+    # the zero-output model leaves the motion as the error: +-30 errors exceed +-5 ones
+    def median_rot(motion, pairing):
+        row = next(r for r in rows if motion in r and pairing in r and "| 1 |" in r)
+        return float(row.split("|")[6])
+
+    assert median_rot("+-30 / +-30", "T1 -> T1") > 3 * median_rot("+-5 / +-5", "T1 -> T1")
+    # synthetic pairs: both slices new contrasts; the moving contrast is the same whenever applied
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    batch = sample_pairs(subj, np.random.default_rng(0), 4, (32, 32), 2.5, cross_contrast=0.0)
+    synth, contrast = ev.synthetic_pairs(batch, 7)
+    assert not synth.same_contrast.any() and not torch.allclose(synth.fixed, normalise_slices(batch.fixed), atol=0.05)
+    assert torch.equal(contrast(batch.moving), contrast(batch.moving))
+    assert not torch.allclose(contrast(batch.fixed), synth.fixed, atol=0.05)  # fixed and moving: two contrasts
+    with pytest.raises(ValueError, match="pairing must be one of"):
+        ev.parse_rows(["all:t1-pd"], set())
+    with pytest.raises(ValueError, match="no subject group 'whole-head'"):
+        ev.parse_rows(["whole-head:same"], {"skull-stripped"})
+    with pytest.raises(ValueError, match="DEG/MM"):
+        ev.parse_motion("30")

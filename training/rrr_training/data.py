@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from RigidResNetRegistrationLib import geometry as geo
-from RigidResNetRegistrationLib.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_volume
+from RigidResNetRegistrationLib.io import IMAGE_SUFFIXES, ITK_VOLUME_SUFFIXES, NIFTI_SUFFIXES, read_volume
 from RigidResNetRegistrationLib.preprocess import foreground_threshold, normalise_slices
 from RigidResNetRegistrationLib.resample import sample_volume_at_ras
+
+from .synth import DEFAULT_SYNTH, SynthOptions, intensity_curve, random_curve_values, synthetic_contrast
 
 #: File-name endings of each contrast: BraTS 2021 (_t1 _t1ce _t2 _flair), BraTS 2023
 #: (-t1n -t1c -t2w -t2f) and generic names (t1, t2, flair, pd, ...).
@@ -34,19 +36,48 @@ CONTRAST_PATTERNS: dict[str, tuple[str, ...]] = {
 }
 
 
-def contrast_of(path: Path) -> str | None:
-    """Canonical contrast name of an image file from its name (last token), or None."""
-    name = path.name.lower()
-    for suffix in (*NIFTI_SUFFIXES, *IMAGE_SUFFIXES):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    token = re.split(r"[_\-.]", name)[-1]
-    token = {"avg152t1": "t1", "avg152t2": "t2", "avg152pd": "pd"}.get(name, token)
-    for contrast, endings in CONTRAST_PATTERNS.items():
-        if token in endings:
-            return contrast
+def _stem(path: Path) -> str:
+    """File name without its image suffix (``.nii.gz``, ``.nrrd``, ``.png``, ...)."""
+    name = path.name
+    for suffix in (*NIFTI_SUFFIXES, *ITK_VOLUME_SUFFIXES, *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+#: SPM's templates name their contrast inside the last token: ``avg152T1`` is ``avg152``'s T1.
+_SPM_TEMPLATES = {"avg152t1": "t1", "avg152t2": "t2", "avg152pd": "pd"}
+
+
+def _split_contrast(stem: str) -> tuple[str, str] | None:
+    """``(contrast, rest of the stem)`` of a file stem split at ``_ - .``: the last token if it
+    names a contrast (``BraTS2021_00001_t1ce``, ``IXI012-HH-1211_T1``), else the last token that
+    does (``Flair_subtrMeanDivStd``, ``studyforrest_t1w_2mm``); the rest is the stem without that
+    token and the separator before it (after it, when it comes first). None: no contrast named."""
+    if stem.lower() in _SPM_TEMPLATES:
+        return _SPM_TEMPLATES[stem.lower()], stem[:-2]
+    parts = re.split(r"([_\-.])", stem)  # tokens at even places, separators between
+    for index in range(len(parts) - 1, -1, -2):
+        for contrast, endings in CONTRAST_PATTERNS.items():
+            if parts[index].lower() in endings:
+                start = index if index == 0 else index - 1
+                return contrast, "".join(parts[:start] + parts[start + 2 :])
     return None
+
+
+def contrast_of(path: Path) -> str | None:
+    """Canonical contrast name of an image file from its name (see :func:`_split_contrast`), or None."""
+    found = _split_contrast(_stem(path))
+    return found[0] if found else None
+
+
+def subject_key(path: Path) -> str:
+    """The part of a file's name that names the scanned person: the stem without its contrast
+    token (``BraTS2021_00001_t1ce`` -> ``BraTS2021_00001``, ``studyforrest_t1w_2mm`` ->
+    ``studyforrest_2mm``). Files of one folder with the same key are one subject's contrasts."""
+    stem = _stem(path)
+    found = _split_contrast(stem)
+    return found[1] if found else stem
 
 
 @dataclass
@@ -57,33 +88,45 @@ class Subject:
     images: dict[str, Path] = field(default_factory=dict)
 
 
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
 def find_subjects(root: str | Path) -> list[Subject]:
-    """Subjects under ``root``: each folder holding NIfTI files of known contrasts is a subject
-    (BraTS 2021/2023 and generic naming); a folder of 2D images gives one single-contrast
-    subject per image (contrast ``t1`` unless named)."""
+    """Subjects under ``root``. In each folder, the volumes (NIfTI, NRRD, MetaImage) of known
+    contrasts are grouped by :func:`subject_key`: a folder of one person's contrasts (BraTS 2021/2023,
+    generic naming) is one subject named after the folder; a folder of several people's scans (one
+    contrast each, e.g. ``IXI012-HH-1211_T1.nii.gz``, ``IXI013-HH-1212_T1.nii.gz``) gives one subject
+    per key, named by the key. A folder of 2D images gives one single-contrast subject per image
+    (contrast ``t1`` unless named), named ``folder/stem``."""
     root = Path(root)
     subjects: list[Subject] = []
     folders = sorted({p.parent for p in root.rglob("*") if p.is_file()})
     for folder in folders:
         files = sorted(p for p in folder.iterdir() if p.is_file())
-        nifti = [p for p in files if p.name.lower().endswith(NIFTI_SUFFIXES)]
+        volumes = [p for p in files if p.name.lower().endswith(VOLUME_SUFFIXES) and contrast_of(p) is not None]
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-        if nifti:
-            subject = Subject(folder.name)
-            for p in nifti:
-                c = contrast_of(p)
-                if c is not None and c not in subject.images:
-                    subject.images[c] = p
-            if subject.images:
-                subjects.append(subject)
+        groups: dict[str, Subject] = {}
+        for p in volumes:
+            key = subject_key(p)
+            subject = groups.setdefault(key, Subject(key))
+            subject.images.setdefault(contrast_of(p), p)
+        if len(groups) == 1:
+            next(iter(groups.values())).name = folder.name
+        subjects.extend(groups.values())
         for p in images:
             subjects.append(Subject(f"{folder.name}/{p.stem}", {contrast_of(p) or "t1": p}))
     return subjects
 
 
+#: Slice orientations a subject can be seen in (``--orientations``).
+ORIENTATIONS = ("axial", "coronal", "sagittal")
+
+
 @dataclass
 class LoadedSubject:
-    """Voxels (float32 tensors) of one subject's contrasts, its slice frame and usable slices."""
+    """Voxels (float32 tensors) of one subject's contrasts, the slice frame of one orientation
+    and that orientation's usable slices. The views of one subject in several orientations
+    (:func:`load_subject_views`) share their voxel tensors."""
 
     name: str
     volumes: dict[str, torch.Tensor]
@@ -91,12 +134,17 @@ class LoadedSubject:
     frame: geo.SliceFrame
     slices: np.ndarray  # slice indices with enough brain signal on the network grid
     thresholds: dict[str, float]
+    orientation: str = "axial"
 
 
-def load_subject(
-    subject: Subject, size: tuple[int, int], spacing_mm: float, min_foreground: float = 0.15
-) -> LoadedSubject | None:
-    """Read a subject's volumes and find its axial slices with brain signal (None if none)."""
+def load_subject_views(
+    subject: Subject, size: tuple[int, int], spacing_mm: float, orientations: tuple[str, ...] | list[str] = ("axial",),
+    min_foreground: float = 0.15,
+) -> list[LoadedSubject]:
+    """Read a subject's volumes once and return one view per orientation that has slices with
+    signal (``min_foreground`` of the network grid above the first contrast's foreground
+    threshold): slices on the first contrast's slice frame of that orientation. A 2D image
+    (a volume with a size-1 axis) is seen only across that axis."""
     volumes, affines, thresholds = {}, {}, {}
     for contrast, path in subject.images.items():
         vol = read_volume(path, str(path))  # errors name the whole path
@@ -104,14 +152,27 @@ def load_subject(
         affines[contrast] = vol.ijk_to_ras
         thresholds[contrast] = foreground_threshold(volumes[contrast])
     first = next(iter(subject.images))
-    frame = geo.slice_frame(affines[first], tuple(volumes[first].shape), "axial")
-    pts = geo.network_grid_points(frame, size, spacing_mm)
-    stack = sample_volume_at_ras(volumes[first], affines[first], pts)
-    fg = (stack > thresholds[first]).float().mean(dim=(1, 2)).numpy()
-    slices = np.flatnonzero(fg >= min_foreground)
-    if len(slices) == 0:
-        return None
-    return LoadedSubject(subject.name, volumes, affines, frame, slices, thresholds)
+    shape = tuple(volumes[first].shape)
+    views = []
+    for orientation in orientations:
+        frame = geo.slice_frame(affines[first], shape, orientation)
+        if min(shape) == 1 and shape[frame.axis] != 1:
+            continue  # a 2D image has no slices across its plane
+        pts = geo.network_grid_points(frame, size, spacing_mm)
+        stack = sample_volume_at_ras(volumes[first], affines[first], pts)
+        fg = (stack > thresholds[first]).float().mean(dim=(1, 2)).numpy()
+        slices = np.flatnonzero(fg >= min_foreground)
+        if len(slices):
+            views.append(LoadedSubject(subject.name, volumes, affines, frame, slices, thresholds, orientation))
+    return views
+
+
+def load_subject(
+    subject: Subject, size: tuple[int, int], spacing_mm: float, min_foreground: float = 0.15, orientation: str = "axial"
+) -> LoadedSubject | None:
+    """Read a subject's volumes and find its slices of one orientation with brain signal (None if none)."""
+    views = load_subject_views(subject, size, spacing_mm, (orientation,), min_foreground)
+    return views[0] if views else None
 
 
 @dataclass
@@ -183,14 +244,17 @@ def sample_pairs(
     fixed_contrast: str | None = None,
     moving_contrasts: list[str] | None = None,
     small_motion: float = 0.0,
+    multi_contrast_share: float = 0.0,
 ) -> PairBatch:
     """Draw a batch: random slice (all subjects' slices equally likely), contrast pair and motion
-    (a share ``small_motion`` of the pairs within a fifth of the ranges, see :func:`random_motion`)."""
+    (a share ``small_motion`` of the pairs within a fifth of the ranges, see :func:`random_motion`).
+    ``multi_contrast_share`` > 0: that share of the pairs comes from subjects with several
+    contrasts (the only real cross-contrast pairs), every slice equally likely within each group."""
     motion = random_motion(rng, batch_size, kind, max_rotation_deg, max_translation_mm, small_fraction=small_motion)
     fixed, moving, same, sources = [], [], [], []
-    weights = np.array([len(s.slices) for s in subjects], dtype=np.float64)  # every slice equally likely
+    weights = slice_weights(subjects, multi_contrast_share)
     for b in range(batch_size):
-        subj = subjects[int(rng.choice(len(subjects), p=weights / weights.sum()))]
+        subj = subjects[int(rng.choice(len(subjects), p=weights))]
         s = int(rng.choice(subj.slices))
         contrasts = list(subj.volumes)
         if fixed_contrast is not None:  # evaluation: roles given
@@ -215,35 +279,64 @@ def sample_pairs(
     return PairBatch(torch.stack(fixed), torch.stack(moving), truth, torch.tensor(same), sources)
 
 
+def slice_weights(subjects: list[LoadedSubject], multi_contrast_share: float = 0.0) -> np.ndarray:
+    """Probability of drawing each subject (view): proportional to its slices, so every slice is
+    equally likely; with ``multi_contrast_share`` > 0 (and subjects of both kinds) the subjects
+    with several contrasts together get that share, the single-contrast ones the rest."""
+    weights = np.array([len(s.slices) for s in subjects], dtype=np.float64)
+    multi = np.array([len(s.volumes) > 1 for s in subjects])
+    if multi_contrast_share > 0 and multi.any() and (~multi).any():
+        weights[multi] *= multi_contrast_share / weights[multi].sum()
+        weights[~multi] *= (1.0 - multi_contrast_share) / weights[~multi].sum()
+    return weights / weights.sum()
+
+
+def read_holdout_file(path: str | Path) -> dict[str, str]:
+    """Subject names of a hold-out file (``training/holdout.txt``): one per line, an optional
+    second word naming its evaluation group (``skull-stripped``, ``whole-head``), ``#`` comments.
+    Returns ``name -> group`` (``""`` where none is given), in file order."""
+    out: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            out[words[0]] = words[1] if len(words) > 1 else ""
+    return out
+
+
 def random_contrast(images: torch.Tensor, generator: torch.Generator, knots: int = 6) -> torch.Tensor:
     """A new random contrast per image ``(B, H, W)``: each image normalised to ``[0, 1]`` (1st/99th
     percentiles) and passed through its own random piecewise-linear map (``knots`` values uniform in
-    [0.05, 1], not monotone), background (below 0.02) kept at 0 as in every skull-stripped MRI. A
-    point-wise map keeps the anatomy exactly where it was: with a moved copy of the fixed slice this
-    makes a cross-contrast pair whose alignment is exact."""
+    [0.05, 1], not monotone; :func:`synth.intensity_curve`), background (below 0.02) kept at 0 as in
+    every skull-stripped MRI. A point-wise map keeps the anatomy exactly where it was: with a moved
+    copy of the fixed slice this makes a cross-contrast pair whose alignment is exact."""
     v = normalise_slices(images)
-    b = v.shape[0]
-    values = 0.05 + 0.95 * torch.rand(b, knots, generator=generator)
-    pos = v.clamp(0, 1) * (knots - 1)
-    lo = pos.floor().long().clamp(max=knots - 2)
-    frac = pos - lo
-    a = values.gather(1, lo.reshape(b, -1)).view_as(v)  # the map's values at the knots around each pixel
-    c = values.gather(1, (lo + 1).reshape(b, -1)).view_as(v)
-    return torch.where(v > 0.02, a + (c - a) * frac, torch.zeros_like(v))
+    mapped = intensity_curve(v, random_curve_values(generator, v.shape[0], knots), "linear")
+    return torch.where(v > 0.02, mapped, torch.zeros_like(v))
 
 
-def remap_same_contrast(batch: PairBatch, generator: torch.Generator, probability: float) -> PairBatch:
-    """A batch in which each same-contrast pair, with ``probability``, has its moving slice given a
-    :func:`random_contrast` and becomes a cross-contrast pair (MI loss); others are unchanged. With
-    0 nothing is drawn (earlier runs reproduce)."""
-    if probability <= 0:
+def remap_same_contrast(batch: PairBatch, generator: torch.Generator, probability: float, synth: float = 0.0,
+                        synth_options: SynthOptions = DEFAULT_SYNTH) -> PairBatch:
+    """New contrasts for same-contrast pairs, which become cross-contrast pairs (MI loss) with their
+    alignment exact. Each same-contrast pair, with ``probability`` (``--remap``), has its moving
+    slice given a :func:`random_contrast`; with ``synth`` (``--synth``, one draw decides between the
+    two: ``probability + synth <= 1``) both its slices get independent
+    :func:`synth.synthetic_contrast` s (two new contrasts of one scan, whole heads included). Other
+    pairs are unchanged. With both 0 nothing is drawn (earlier runs reproduce)."""
+    if probability <= 0 and synth <= 0:
         return batch
-    pick = (torch.rand(len(batch.same_contrast), generator=generator) < probability) & batch.same_contrast
-    if not pick.any():
+    draw = torch.rand(len(batch.same_contrast), generator=generator)
+    pick = (draw < probability) & batch.same_contrast
+    both = (draw >= probability) & (draw < probability + synth) & batch.same_contrast
+    if not pick.any() and not both.any():
         return batch
-    moving = batch.moving.clone()
-    moving[pick] = random_contrast(batch.moving[pick], generator)
-    return PairBatch(batch.fixed, moving, batch.truth, batch.same_contrast & ~pick, batch.sources)
+    fixed, moving = batch.fixed, batch.moving.clone()
+    if pick.any():
+        moving[pick] = random_contrast(batch.moving[pick], generator)
+    if both.any():
+        fixed = batch.fixed.clone()
+        fixed[both] = synthetic_contrast(batch.fixed[both], generator, synth_options)
+        moving[both] = synthetic_contrast(batch.moving[both], generator, synth_options)
+    return PairBatch(fixed, moving, batch.truth, batch.same_contrast & ~pick & ~both, batch.sources)
 
 
 def augment_intensity(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:

@@ -2,10 +2,16 @@
 
     rigid-resnet-evaluate --data ../shared/data/brats/BraTS2021_90004 --pairs 400 \
         --max-rotation-deg 5 --max-translation-mm 5 [--weights CARD] [--iterations 1 2 3] [--refine-slices]
+    rigid-resnet-evaluate --data ../shared/data --subjects-file training/holdout.txt --pairs 100 \
+        --rows skull-stripped:t1-t1 skull-stripped:t1-t2 skull-stripped:t1-flair whole-head:same whole-head:synth \
+        --motions 5/5 30/30
 
 Prints a markdown table: rotation error (deg) and translation error (mm) medians and 90th
 percentiles, success rate (< 1 deg and < 1 mm) and network time per slice pair, for same-contrast
-(T1 -> T1) and cross-contrast (T1 -> T2 / FLAIR) pairs. The motions are drawn with a fixed seed.
+(T1 -> T1) and cross-contrast (T1 -> T2 / FLAIR) pairs, or for the ``--rows`` asked for: a
+subject group (``all``, or a group named in ``--subjects-file``) and a pairing of :data:`PAIRINGS`
+(``synth``: two synthetic contrasts of one scan, exact truth), at each of ``--motions``. The
+motions are drawn with a fixed seed.
 Bad input ends with one line ``error: ...`` on stderr and exit code 2 (``RIGID_RESNET_DEBUG=1``
 shows the traceback).
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +33,22 @@ from RigidResNetRegistrationLib.engine import predict_parameters, resolve_precis
 from RigidResNetRegistrationLib.model import LoadedModel, load_model
 from RigidResNetRegistrationLib.options import PRECISIONS
 
-from .data import LoadedSubject, PairBatch, find_subjects, load_subject, sample_pairs
+from .data import ORIENTATIONS, LoadedSubject, PairBatch, find_subjects, load_subject_views, read_holdout_file, sample_pairs
+from .synth import synthetic_contrast
+
+#: ``--rows`` pairings: name -> (row label, fixed contrast, moving contrasts). ``same``: each
+#: subject's own contrast(s), fixed and moving alike; ``synth``: ``same`` pairs whose slices both
+#: get a synthetic contrast of their own (:func:`synth.synthetic_contrast`), so a cross-contrast
+#: pair with an exact truth on any scan, whole heads included.
+PAIRINGS: dict[str, tuple[str, str | None, list[str] | None]] = {
+    "t1-t1": ("T1 -> T1", "t1", ["t1"]),
+    "t1-t2": ("T1 -> T2", "t1", ["t2"]),
+    "t1-flair": ("T1 -> FLAIR", "t1", ["flair"]),
+    "t1-t2flair": ("T1 -> T2 / FLAIR", "t1", ["t2", "flair"]),
+    "same": ("same contrast", None, None),
+    "synth": ("synthetic -> synthetic contrast", None, None),
+}
+DEFAULT_ROWS = ["all:t1-t1", "all:t1-t2flair"]
 
 
 @dataclass
@@ -40,27 +62,51 @@ class EvalRow:
     trans_p90: float
     success: float
     ms_per_pair: float
+    subjects: str = ""  # the subject group of a --rows row ("" in the default table)
+    motion: str = ""  # its motion range, "deg / mm" ("" in the default table)
 
 
 def draw_pairs(subjects: list[LoadedSubject], model: LoadedModel, n: int, max_rot: float, max_trans: float,
-               fixed_contrast: str, moving_contrasts: list[str], seed: int) -> PairBatch:
-    """``n`` pairs (fixed seed) with fixed = ``fixed_contrast``, moving drawn from ``moving_contrasts``."""
-    usable = [s for s in subjects if fixed_contrast in s.volumes and any(c in s.volumes for c in moving_contrasts)]
+               fixed_contrast: str | None, moving_contrasts: list[str] | None, seed: int) -> PairBatch:
+    """``n`` pairs (fixed seed) with fixed = ``fixed_contrast``, moving drawn from ``moving_contrasts``;
+    ``fixed_contrast`` None: same-contrast pairs of any of each subject's contrasts."""
+    if fixed_contrast is None:
+        usable = [s for s in subjects if s.volumes]
+    else:
+        usable = [s for s in subjects if fixed_contrast in s.volumes and any(c in s.volumes for c in moving_contrasts)]
     if not usable:
-        raise LookupError(f"no subject has {fixed_contrast} and one of {', '.join(moving_contrasts)}")
+        raise LookupError(f"no subject has {fixed_contrast} and one of {', '.join(moving_contrasts)}" if fixed_contrast
+                          else "no subject")
     card = model.card
+    if fixed_contrast is None:
+        return sample_pairs(usable, np.random.default_rng(seed), n, card.input_size, card.spacing_mm, card.transform,
+                            max_rot, max_trans, cross_contrast=0.0)
     return sample_pairs(usable, np.random.default_rng(seed), n, card.input_size, card.spacing_mm, card.transform,
                         max_rot, max_trans, fixed_contrast=fixed_contrast, moving_contrasts=moving_contrasts)
 
 
+def synthetic_pairs(batch: PairBatch, seed: int) -> tuple[PairBatch, Callable[[torch.Tensor], torch.Tensor]]:
+    """The pairs of ``batch`` with both slices in synthetic contrasts of their own, and the map
+    that gives any moving slices of the batch the moving contrast again (the same random values,
+    re-seeded: for the slices re-sampled after each pass). Marked cross contrast."""
+    fixed = synthetic_contrast(batch.fixed, torch.Generator().manual_seed(seed))
+
+    def moving_contrast(moving: torch.Tensor) -> torch.Tensor:
+        return synthetic_contrast(moving, torch.Generator().manual_seed(seed + 1))
+
+    return PairBatch(fixed, batch.moving, batch.truth, torch.zeros_like(batch.same_contrast), batch.sources), moving_contrast
+
+
 def evaluate_batch(model: LoadedModel, batch: PairBatch, iterations: int, batch_size: int = 32,
                    precision: str = "auto", symmetric: bool = True,
-                   refine: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+                   refine: tuple[str, str] | None = None,
+                   moving_contrast: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Network estimates (``iterations`` passes of warp, re-predict, compose) -> errors, time.
     ``precision`` and ``symmetric`` (each pair also predicted swapped, the estimates combined
     inverse-consistently) as the engine's: ``auto`` is bf16 where the device computes it natively.
     ``refine``: ``(fixed contrast, metric)`` to follow the passes with the per-slice refinement
-    (:func:`refine_pair_estimates`; rigid models only), timed with them."""
+    (:func:`refine_pair_estimates`; rigid models only), timed with them. ``moving_contrast``: a map
+    applied to the moving slices before every pass (:func:`synthetic_pairs`), timed too."""
     card = model.card
     precision = resolve_precision(precision, torch.device(model.device))
     estimate = np.zeros((len(batch.truth), card.n_params))
@@ -69,7 +115,8 @@ def evaluate_batch(model: LoadedModel, batch: PairBatch, iterations: int, batch_
     for it in range(iterations):
         if it > 0:
             moving = batch.resample_moving(estimate, card.transform, card.input_size, card.spacing_mm)
-        delta = predict_parameters(model, batch.fixed, moving, batch_size, precision=precision, symmetric=symmetric)
+        shown = moving if moving_contrast is None else moving_contrast(moving)
+        delta = predict_parameters(model, batch.fixed, shown, batch_size, precision=precision, symmetric=symmetric)
         estimate = geo.compose_params_2d(delta, estimate, card.transform) if it > 0 else delta
     if refine is not None:
         estimate = refine_pair_estimates(batch, estimate, refine[0], card.input_size, card.spacing_mm, refine[1])
@@ -105,20 +152,52 @@ def refine_pair_estimates(batch: PairBatch, estimate: np.ndarray, fixed_contrast
     return out
 
 
-def summarise(name: str, iterations: int, rot: np.ndarray, trans: np.ndarray, seconds: float) -> EvalRow:
+def summarise(name: str, iterations: int, rot: np.ndarray, trans: np.ndarray, seconds: float, subjects: str = "",
+              motion: str = "") -> EvalRow:
     return EvalRow(name, iterations, len(rot), float(np.median(rot)), float(np.percentile(rot, 90)),
                    float(np.median(trans)), float(np.percentile(trans, 90)),
-                   float(np.mean((rot < 1.0) & (trans < 1.0))), 1000.0 * seconds / len(rot))
+                   float(np.mean((rot < 1.0) & (trans < 1.0))), 1000.0 * seconds / len(rot), subjects, motion)
 
 
 def markdown_table(rows: list[EvalRow]) -> str:
+    """One markdown table of the rows; with subject-group and motion columns where any row has them."""
+    wide = any(r.subjects or r.motion for r in rows)
     head = ("| pairs | passes | n | rotation error median (deg) | rotation p90 | translation error median (mm) "
             "| translation p90 | success (<1 deg and <1 mm) | network ms / pair |")
-    lines = [head, "|" + " --- |" * 9]
+    if wide:
+        head = "| subjects | motion (deg / mm) " + head
+    lines = [head, "|" + " --- |" * (11 if wide else 9)]
     for r in rows:
-        lines.append(f"| {r.pairs} | {r.iterations} | {r.n} | {r.rot_median:.3f} | {r.rot_p90:.3f} | {r.trans_median:.3f} "
+        first = f"| {r.subjects} | {r.motion} " if wide else ""
+        lines.append(f"{first}| {r.pairs} | {r.iterations} | {r.n} | {r.rot_median:.3f} | {r.rot_p90:.3f} | {r.trans_median:.3f} "
                      f"| {r.trans_p90:.3f} | {100 * r.success:.1f}% | {r.ms_per_pair:.1f} |")
     return "\n".join(lines)
+
+
+def parse_rows(specs: list[str], groups: set[str]) -> list[tuple[str, str]]:
+    """``--rows`` ``GROUP:PAIRING`` -> ``(group, pairing)``; GROUP ``all`` or one of ``groups``."""
+    out = []
+    for spec in specs:
+        group, _, pairing = spec.rpartition(":")
+        group = group or "all"
+        if pairing not in PAIRINGS:
+            raise ValueError(f"--rows {spec}: the pairing must be one of {', '.join(PAIRINGS)}")
+        if group != "all" and group not in groups:
+            known = ", ".join(sorted(groups)) or "none: give --subjects-file with a group after each name"
+            raise ValueError(f"--rows {spec}: no subject group {group!r} (groups: all, {known})")
+        out.append((group, pairing))
+    return out
+
+
+def parse_motion(text: str) -> tuple[float, float]:
+    """``--motions`` ``DEG/MM`` (e.g. ``30/30``) -> ``(deg, mm)``, both at least 0."""
+    try:
+        deg, mm = (float(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--motions takes DEG/MM pairs such as 5/5 or 30/30, not {text!r}") from None
+    if not (deg >= 0 and mm >= 0 and np.isfinite(deg) and np.isfinite(mm)):
+        raise ValueError(f"--motions {text}: both ranges must be at least 0")
+    return deg, mm
 
 
 def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, moving_contrasts: list[str], n: int,
@@ -187,6 +266,16 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--volumes", type=int, default=0, metavar="N",
                    help="also register N whole volumes per contrast pairing (volume mode, engine) and report those errors")
+    p.add_argument("--subjects-file", help="evaluate only the subjects named in this file, one a line with an optional "
+                   "group word after the name (e.g. training/holdout.txt: skull-stripped, whole-head)")
+    p.add_argument("--subjects", nargs="+", default=[], help="evaluate only these subjects (names as the trainer's)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="GROUP:PAIRING",
+                   help=f"rows to report: a subject group (all, or a group of --subjects-file) and a pairing "
+                   f"({', '.join(PAIRINGS)}); default {' '.join(DEFAULT_ROWS)}")
+    p.add_argument("--motions", nargs="+", default=None, metavar="DEG/MM",
+                   help="motion ranges, each row at each (e.g. 5/5 30/30); default --max-rotation-deg/--max-translation-mm")
+    p.add_argument("--orientations", nargs="+", default=["axial"], choices=ORIENTATIONS,
+                   help="slice orientations to draw pairs from (default axial)")
     a = p.parse_args(argv)
     for name, value, least in (("--pairs", a.pairs, 1), ("--threads", a.threads, 0), ("--volumes", a.volumes, 0)):
         if value < least:
@@ -202,12 +291,28 @@ def _main(argv: list[str] | None = None) -> int:
     card = read_model_card(a.weights or DEFAULT_CARD)  # the grid; the network is loaded once subjects are found
     if a.refine_slices and card.transform != "rigid":
         raise TrainError("--refine-slices refines rigid estimates: this model is affine")
+    groups: dict[str, str] = {}
+    if a.subjects_file:
+        if not Path(a.subjects_file).is_file():
+            raise TrainError(f"--subjects-file not found: {a.subjects_file}")
+        groups = read_holdout_file(a.subjects_file)
+    wanted = set(a.subjects) | set(groups)
+    try:
+        row_specs = parse_rows(a.rows or DEFAULT_ROWS, {g for g in groups.values() if g})
+        motions = [parse_motion(m) for m in a.motions] if a.motions else [(a.max_rotation_deg, a.max_translation_mm)]
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    wide = a.rows is not None or a.motions is not None  # the table names each row's subjects and motion
     subjects = []
+    found = set()
     for root in a.data:
         for subj in find_subjects(Path(root)):
-            loaded = load_subject(subj, card.input_size, card.spacing_mm)
-            if loaded is not None:
-                subjects.append(loaded)
+            if wanted and subj.name not in wanted:
+                continue
+            found.add(subj.name)
+            subjects.extend(load_subject_views(subj, card.input_size, card.spacing_mm, a.orientations))
+    if wanted - found:
+        print(f"not found under {', '.join(a.data)}: {', '.join(sorted(wanted - found))}", file=sys.stderr)
     if not subjects:
         raise TrainError("no subjects with brain signal found under " + ", ".join(a.data)
                          + ": a subject is a folder of NIfTI volumes named by contrast (e.g. name_t1.nii.gz)")
@@ -215,19 +320,26 @@ def _main(argv: list[str] | None = None) -> int:
     card = model.card
     print(f"model {card.name} (sha256 {str(card.sha256)[:12]}, trained={card.trained}), device {model.device} "
           f"({resolve_precision(a.precision, torch.device(model.device))}, {'symmetric' if a.symmetric else 'one order'}), "
-          f"subjects {[s.name for s in subjects]}, motions +-{a.max_rotation_deg} deg / +-{a.max_translation_mm} mm",
-          flush=True)
+          f"subjects {sorted({s.name for s in subjects})} ({' '.join(a.orientations)}), motions "
+          + ", ".join(f"+-{r:g} deg / +-{t:g} mm" for r, t in motions), flush=True)
     rows = []
-    for name, fixed_c, moving_c in (("T1 -> T1", "t1", ["t1"]), ("T1 -> T2 / FLAIR", "t1", ["t2", "flair"])):
+    for (max_rot, max_trans), (group, pairing) in ((m, r) for m in motions for r in row_specs):
+        name, fixed_c, moving_c = PAIRINGS[pairing]
+        members = [s for s in subjects if group == "all" or groups.get(s.name) == group]
         try:
-            batch = draw_pairs(subjects, model, a.pairs, a.max_rotation_deg, a.max_translation_mm, fixed_c, moving_c, a.seed)
+            batch = draw_pairs(members, model, a.pairs, max_rot, max_trans, fixed_c, moving_c, a.seed)
         except LookupError as exc:
-            print(f"skipped {name}: {exc}", file=sys.stderr)
+            print(f"skipped {group + ': ' if wide else ''}{name}: {exc}", file=sys.stderr)
             continue
+        contrast = None
+        if pairing == "synth":
+            batch, contrast = synthetic_pairs(batch, a.seed)
+        label = {"subjects": group, "motion": f"+-{max_rot:g} / +-{max_trans:g}"} if wide else {}
         for it in a.iterations:
-            rot, trans, seconds = evaluate_batch(model, batch, it, precision=a.precision, symmetric=a.symmetric)
-            rows.append(summarise(name, it, rot, trans, seconds))
-            if a.refine_slices:
+            rot, trans, seconds = evaluate_batch(model, batch, it, precision=a.precision, symmetric=a.symmetric,
+                                                 moving_contrast=contrast)
+            rows.append(summarise(name, it, rot, trans, seconds, **label))
+            if a.refine_slices and fixed_c is not None:
                 metric = "ncc" if moving_c == [fixed_c] else "mi"
                 rot, trans, seconds = evaluate_batch(model, batch, it, precision=a.precision, symmetric=a.symmetric,
                                                      refine=(fixed_c, metric))
@@ -235,10 +347,10 @@ def _main(argv: list[str] | None = None) -> int:
                 # sample points coincide exactly: an optimistic figure (the engine's moving volume is
                 # another scan, or in the benchmark a resampled copy)
                 note = "; one volume both sides, exact at the truth" if metric == "ncc" else ""
-                rows.append(summarise(f"{name}, refined ({metric.upper()}{note})", it, rot, trans, seconds))
+                rows.append(summarise(f"{name}, refined ({metric.upper()}{note})", it, rot, trans, seconds, **label))
     print(markdown_table(rows))
     if a.volumes:
-        raw = [subj for root in a.data for subj in find_subjects(Path(root))]
+        raw = [subj for root in a.data for subj in find_subjects(Path(root)) if not wanted or subj.name in wanted]
         vrows = []
         for name, fixed_c, moving_c in (("volumes T1 -> T1", "t1", ["t1"]), ("volumes T1 -> T2 / FLAIR", "t1", ["t2", "flair"])):
             try:

@@ -1,11 +1,17 @@
 """Train the slice regressor without parameter labels, then export weights + model card.
 
     rigid-resnet-train --data ../shared/data --holdout BraTS2021_90004 --out runs/rigid
-    rigid-resnet-train --resume runs/rigid ...            # continue from runs/rigid/last.pt
+    rigid-resnet-train --data ../shared/data --holdout-file training/holdout.txt --out runs/wide \
+        --orientations axial coronal sagittal --synth 0.4 --max-rotation-deg 30 --max-translation-mm 30 \
+        --curriculum-steps 10000 --stop-after 2000            # one session of a long run
+    rigid-resnet-train --resume ... --out runs/wide       # continue from runs/wide/last.pt
     rigid-resnet-train export runs/rigid/best.pt          # -> RigidResNetRegistration/Resources/Models
+    rigid-resnet-train throughput --data ../shared/data/ixi-t1-2mm   # steps/s per precision and batch size
     torchrun --nproc_per_node 4 -m rrr_training.train --data ... --holdout ... --out runs/rigid   # 4 GPUs
 
-Defaults run on a laptop CPU (128x128 grid at 1.5 mm, batch 16); AMP is used on CUDA.
+Defaults run on a laptop CPU (128x128 grid at 1.5 mm, batch 16); ``--precision auto`` trains under
+bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX), where it was measured
+faster. ``OUT/compute.csv`` logs each session's steps, wall hours, device, threads and precision.
 Under ``torchrun`` every process trains on its own GPU (cuda:LOCAL_RANK; gloo processes on CPU)
 with DistributedDataParallel: ``--batch-size`` is per process, the global batch is batch size x
 number of processes; only rank 0 validates and writes the run folder.
@@ -18,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +41,31 @@ import torch.distributed as dist
 from RigidResNetRegistrationLib import distributed as lib_distributed
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.distributed import Distributed, DistributedError
+from RigidResNetRegistrationLib.engine import resolve_precision
 from RigidResNetRegistrationLib.model import MODELS_DIR, ModelCard, ResNetRegressor, save_weights
 from RigidResNetRegistrationLib.preprocess import normalise_slices
 
-from .data import LoadedSubject, PairBatch, augment_intensity, find_subjects, load_subject, remap_same_contrast, sample_pairs
+from .data import (
+    ORIENTATIONS,
+    LoadedSubject,
+    PairBatch,
+    augment_intensity,
+    find_subjects,
+    load_subject_views,
+    read_holdout_file,
+    remap_same_contrast,
+    sample_pairs,
+)
 from .losses import similarity_loss
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 #: How ``--remap`` pairs are scored (:func:`training_inputs`).
 REMAP_LOSSES = ("mi", "ncc")
+#: ``--precision``: the network's arithmetic in training (bf16: autocast, on CUDA or the CPU).
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+#: The default hold-out list (``--holdout-file``): subjects never trained on, named in the model card.
+DEFAULT_HOLDOUT_FILE = Path(__file__).resolve().parents[1] / "holdout.txt"
 
 
 class TrainError(ValueError):
@@ -69,6 +91,13 @@ class TrainConfig:
     small_motion: float = 0.0
     remap: float = 0.0
     remap_loss: str = "mi"
+    synth: float = 0.0
+    multi_contrast_share: float = 0.0
+    orientations: list[str] = field(default_factory=lambda: ["axial"])
+    curriculum_steps: int = 0
+    curriculum_start_rotation_deg: float = 5.0
+    curriculum_start_translation_mm: float = 5.0
+    precision: str = "auto"
     freeze_bn: bool = False
     augment: float = 1.0
     flip: float = 0.5
@@ -84,7 +113,8 @@ class TrainConfig:
         """Raise :class:`TrainError` for values training cannot run with (one line per problem)."""
         if self.transform not in geo.N_PARAMS:
             raise TrainError(f"--transform must be rigid or affine, not {self.transform!r}")
-        positive_int = {"size": 32, "hidden": 1, "batch_size": 2, "steps": 1, "val_every": 1, "val_pairs": 1, "patience": 1}
+        positive_int = {"size": 32, "hidden": 1, "batch_size": 2, "steps": 1, "val_every": 1, "val_pairs": 1, "patience": 1,
+                        "curriculum_steps": 0}
         for key, least in positive_int.items():
             value = getattr(self, key)
             if not isinstance(value, int) or value < least:
@@ -92,12 +122,21 @@ class TrainConfig:
         if not isinstance(self.threads, int) or self.threads < 0:
             raise TrainError(f"--threads must be 0 (all cores) or a positive integer, not {self.threads!r}")
         ranges = {"spacing_mm": (0.1, 10.0), "lr": (0.0, 1.0), "weight_decay": (0.0, 1.0), "max_rotation_deg": (0.0, 45.0),
-                  "max_translation_mm": (0.0, 100.0), "cross_contrast": (0.0, 1.0), "small_motion": (0.0, 1.0), "remap": (0.0, 1.0), "augment": (0.0, 10.0), "flip": (0.0, 1.0)}
+                  "max_translation_mm": (0.0, 100.0), "cross_contrast": (0.0, 1.0), "small_motion": (0.0, 1.0), "remap": (0.0, 1.0), "augment": (0.0, 10.0), "flip": (0.0, 1.0),
+                  "synth": (0.0, 1.0), "multi_contrast_share": (0.0, 1.0), "curriculum_start_rotation_deg": (0.0, 45.0),
+                  "curriculum_start_translation_mm": (0.0, 100.0)}
         for key, (lo, hi) in ranges.items():
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) or (key == "lr" and value == 0):
                 raise TrainError(f"--{key.replace('_', '-')} must be a number in [{lo:g}, {hi:g}]"
                                  f"{' above 0' if key == 'lr' else ''}, not {value!r}")
+        if self.remap + self.synth > 1.0 + 1e-9:
+            raise TrainError(f"--remap and --synth are shares of the same-contrast pairs: their sum must be at most 1, "
+                             f"not {self.remap:g} + {self.synth:g}")
+        if not self.orientations or any(o not in ORIENTATIONS for o in self.orientations) or len(set(self.orientations)) < len(self.orientations):
+            raise TrainError(f"--orientations must name distinct orientations among {', '.join(ORIENTATIONS)}, not {self.orientations!r}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise TrainError(f"--precision must be {', '.join(TRAIN_PRECISIONS)}, not {self.precision!r}")
         if self.remap_loss not in REMAP_LOSSES:
             raise TrainError(f"--remap-loss must be {' or '.join(REMAP_LOSSES)}, not {self.remap_loss!r}")
         if not isinstance(self.freeze_bn, bool):
@@ -171,18 +210,17 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_subjects(cfg: TrainConfig) -> tuple[list[LoadedSubject], list[LoadedSubject]]:
-    """Load all subjects found under ``cfg.data``; those named in ``cfg.holdout`` validate."""
+def load_subjects(cfg: TrainConfig, need_validation: bool = True) -> tuple[list[LoadedSubject], list[LoadedSubject]]:
+    """Load all subjects found under ``cfg.data``, one view per orientation of ``cfg.orientations``;
+    those named in ``cfg.holdout`` validate."""
     train, val = [], []
     size = (cfg.size, cfg.size)
     found = 0
     for root in cfg.data:
         for subj in find_subjects(root):
             found += 1
-            loaded = load_subject(subj, size, cfg.spacing_mm)  # a corrupt image: InputError naming the file
-            if loaded is None:
-                continue
-            (val if any(h == subj.name for h in cfg.holdout) else train).append(loaded)
+            views = load_subject_views(subj, size, cfg.spacing_mm, cfg.orientations)  # a corrupt image: InputError naming the file
+            (val if any(h == subj.name for h in cfg.holdout) else train).extend(views)
     if not found:
         raise TrainError(
             "no subjects found under " + ", ".join(cfg.data) + ": a subject is a folder of NIfTI volumes named by "
@@ -191,7 +229,7 @@ def load_subjects(cfg: TrainConfig) -> tuple[list[LoadedSubject], list[LoadedSub
     if not train:
         raise TrainError("no training subjects with brain signal found under " + ", ".join(cfg.data)
                          + " (every subject found is held out or has no slice with signal)")
-    if not val:
+    if not val and need_validation:
         raise TrainError("no validation subject: name one with --holdout (a subject folder name)")
     return train, val
 
@@ -216,9 +254,117 @@ def training_inputs(batch: PairBatch, remapped: PairBatch, generator: torch.Gene
     loss compares the *original* moving slice (the fixed one's contrast, the same anatomy) by NCC:
     a cross-contrast input scored as sharply as a same-contrast pair, still without labels."""
     x, f, m = prepare_inputs(remapped, generator, augment)
-    if remap_loss == "ncc":
+    if remap_loss == "ncc":  # --synth also gives the fixed slice a new contrast: score the original
+        f = f if remapped.fixed is batch.fixed else normalise_slices(batch.fixed)
         return x, f, normalise_slices(batch.moving), batch.same_contrast
     return x, f, m, remapped.same_contrast
+
+
+def motion_ranges(cfg: TrainConfig, step: int) -> tuple[float, float]:
+    """``(rotation deg, translation mm)`` ranges of the motions drawn at ``step`` (0-based).
+    Without a curriculum (``curriculum_steps`` 0): the maximum ranges. With one: widening linearly
+    from the start ranges at step 0 to the maximum ranges at ``curriculum_steps``, then kept."""
+    if cfg.curriculum_steps <= 0:
+        return cfg.max_rotation_deg, cfg.max_translation_mm
+    t = min(1.0, step / cfg.curriculum_steps)
+    return (cfg.curriculum_start_rotation_deg + t * (cfg.max_rotation_deg - cfg.curriculum_start_rotation_deg),
+            cfg.curriculum_start_translation_mm + t * (cfg.max_translation_mm - cfg.curriculum_start_translation_mm))
+
+
+#: Whether ``--precision auto`` trains in bf16 on a CPU that computes bf16 natively (AVX-512 BF16 /
+#: AMX): set from the measurement in training/README.md ("Throughput on the CPU").
+CPU_AUTO_BF16 = True
+
+
+def training_precision(name: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` (autocast) for training on ``device``: ``auto`` is bf16 on CUDA GPUs
+    that support it, and on CPUs with native bf16 when :data:`CPU_AUTO_BF16` says it was measured
+    faster there; fp32 elsewhere. An explicit choice is kept."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and CPU_AUTO_BF16:
+        return resolve_precision("auto", device)
+    return "fp32"
+
+
+def draw_training_batch(subjects: list[LoadedSubject], rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig,
+                        step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's pairs: network input ``(B, 2, H, W)``, loss images (fixed, moving) and
+    same-contrast flags, drawn at the motion ranges of ``step`` (:func:`motion_ranges`), with
+    ``--remap`` / ``--synth`` contrasts, intensity augmentation and ``--flip`` mirroring."""
+    rot, trans = motion_ranges(cfg, step)
+    batch = sample_pairs(subjects, rng, cfg.batch_size, (cfg.size, cfg.size), cfg.spacing_mm, cfg.transform, rot, trans,
+                         cfg.cross_contrast, small_motion=cfg.small_motion, multi_contrast_share=cfg.multi_contrast_share)
+    remapped = remap_same_contrast(batch, gen, cfg.remap, cfg.synth)
+    x, f, m, same = training_inputs(batch, remapped, gen, cfg.augment, cfg.remap_loss)
+    both = mirror_pairs(torch.cat([x, torch.stack([f, m], 1)], 1), gen, cfg.flip)  # same mirror for inputs and loss images
+    return both[:, :2], both[:, 2], both[:, 3], same
+
+
+def optimisation_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+                      f: torch.Tensor, m: torch.Tensor, same: torch.Tensor, cfg: TrainConfig, device: torch.device,
+                      precision: str) -> tuple[float, dict[str, float]]:
+    """Forward (bf16 autocast when ``precision`` is bf16), loss, backward, clipped optimiser
+    step; returns the loss and its NCC / MI."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        pred = model(x.to(device))
+    loss, stats = similarity_loss(f.to(device), m.to(device), pred.float(), same, cfg.transform, cfg.spacing_mm)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # DDP: gradients averaged over ranks here
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    scaler.step(opt)
+    scaler.update()
+    return loss.item(), stats
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+COMPUTE_FIELDS = ["session_start", "session_end", "step_start", "step_end", "saved_step", "wall_hours", "steps_per_hour",
+                  "device", "processes", "threads", "precision", "batch_size", "host", "torch"]
+
+
+class ComputeLog:
+    """``OUT/compute.csv``: one row per training session (a fresh run starts the file, each
+    ``--resume`` appends a row): start and end time (UTC), the steps it began and ended at, the
+    step of the last checkpoint it saved (what a later ``--resume`` continues from), wall hours,
+    device, processes, threads, precision, batch size per process, host and torch version. The
+    row is rewritten at every checkpoint and when the session ends, so a killed session keeps
+    the time up to its last checkpoint. ``started``: when the session began (before reading the
+    data), now if not given."""
+
+    def __init__(self, path: Path, resume: bool, step: int, device: torch.device, precision: str, cfg: TrainConfig,
+                 processes: int, started: datetime.datetime | None = None) -> None:
+        import platform
+
+        self.path = path
+        self.start = started or utc_now()
+        self.rows: list[dict] = []
+        if resume and path.exists():
+            with open(path, newline="") as fh:
+                self.rows = list(csv.DictReader(fh))
+        self.row = {"session_start": self.start.isoformat(timespec="seconds"), "step_start": step, "device": str(device),
+                    "processes": processes, "threads": torch.get_num_threads(), "precision": precision,
+                    "batch_size": cfg.batch_size, "host": platform.node(), "torch": torch.__version__}
+        self.rows.append(self.row)
+        self.update(step, step)
+
+    def update(self, step: int, saved_step: int) -> None:
+        end = utc_now()
+        hours = (end - self.start).total_seconds() / 3600.0
+        done = saved_step - int(self.row["step_start"])
+        self.row.update({"session_end": end.isoformat(timespec="seconds"), "step_end": step, "saved_step": saved_step,
+                         "wall_hours": f"{hours:.4f}", "steps_per_hour": f"{done / hours:.1f}" if hours > 0 else ""})
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COMPUTE_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
 
 
 def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
@@ -300,8 +446,9 @@ _GROUPS_STARTED = 0  # process groups this process has started (the same count o
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
-    """Run training; returns the path of the best checkpoint. ``stop_after`` ends this run after
-    that many steps (as an interruption would; ``--resume`` continues).
+    """Run training; returns the path of the best checkpoint. ``stop_after`` ends this run (a
+    session) after that many steps, validated and checkpointed there (``--resume`` continues; the
+    pairs drawn are those of an uninterrupted run).
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1) every process joins a process group (nccl on
     CUDA, gloo on CPU), trains a DistributedDataParallel copy of the model on its own pairs
@@ -347,6 +494,7 @@ def _gather(obj, dist_info: Distributed) -> list:
 def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch.device, out: Path,
            dist_info: Distributed) -> Path:
     main_rank = dist_info.is_main
+    started = utc_now()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)  # same on every rank: the same initial model (DDP also broadcasts rank 0's)
@@ -371,6 +519,10 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch
         if main_rank:
             print(f"initialised from {cfg.init}", flush=True)
     net = net.to(device)
+    precision = training_precision(cfg.precision, device)
+    if main_rank:
+        print(f"training on {device.type} ({precision}, {torch.get_num_threads()} threads), "
+              f"{sum(len(s.slices) for s in train_subjects)} training slices in {len(train_subjects)} subject views", flush=True)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -412,70 +564,66 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch
         if not (resume and log_path.exists()):
             with open(log_path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=fields).writeheader()
+    compute = ComputeLog(out / "compute.csv", resume, step, device, precision, cfg, dist_info.world_size, started) if main_rank else None
+    saved_step = step
     t0 = time.time()
     running: list[float] = []
     ncc_run: list[float] = []
     mi_run: list[float] = []
     set_train_mode(model, cfg.freeze_bn)
     stop_at = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    while step < stop_at:
-        batch = sample_pairs(train_subjects, rng, cfg.batch_size, size, cfg.spacing_mm, cfg.transform,
-                             cfg.max_rotation_deg, cfg.max_translation_mm, cfg.cross_contrast, small_motion=cfg.small_motion)
-        x, f, m, same = training_inputs(batch, remap_same_contrast(batch, gen, cfg.remap), gen, cfg.augment, cfg.remap_loss)
-        both = mirror_pairs(torch.cat([x, torch.stack([f, m], 1)], 1), gen, cfg.flip)  # same mirror for inputs and loss images
-        x, f, m = both[:, :2], both[:, 2], both[:, 3]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(x.to(device))
-        loss, stats = similarity_loss(f.to(device), m.to(device), pred.float(), same, cfg.transform, cfg.spacing_mm)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # DDP: gradients averaged over ranks here
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        step += 1
-        running.append(loss.item())
-        ncc_run.append(stats["ncc"])
-        mi_run.append(stats["mi"])
-        if main_rank and step % 25 == 0:
-            print(f"step {step}/{cfg.steps} loss {np.mean(running[-25:]):.4f} {time.time() - t0:.0f}s", flush=True)
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            train_means = [float(np.mean(running)), float(np.mean(ncc_run)), float(np.mean(mi_run))]
-            random_states = _gather((rng.bit_generator.state, gen.get_state()), dist_info)
-            stop = False
-            if dist_info.enabled:  # train metrics of all ranks' pairs
-                t = torch.tensor(train_means, dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                train_means = (t / dist_info.world_size).tolist()
-            running, ncc_run, mi_run = [], [], []
-            if main_rank:
-                metrics = evaluate_batch(net, val_batch, cfg, device)
-                row = {"step": step, "time_s": round(time.time() - t0, 1), "lr": opt.param_groups[0]["lr"],
-                       "train_loss": train_means[0], "train_ncc": train_means[1], "train_mi": train_means[2], **metrics}
-                with open(log_path, "a", newline="") as fh:
-                    csv.DictWriter(fh, fieldnames=fields).writerow({k: row[k] for k in fields})
-                print("val " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-                if metrics["score"] < best:
-                    best, bad = metrics["score"], 0
-                    torch.save({"model": net.state_dict(), "config": asdict(cfg), "step": step, "metrics": metrics}, out / "best.pt")
-                else:
-                    bad += 1
-                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "step": step, "best": best, "bad": bad, "rng": rng.bit_generator.state,
-                            "gen": gen.get_state(), "world_size": dist_info.world_size,
-                            "rng_ranks": [r for r, _ in random_states], "gen_ranks": [g for _, g in random_states],
-                            "config": asdict(cfg)}, last)
-                plot_curves(log_path, out / "curves.png")
-                stop = bad >= cfg.patience
+    try:
+        while step < stop_at:
+            x, f, m, same = draw_training_batch(train_subjects, rng, gen, cfg, step)
+            loss_value, stats = optimisation_step(model, opt, scaler, x, f, m, same, cfg, device, precision)
+            sched.step()
+            step += 1
+            running.append(loss_value)
+            ncc_run.append(stats["ncc"])
+            mi_run.append(stats["mi"])
+            if main_rank and step % 25 == 0:
+                print(f"step {step}/{cfg.steps} loss {np.mean(running[-25:]):.4f} {time.time() - t0:.0f}s", flush=True)
+            if step % cfg.val_every == 0 or step == cfg.steps or step == stop_at:  # a session's end is a checkpoint too
+                train_means = [float(np.mean(running)), float(np.mean(ncc_run)), float(np.mean(mi_run))]
+                random_states = _gather((rng.bit_generator.state, gen.get_state()), dist_info)
+                stop = False
+                if dist_info.enabled:  # train metrics of all ranks' pairs
+                    t = torch.tensor(train_means, dtype=torch.float64, device=device)
+                    dist.all_reduce(t)
+                    train_means = (t / dist_info.world_size).tolist()
+                running, ncc_run, mi_run = [], [], []
+                if main_rank:
+                    metrics = evaluate_batch(net, val_batch, cfg, device)
+                    row = {"step": step, "time_s": round(time.time() - t0, 1), "lr": opt.param_groups[0]["lr"],
+                           "train_loss": train_means[0], "train_ncc": train_means[1], "train_mi": train_means[2], **metrics}
+                    with open(log_path, "a", newline="") as fh:
+                        csv.DictWriter(fh, fieldnames=fields).writerow({k: row[k] for k in fields})
+                    print("val " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+                    if metrics["score"] < best:
+                        best, bad = metrics["score"], 0
+                        torch.save({"model": net.state_dict(), "config": asdict(cfg), "step": step, "metrics": metrics}, out / "best.pt")
+                    else:
+                        bad += 1
+                    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                "step": step, "best": best, "bad": bad, "rng": rng.bit_generator.state,
+                                "gen": gen.get_state(), "world_size": dist_info.world_size,
+                                "rng_ranks": [r for r, _ in random_states], "gen_ranks": [g for _, g in random_states],
+                                "config": asdict(cfg)}, last)
+                    plot_curves(log_path, out / "curves.png")
+                    saved_step = step
+                    compute.update(step, saved_step)
+                    stop = bad >= cfg.patience
+                    if stop:
+                        print(f"early stop: no validation improvement in {bad} checks", flush=True)
+                if dist_info.enabled:  # every rank follows rank 0's decision
+                    flag = torch.tensor([int(stop)], device=device)
+                    dist.broadcast(flag, 0)
+                    stop = bool(flag.item())
                 if stop:
-                    print(f"early stop: no validation improvement in {bad} checks", flush=True)
-            if dist_info.enabled:  # every rank follows rank 0's decision
-                flag = torch.tensor([int(stop)], device=device)
-                dist.broadcast(flag, 0)
-                stop = bool(flag.item())
-            if stop:
-                break
+                    break
+    finally:
+        if compute is not None:  # the session's row, also when interrupted
+            compute.update(step, saved_step)
     return out / "best.pt"
 
 
@@ -507,6 +655,13 @@ def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: st
                      "cross_contrast_fraction": cfg["cross_contrast"], "small_motion_fraction": cfg.get("small_motion", 0.0),
                      "remap_fraction": cfg.get("remap", 0.0), "remap_loss": cfg.get("remap_loss", "mi"),
                      "batch_norm_frozen": cfg.get("freeze_bn", False),
+                     "synthetic_contrast_fraction": cfg.get("synth", 0.0),
+                     "multi_contrast_share": cfg.get("multi_contrast_share", 0.0),
+                     "orientations": cfg.get("orientations", ["axial"]),
+                     "curriculum": {"steps": cfg.get("curriculum_steps", 0),
+                                    "start_rotation_deg": cfg.get("curriculum_start_rotation_deg", 5.0),
+                                    "start_translation_mm": cfg.get("curriculum_start_translation_mm", 5.0)},
+                     "precision": cfg.get("precision", "auto"),
                      "losses": "1-NCC same contrast, -MI (Parzen, 32 bins) cross contrast",
                      "validation_at_checkpoint": ck.get("metrics", {})},
     }
@@ -545,6 +700,10 @@ def run_main(entry, argv: list[str] | None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "throughput":
+        from .throughput import main as throughput_main
+
+        return throughput_main(argv[1:])
     if argv and argv[0] == "export":
         p = argparse.ArgumentParser(prog="rigid-resnet-train export")
         p.add_argument("checkpoint")
@@ -556,19 +715,39 @@ def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rigid-resnet-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TrainConfig(data=[], out="", holdout=[])
     p.add_argument("--data", nargs="+", required=True, help="folders of subjects (BraTS 2021/2023 or generic naming)")
-    p.add_argument("--holdout", nargs="+", required=True, help="subject folder names kept out for validation")
+    p.add_argument("--holdout", nargs="+", default=[], help="subject names kept out for validation (a folder's name, or a "
+                   "scan's name without its contrast, e.g. IXI012-HH-1211)")
+    p.add_argument("--holdout-file", help="a file of subject names kept out, one a line (# comments), e.g. "
+                   f"{DEFAULT_HOLDOUT_FILE}; added to --holdout")
+    p.add_argument("--orientations", nargs="+", default=list(d.orientations), choices=ORIENTATIONS,
+                   help="slice orientations to train on (default axial)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="end this session after N more steps, with a checkpoint (a session of a long run; --resume "
+                   "continues it)")
     p.add_argument("--freeze-bn", action="store_true",
                    help="keep every batch norm's running statistics as they are (for fine-tunes from --init)")
     for key in ("transform", "size", "spacing_mm", "hidden", "batch_size", "steps", "lr", "weight_decay", "max_rotation_deg",
-                "max_translation_mm", "cross_contrast", "small_motion", "remap", "remap_loss", "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
+                "max_translation_mm", "cross_contrast", "small_motion", "remap", "remap_loss", "synth", "multi_contrast_share",
+                "curriculum_steps", "curriculum_start_rotation_deg", "curriculum_start_translation_mm", "precision",
+                "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
         default = getattr(d, key)
-        choices = REMAP_LOSSES if key == "remap_loss" else None
+        choices = {"remap_loss": REMAP_LOSSES, "precision": TRAIN_PRECISIONS}.get(key)
         p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, choices=choices, help=f"default {default}")
     a = p.parse_args(argv)
-    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k != "resume"})
-    best = train(cfg, resume=a.resume)
+    if a.stop_after is not None and a.stop_after < 1:
+        raise TrainError(f"--stop-after must be at least 1, not {a.stop_after}")
+    holdout = list(a.holdout)
+    if a.holdout_file:
+        if not Path(a.holdout_file).is_file():
+            raise TrainError(f"--holdout-file not found: {a.holdout_file}")
+        holdout += [name for name in read_holdout_file(a.holdout_file) if name not in holdout]
+    if not holdout:
+        raise TrainError(f"name the held-out subjects: --holdout NAME ... or --holdout-file FILE (e.g. {DEFAULT_HOLDOUT_FILE})")
+    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k not in ("resume", "holdout_file", "stop_after")})
+    cfg.holdout = holdout
+    best = train(cfg, resume=a.resume, stop_after=a.stop_after)
     if distributed_from_env().is_main:
         print(f"best checkpoint: {best}")
     return 0

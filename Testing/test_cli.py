@@ -46,6 +46,12 @@ def test_demo_runs_end_to_end_and_reports_error_against_known_motion(tmp_path):
         geo.volume_centre_ras(nib.load(out / "fixed.nii.gz").affine, nib.load(out / "fixed.nii.gz").shape)))
     assert np.isclose(rot, report["demo"]["rotation_error_deg"], atol=1e-6)
     assert np.isclose(trans, report["demo"]["translation_error_mm"], atol=1e-6)
+    # the network alone, beside the final error: measured on report.json's network transform
+    net = np.array(report["network_fixed_to_moving_RAS"]["matrix"])
+    assert "the network alone" in r.stdout and report["demo"]["network_rotation_error_deg"] >= 0
+    net_rot, _ = geo.rigid_error(net, truth, geo.volume_centre_ras(nib.load(out / "fixed.nii.gz").affine,
+                                                                   nib.load(out / "fixed.nii.gz").shape))
+    assert np.isclose(net_rot, report["demo"]["network_rotation_error_deg"], atol=1e-6)
     if report["model"]["trained"]:
         assert "UNTRAINED" not in r.stdout
         # the embedded sample is a symmetric template: its mirror is almost as similar, and that is no warning

@@ -403,8 +403,12 @@ def write_outputs(args: argparse.Namespace, stage: Path, fixed: Volume, moving: 
     if truth is not None:
         from .geometry import rigid_error, volume_centre_ras
 
-        rot, trans = rigid_error(result.fixed_to_moving_ras, truth, volume_centre_ras(fixed.ijk_to_ras, fixed.shape))
+        centre = volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
+        rot, trans = rigid_error(result.fixed_to_moving_ras, truth, centre)
         report["demo"] = {"true_fixed_to_moving_RAS": truth.tolist(), "rotation_error_deg": rot, "translation_error_mm": trans}
+        if result.network_fixed_to_moving_ras is not None:  # the network's passes alone, before any refinement
+            net_rot, net_trans = rigid_error(result.network_fixed_to_moving_ras, truth, centre)
+            report["demo"].update(network_rotation_error_deg=net_rot, network_translation_error_mm=net_trans)
     report["outputs"] = sorted([*(item.name for item in stage.iterdir()), "report.json"])
     report["command_timings_s"] = {k: round(v, 4) for k, v in stages.items()}
     report["total_seconds"] = round(time.perf_counter() - t0, 3)  # up to writing report.json
@@ -607,6 +611,9 @@ def summary(report: dict, out: Path) -> str:
         d = report["demo"]
         lines.append(f"known motion recovered with rotation error {d['rotation_error_deg']:.3f} deg, "
                      f"translation error {d['translation_error_mm']:.3f} mm")
+        if "network_rotation_error_deg" in d:
+            lines.append(f"the network alone (its passes, before the refinement): rotation error "
+                         f"{d['network_rotation_error_deg']:.3f} deg, translation error {d['network_translation_error_mm']:.3f} mm")
     if not report["model"]["trained"]:
         lines.append("WARNING: the bundled model is UNTRAINED (identity placeholder): expect no correction.")
     lines.append(f"outputs in {out.resolve()}: " + " ".join(report["outputs"]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .engine import RegistrationResult
 
@@ -66,6 +68,11 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
             "(Slicer's 'to parent' transform for the moving volume)",
             "matrix": result.moving_to_fixed_ras.tolist(),
         },
+        **({} if result.network_fixed_to_moving_ras is None else {"network_fixed_to_moving_RAS": {
+            "meaning": "the network's passes alone (the start included), before any refinement: a resampling "
+            "transform as fixed_to_moving_RAS",
+            "matrix": np.asarray(result.network_fixed_to_moving_ras).tolist(),
+        }}),
     }
 
 

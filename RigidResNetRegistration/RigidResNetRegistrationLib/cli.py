@@ -154,8 +154,7 @@ def check_option_conflicts(args: argparse.Namespace) -> None:
         raise CliError("--profile prints one run's stages; with --batch each pair's report.json holds them "
                        "(command_timings_s, timings_s)")
     # the rules about registration options given in vain: options.option_conflicts, in the CLI's words
-    conflict = option_conflicts(RegistrationOptions(**{name: getattr(args, name) for name in CLI_OPTION_FIELDS}),
-                                given, CLI_OPTION_NAMES)
+    conflict = option_conflicts(_options_of(args), given, CLI_OPTION_NAMES)
     if conflict:
         raise CliError(conflict)
 
@@ -291,13 +290,14 @@ class _Progress:
             self.bar.close()
 
 
+def _options_of(args: argparse.Namespace) -> RegistrationOptions:
+    """The registration options the command line set (:data:`CLI_OPTION_FIELDS`), unchecked."""
+    return RegistrationOptions(**{name: getattr(args, name) for name in CLI_OPTION_FIELDS})
+
+
 def registration_options(args: argparse.Namespace) -> RegistrationOptions:
     """The engine's options from the command line's (reads ``--initial-transform``), checked."""
-    options = RegistrationOptions(mode=args.mode, axis=args.axis, device=args.device, batch_size=args.batch_size,
-                                  iterations=args.iterations, tolerance=args.tolerance, max_slices=args.max_slices,
-                                  precision=args.precision, symmetric=args.symmetric,
-                                  symmetric_stride=args.symmetric_stride, refine=args.refine,
-                                  refine_slices=args.refine_slices, metric=args.metric, init=args.init)
+    options = _options_of(args)
     if args.initial_transform:
         from .io import read_tfm
 
@@ -325,7 +325,6 @@ def run(args: argparse.Namespace) -> dict:
         from .engine import register_volumes
         from .io import read_volume, staged_outputs
         from .model import DEFAULT_CARD, load_model, read_model_card, resolve_device
-        from .overview import overview_figure  # noqa: F401  (imported here to time it with the others)
         from .preprocess import check_before_registration
     check_option_conflicts(args)
     check_single_process()

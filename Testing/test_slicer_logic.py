@@ -453,30 +453,56 @@ def test_refine_slices_reaches_the_engine(module):
     assert not np.allclose(refined.result.slice_params, plain.result.slice_params)
 
 
-def test_the_self_tests_slices_mode_check_holds_with_the_bundled_model(module):
-    """What ``RigidResNetRegistrationTest.test_SlicesModeWithRefinement`` asserts inside Slicer,
-    run here on real MRML nodes: the embedded sample moved by the demo motion, slices mode with the
-    per-slice refinement, every slice within 0.1 deg / 0.1 mm (median) of the motion."""
-    from RigidResNetRegistrationLib import sample
-    from RigidResNetRegistrationLib.model import load_model
+def _self_test_case(module):
+    """The module's own Test class (its cases from ``slicer_selftest``) as a unittest case on
+    slicer-core: each case gets a fresh real MRML scene instead of the application's."""
+    import unittest
 
-    model = load_model(None, "cpu")
-    if not model.card.trained:
+    class SelfTest(module.RigidResNetRegistrationTest, unittest.TestCase):
+        def setUp(self):
+            self.scene = slicer.vtkMRMLScene()
+
+        def delayDisplay(self, message, msec=None):
+            print(message)
+
+        def runTest(self):  # unittest needs a method named by the constructor
+            self.runAll()
+
+    return SelfTest()
+
+
+def test_the_modules_self_test_cases_pass_on_real_mrml_with_the_bundled_model(module):
+    """``RigidResNetRegistrationTest.runTest`` (what Slicer's Reload and Test and ctest run): the
+    bundled sample against a copy moved by the demo motion in volume mode (within 1.5 deg / 1.5 mm,
+    difference volume smaller), slices mode with the per-slice refinement (median within 0.1 deg /
+    0.1 mm), bad inputs and a cancelled run, all through the module's Logic on real MRML nodes."""
+    import unittest
+
+    from RigidResNetRegistrationLib.model_card import read_model_card
+
+    if not read_model_card(slicer_nodes.model_card_path(None)).trained:
         pytest.skip("the bundled model is an untrained placeholder")
-    scene = slicer.vtkMRMLScene()
-    fixed = sample.load_sample()
-    moving, truth = sample.apply_known_motion(fixed)
-    fixed_node = slicer_nodes.add_volume_node(scene, fixed.array, fixed.ijk_to_ras, "MNI152_T1")
-    moving_node = slicer_nodes.add_volume_node(scene, moving.array, moving.ijk_to_ras, "moved")
-    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, device="cpu", mode="slices", refineSlices=True,
-                                                         registeredVolume=False, differenceVolume=False, applyTransform=False,
-                                                         predictor=model)
-    assert out.table_node.GetTable().GetNumberOfRows() == len(out.result.used)
-    assert out.result.refinement["scope"] == "slices"
-    used = out.result.used
-    motion = geo.ras_to_params(truth, out.result.frame)
-    rot, trans = geo.params_error_2d(out.result.slice_params[used], np.tile(motion, (int(used.sum()), 1)))
-    assert np.median(rot) < 0.1 and np.median(trans) < 0.1
+    result = unittest.TestResult()
+    _self_test_case(module).run(result)
+    assert result.testsRun == 1
+    assert result.wasSuccessful(), [text for _, text in result.failures + result.errors]
+
+
+def test_the_self_test_fails_when_the_registration_is_wrong(module, monkeypatch):
+    """The self-test can fail: a Logic whose transform is off by a few degrees is caught."""
+    case_ = _self_test_case(module)
+    real = module.RigidResNetRegistrationLogic.register
+
+    def off(self, fixed, moving, **kw):
+        out = real(self, fixed, moving, **kw)
+        out.moving_to_fixed_world = geo.rigid_matrix_3d((0, 0, 4.0), (3.0, 0, 0), np.zeros(3)) @ out.moving_to_fixed_world
+        slicer.util.updateTransformMatrixFromArray(out.transform_node, out.moving_to_fixed_world)
+        return out
+
+    monkeypatch.setattr(module.RigidResNetRegistrationLogic, "register", off)
+    case_.setUp()
+    with pytest.raises(AssertionError, match=r"not less than 1\.5"):  # the rotation or the translation error
+        case_.test_RegisterSampleWithKnownMotion()
 
 
 def test_cancel_leaves_no_nodes_and_inputs_untouched(module):
@@ -684,3 +710,156 @@ def test_logic_default_start_registers_a_pair_without_shared_header(module):
     assert rot < 1.0 and mm < 1.0, (rot, mm)
     assert out.result.initialisation.used == "moments"
     assert json.loads(out.transform_node.GetAttribute("RigidResNetRegistration.Report"))["init"]["used"] == "moments"
+
+
+# --------------------------------------------------------------------------- the panel (Qt-free part)
+
+
+def _panel_settings(fixed=None, moving=None, **overrides):
+    """The parameter node's fields with their defaults (the module's own), as the panel reads them."""
+    from types import SimpleNamespace
+
+    from RigidResNetRegistrationLib.options import DEFAULTS
+
+    fields = dict(fixedVolume=fixed, movingVolume=moving, device="cpu", mode=DEFAULTS.mode, model="rigid_resnet34",
+                  axis=DEFAULTS.axis, iterations=1, refine=False, symmetric=DEFAULTS.symmetric,
+                  refineSlices=DEFAULTS.refine_slices, batchSize=DEFAULTS.batch_size, init=DEFAULTS.init,
+                  initialTransform=None, outputTransform=None, applyTransform=True, createRegisteredVolume=True,
+                  registeredVolume=None, createDifferenceVolume=False, differenceVolume=None, createSliceTable=True,
+                  sliceTable=None)
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def test_panel_keywords_are_the_parameter_node_fields_and_reach_the_logic(module):
+    """Every parameter node field is either passed to ``register`` by the panel or is one of the
+    output switches; the keywords are accepted by the Logic and give the outputs asked for."""
+    import ast
+    import inspect
+
+    from RigidResNetRegistrationLib import slicer_panel
+
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    node_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RigidResNetRegistrationParameterNode")
+    fields = {n.target.id for n in node_class.body if isinstance(n, ast.AnnAssign)}
+    settings = _panel_settings()
+    assert set(vars(settings)) == fields
+    keywords = slicer_panel.register_keywords(settings)
+    assert set(keywords) <= set(inspect.signature(module.RigidResNetRegistrationLogic.register).parameters)
+    assert keywords["registeredVolume"] is True and keywords["differenceVolume"] is False and keywords["sliceTable"] is True
+
+    scene = slicer.vtkMRMLScene()
+    fixed_node, moving_node, _ = case(scene, "RAS")
+    existing = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "mine")
+    settings = _panel_settings(fixed_node, moving_node, registeredVolume=existing, mode="slices", applyTransform=False)
+    keywords = slicer_panel.register_keywords(settings)
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, predictor=ConstantPredictor(ORACLE, MOTION),
+                                                         **{k: v for k, v in keywords.items() if k != "model"})
+    assert out.registered_volume_node is existing and out.difference_volume_node is None and out.table_node is not None
+    assert out.result.mode == "slices" and moving_node.GetParentTransformNode() is None
+
+
+def test_panel_says_why_register_cannot_run(module):
+    from RigidResNetRegistrationLib import slicer_panel
+
+    scene = slicer.vtkMRMLScene()
+    fixed_node, moving_node, _ = case(scene, "RAS")
+    assert slicer_panel.register_problem(None) == "Select the fixed volume"
+    assert slicer_panel.register_problem(_panel_settings(fixed_node)) == "Select the moving volume"
+    assert "different" in slicer_panel.register_problem(_panel_settings(fixed_node, fixed_node))
+    assert slicer_panel.register_problem(_panel_settings(fixed_node, moving_node)) is None
+    # an output node that is an input would overwrite it: the adapter's check, as one line
+    problem = slicer_panel.register_problem(_panel_settings(fixed_node, moving_node, registeredVolume=moving_node))
+    assert problem and "\n" not in problem and "moving" in problem.lower()
+    # switched off, the same node is not an output and is no problem
+    assert slicer_panel.register_problem(_panel_settings(fixed_node, moving_node, registeredVolume=moving_node,
+                                                         createRegisteredVolume=False)) is None
+
+
+def test_panel_enables_selectors_and_refinements_by_setting():
+    from RigidResNetRegistrationLib import slicer_panel
+
+    assert slicer_panel.enabled_widgets(None) == {}
+    volume = slicer_panel.enabled_widgets(_panel_settings(mode="volume", createDifferenceVolume=False))
+    assert volume["refineCheckBox"] and not volume["refineSlicesCheckBox"]
+    assert volume["registeredVolumeSelector"] and not volume["differenceVolumeSelector"]
+    slices = slicer_panel.enabled_widgets(_panel_settings(mode="slices", createSliceTable=False))
+    assert slices["refineSlicesCheckBox"] and not slices["refineCheckBox"] and not slices["sliceTableSelector"]
+
+
+def test_panel_preselects_two_scalar_volumes_and_keeps_a_choice():
+    from RigidResNetRegistrationLib import slicer_panel
+
+    scene = slicer.vtkMRMLScene()
+    assert slicer_panel.default_inputs(scene, None, None) == (None, None)
+    scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")  # never preselected
+    a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
+    assert slicer_panel.default_inputs(scene, None, None) == (a, None)
+    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "b")
+    assert slicer_panel.default_inputs(scene, None, None) == (a, b)
+    assert slicer_panel.default_inputs(scene, b, None) == (b, a)
+    assert slicer_panel.default_inputs(scene, b, b) == (b, b)  # the user's choice is kept (and flagged by register_problem)
+
+
+def test_panel_result_line_names_the_outputs_and_is_styled_by_verdict(module, monkeypatch):
+    from RigidResNetRegistrationLib import slicer_panel
+
+    scene = slicer.vtkMRMLScene()
+    fixed_node, moving_node, _ = case(scene, "RAS")
+    out = module.RigidResNetRegistrationLogic().register(fixed_node, moving_node, iterations=1, refine=False,
+                                                         predictor=ConstantPredictor(ORACLE, MOTION), differenceVolume=False)
+    text, style = slicer_panel.result_text(out)
+    first, second = text.split("\n")
+    assert first == out.summary()
+    assert out.transform_node.GetName() in second and out.registered_volume_node.GetName() in second
+    assert out.table_node.GetName() in second and style == slicer_nodes.VERDICT_STYLE[out.verdict]
+    monkeypatch.setattr(slicer_nodes.RegistrationNodes, "verdict", property(lambda self: "failed"))
+    text, style = slicer_panel.result_text(out)
+    assert text.startswith("quality FAILED") and "bold" in style
+
+
+def test_panel_lists_the_bundled_models_and_describes_them():
+    from RigidResNetRegistrationLib import slicer_panel
+
+    keys, default = slicer_panel.model_choices()
+    assert default == "rigid_resnet34" and default in keys
+    label, notes = slicer_panel.model_description(default)
+    assert label and "rigid" in label.lower()
+    assert slicer_panel.model_description("no_such_model") == ("", "")
+
+
+# --------------------------------------------------------------------------- installing PyTorch
+
+
+def test_a_bad_model_key_is_an_error_before_anything_is_installed(monkeypatch):
+    from RigidResNetRegistrationLib import slicer_install
+
+    asked = []
+    monkeypatch.setattr(slicer_install, "ensure_torch", lambda *a, **k: asked.append(1))
+    with pytest.raises(ValueError, match="unknown model"):
+        slicer_install.load_predictor("no_such_model", "cpu")
+    assert not asked
+    messages = []
+    predictor = slicer_install.load_predictor(None, "cpu", progress=lambda f, m: messages.append(m))
+    assert asked == [1] and predictor.card.name and messages == ["loading the model"]
+
+
+def test_installing_torch_asks_first_and_a_refusal_is_a_clear_error(monkeypatch):
+    """Without torch (simulated) and without the PyTorch extension or pip_ensure, the user is asked;
+    declining installs nothing and raises one line; accepting calls pip_install."""
+    from RigidResNetRegistrationLib import slicer_install
+
+    monkeypatch.setattr(slicer_install, "torch_importable", lambda: False)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # import fails: extension absent
+    monkeypatch.setattr(slicer, "packaging", types.SimpleNamespace(), raising=False)  # no pip_ensure (Slicer < 5.11)
+    monkeypatch.setitem(sys.modules, "slicer.packaging", slicer.packaging)
+    questions, installed = [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: questions.append(text) or False, raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda req, *a, **k: installed.append(req), raising=False)
+    with pytest.raises(RuntimeError, match="declined"):
+        slicer_install.ensure_torch()
+    assert len(questions) == 1 and "PyTorch" in questions[0] and not installed
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: True, raising=False)
+    with pytest.raises(RuntimeError, match="could not be installed"):  # torch_importable stays False here
+        slicer_install.ensure_torch()
+    assert installed == ["torch>=2.1"]

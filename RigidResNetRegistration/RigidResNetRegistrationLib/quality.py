@@ -258,8 +258,6 @@ class SimilarityProbe:
     def same_contrast_ncc(self, transform: np.ndarray) -> float:
         """NCC at ``transform`` over the points that are signal in both images: high for the same
         contrast (a whole-image NCC is high across contrasts too, the background being dark in all)."""
-        import torch
-
         from .similarity import ncc
 
         self.use("ncc")

@@ -1,6 +1,8 @@
 """Slicer adapter: MRML nodes <-> Lib volumes, and the MRML nodes a registration produces.
 
-The only file of the Lib package that imports ``slicer``. It runs inside the Slicer application
+With ``slicer_panel`` (what the panel computes), ``slicer_install`` (PyTorch into Slicer's Python)
+and ``slicer_selftest`` (the module's self-test cases), the only files of the Lib package that
+import ``slicer``. It runs inside the Slicer application
 and with the ``slicer-core`` wheel (MRML without the application), which is how the pytest suite
 tests it. Every function takes its scene from the nodes it is given, never from the global
 ``slicer.mrmlScene`` (which ``slicer-core`` does not have).
@@ -32,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import re
 import shutil
 import sys
@@ -44,6 +47,15 @@ import slicer.util
 import vtk
 
 from .errors import RegistrationCancelled
+
+try:
+    from slicer.i18n import tr
+except ImportError:  # slicer-core (MRML without the application) has no translations
+
+    def tr(text: str) -> str:
+        """Slicer's translation of a user-visible text (the text itself outside the application)."""
+        return text
+
 from .model_card import MODELS_DIR, ModelError, read_model_card  # torch-free
 
 if TYPE_CHECKING:  # only for type hints: these modules import torch
@@ -511,7 +523,12 @@ def register_node_pairs(
     def write(pair: Pair, inputs: PairInputs, result: "RegistrationResult", started: float) -> RegistrationNodes:
         return _result_nodes(pair.fixed, pair.moving, result, predictor.card, inputs.context, outputs)
 
-    return register_many(items, predictor, options, read=read, write=write, progress=progress, cancel=cancel, prefetch=False)
+    results = register_many(items, predictor, options, read=read, write=write, progress=progress, cancel=cancel, prefetch=False)
+    failed = [r.name for r in results if r.status != "ok"]
+    (logging.warning if failed else logging.info)(
+        f"Rigid ResNet Registration: {len(results) - len(failed)} of {len(results)} pairs registered"
+        + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return results
 
 
 @dataclasses.dataclass

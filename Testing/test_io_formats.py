@@ -405,3 +405,21 @@ def test_output_format_writes_readable_volumes_on_the_fixed_grid(tmp_path, forma
     others = {".nii.gz", ".nrrd", ".mha"} - {suffix}
     assert not [p for p in out.iterdir() if any(p.name.endswith(s) for s in others)]
     assert read_tfm(out / "transform.tfm") == pytest.approx(read_tfm(nifti / "transform.tfm"))
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "flipped", "big-endian"])
+def test_fortran_order_gives_the_nifti_voxel_order_and_the_written_file_reads_back(tmp_path, layout):
+    """The engine's outputs are C-ordered; NIfTI stores i fastest: the reordering is made once
+    (torch, every thread) and the file holds the same voxels whatever the input's layout."""
+    from RigidResNetRegistrationLib.io import fortran_order, read_volume, write_volume
+    from RigidResNetRegistrationLib.volume import Volume
+
+    base = np.random.default_rng(5).random((7, 8, 9)).astype(np.float32)
+    array = {"C": base, "F": np.asfortranarray(base), "flipped": base[::-1, :, ::-1],
+             "big-endian": base.astype(">f4")}[layout]
+    out = fortran_order(array)
+    assert out.flags.f_contiguous and out.dtype == np.float32 and np.array_equal(out, array.astype(np.float32))
+    ijk_to_ras = np.diag([1.5, 2.0, 2.5, 1.0])
+    write_volume(Volume(array, ijk_to_ras, layout), tmp_path / "v.nii.gz")
+    back = read_volume(tmp_path / "v.nii.gz")
+    assert np.array_equal(back.array, array.astype(np.float32)) and np.allclose(back.ijk_to_ras, ijk_to_ras)

@@ -285,3 +285,27 @@ def test_point_metrics_score_as_the_functions_they_wrap_and_reject_what_they_can
         point_metric("mi", fixed)
     with pytest.raises(ValueError, match="must be one of ncc, mi"):
         point_metric("ssd", fixed)
+
+
+@pytest.mark.parametrize("layout", ["fortran", "flipped", "big-endian int16", "uint16", "bool", "float64 C"])
+def test_as_float_tensor_is_a_contiguous_float32_copy_of_any_array_layout(layout):
+    """NIfTI readers give Fortran-ordered arrays; flips give negative strides; some files are
+    big-endian: every layout becomes the same C-contiguous float32 [i, j, k] copy, input untouched."""
+    from RigidResNetRegistrationLib.preprocess import Volume, as_float_tensor
+
+    rng = np.random.default_rng(3)
+    arrays = {
+        "fortran": np.asfortranarray(rng.random((5, 6, 7), dtype=np.float32)),
+        "flipped": rng.random((5, 6, 7))[::-1, :, ::-1],
+        "big-endian int16": rng.integers(-900, 900, (5, 6, 7)).astype(">i2"),
+        "uint16": rng.integers(0, 60000, (5, 6, 7)).astype(np.uint16),
+        "bool": rng.random((5, 6, 7)) > 0.5,
+        "float64 C": rng.random((5, 6, 7)),
+    }
+    array = arrays[layout]
+    before = array.copy()
+    tensor = as_float_tensor(Volume(array, np.eye(4), layout))
+    assert tensor.dtype == torch.float32 and tensor.is_contiguous() and tuple(tensor.shape) == array.shape
+    assert np.array_equal(tensor.numpy(), array.astype(np.float32))
+    tensor.fill_(0)  # a copy: the input is never written through it
+    assert np.array_equal(array, before)

@@ -130,6 +130,8 @@ def test_registered_panel_is_the_final_registered_volume(network_differs, tmp_pa
     png = np.asarray(Image.open(tmp_path / "overview.png").convert("RGB"), dtype=np.float64)
     m_t = as_float_tensor(moving)
     m_range = intensity_range(m_t)
+    # the ranges the difference volume was scaled by travel with the result (the overview uses them)
+    assert result.intensity_ranges == (intensity_range(as_float_tensor(fixed)), m_range)
     slices = sorted({s for s, _ in boxes})
     assert len(slices) == 4 and all(result.used[s] for s in slices)
     for s in slices:

@@ -117,6 +117,9 @@ class RegistrationResult:
     warnings: list[str] = field(default_factory=list)  # the quality verdict's reasons, one line each
     agrees: np.ndarray | None = None  # (S,) bool: used and its estimate within 1 deg / 1 mm of the volume's
     quality: QualityVerdict | None = None  # ok / suspicious / failed, its reasons and signals (quality.py)
+    # the fixed and the moving volume's intensity ranges (preprocess.intensity_range) that scale
+    # the difference volume to [0, 1]; the overview scales its panels by the same
+    intensity_ranges: tuple[tuple[float, float], tuple[float, float]] | None = None
 
     # where the registration started (:mod:`initialise`); ``params``, ``slice_params`` and
     # ``network_fixed_to_moving_ras``'s network part are relative to it: a slice is resampled with
@@ -772,6 +775,7 @@ def register_volumes(
         agrees=combined.agrees,
         quality=judged.verdict,
         initialisation=run.initialisation,
+        intensity_ranges=(intensity_range(run.f_t), intensity_range(run.m_t)),
     )
 
 

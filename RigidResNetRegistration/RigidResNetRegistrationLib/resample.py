@@ -99,22 +99,31 @@ def sample_volume_at_ras(
     return out.reshape(pts.shape[:-1])
 
 
-def separable_axes(index_map: np.ndarray, tol: float = 1e-7) -> tuple[int, int] | None:
+def separable_axes(index_map: np.ndarray, tol: float = 1e-7, reference_shape: tuple[int, ...] | None = None,
+                   moving_shape: tuple[int, ...] | None = None) -> tuple[int, int] | None:
     """``(r, m)`` when a reference-ijk -> moving-ijk affine map keeps slices apart, else None.
 
     That is: moving array axis ``m`` depends only on reference axis ``r`` and the two other moving
     axes only on the two other reference axes (any in-plane rotation, flip or permutation, any
     spacing). Then trilinear resampling is a bilinear resampling of whole planes followed by linear
     interpolation between planes: the same numbers, far less work. ``tol`` is in voxels per voxel.
+    Where several axes qualify (grids that differ by a shift only), the cheapest is taken when the
+    shapes are given: the fewest moving voxels in the planes read (one plane of the fixed grid,
+    as the overview draws, reads one or two moving planes, not the whole volume); else the first.
     """
     a = np.asarray(index_map, dtype=np.float64)[:3, :3]
+    found = []
     for r in range(3):
         for m in range(3):
             other_r = [x for x in range(3) if x != r]
             other_m = [x for x in range(3) if x != m]
             if abs(a[m, r]) > tol and np.all(np.abs(a[m, other_r]) <= tol) and np.all(np.abs(a[other_m, r]) <= tol):
-                return r, m
-    return None
+                found.append((r, m))
+    if not found:
+        return None
+    if reference_shape is None or moving_shape is None:
+        return found[0]
+    return min(found, key=lambda rm: int(reference_shape[rm[0]]) * int(np.prod(moving_shape)) // max(1, int(moving_shape[rm[1]])))
 
 
 def _resample_separable(
@@ -179,7 +188,7 @@ def resample_volume(
     """
     t = np.eye(4) if fixed_to_moving_ras is None else np.asarray(fixed_to_moving_ras, dtype=np.float64)
     index_map = compose(invert(moving_ijk_to_ras), t, reference_ijk_to_ras)  # ref ijk -> moving ijk
-    axes = separable_axes(index_map) if allow_separable else None
+    axes = separable_axes(index_map, reference_shape=reference_shape, moving_shape=tuple(moving.shape)) if allow_separable else None
     if axes is not None:
         return _resample_separable(moving, index_map, reference_shape, *axes)
     return _resample_general(moving, index_map, reference_shape, slab_voxels)

@@ -238,6 +238,69 @@ def test_register_many_records_a_failed_pair_and_reads_the_next_pair_while_one_c
     assert list(row) == list(batch.SUMMARY_COLUMNS) and row["status"] == "failed" and row["fixed"] == fixed.name
 
 
+@pytest.mark.parametrize("write_behind", [True, False])
+def test_outputs_are_written_while_the_next_pair_computes_and_recorded_in_order(images, write_behind):
+    """With ``write_behind`` pair i's outputs are written in another thread while pair i+1 is
+    registered; pairs are still recorded (and ``done`` called) in order, each once written, and a
+    write that fails marks only its pair failed. Without it, every write is made in the caller's
+    thread before the next pair starts."""
+    fixed = phantom_volume(shape=(44, 50, 30), codes="LPS")
+    main = threading.main_thread()
+    events, write_threads = [], {}
+
+    def write(pair, inputs, result, started):
+        write_threads[pair.name] = threading.current_thread()
+        if pair.name == "first" and write_behind:  # held until the second pair's network has run
+            assert second_computing.wait(timeout=20)
+        events.append(f"written {pair.name}")
+        if pair.name == "second":
+            raise OSError("disk full")
+        return pair.name.upper()
+
+    second_computing = threading.Event()
+
+    class Recording(ConstantPredictor):
+        """One network call per pair here (one pass, one order): the second call is the second pair."""
+
+        def __call__(self, pairs):
+            events.append("compute")
+            if events.count("compute") > 1:
+                second_computing.set()
+            return super().__call__(pairs)
+
+    pairs = [batch.Pair(fixed, images / "moving.nii.gz", "first"), batch.Pair(fixed, images / "moving.nii.gz", "second"),
+             batch.Pair(fixed, images / "moving.nii.gz", "third")]
+    done = []
+    options = RegistrationOptions(device="cpu", iterations=1, refine=False, symmetric=False, init="header")
+    results = batch.register_many(pairs, Recording(ORACLE, MOTION), options, write=write, done=done.append,
+                                  write_behind=write_behind)
+    assert [r.name for r in results] == ["first", "second", "third"] and done == results
+    assert [r.status for r in results] == ["ok", "failed", "ok"] and "disk full" in results[1].error
+    assert [r.output for r in results] == ["FIRST", None, "THIRD"] and events.count("compute") == 3
+    if write_behind:
+        assert all(t is not main for t in write_threads.values())
+        # the second pair's computing began before the first pair's write ended
+        assert events.index("written first") > [i for i, e in enumerate(events) if e == "compute"][1]
+    else:
+        assert all(t is main for t in write_threads.values())
+        assert events.index("written first") < [i for i, e in enumerate(events) if e == "compute"][1]
+
+
+def test_outputs_are_written_behind_by_default_only_when_the_model_computes_on_a_gpu(images):
+    from types import SimpleNamespace
+
+    assert not batch.computes_off_the_cpu(SimpleNamespace(device=torch.device("cpu")))
+    assert batch.computes_off_the_cpu(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert batch.computes_off_the_cpu(SimpleNamespace(device="cuda:0"))
+    assert not batch.computes_off_the_cpu(ConstantPredictor(ORACLE, MOTION))  # no device: computes where it is called
+    fixed = phantom_volume(shape=(44, 50, 30), codes="LPS")
+    threads = []
+    options = RegistrationOptions(device="cpu", iterations=1, refine=False, symmetric=False, init="header")
+    pairs = [batch.Pair(fixed, images / "moving.nii.gz", name) for name in ("a", "b")]
+    batch.register_many(pairs, ConstantPredictor(ORACLE, MOTION), options, write=lambda *a: threads.append(threading.current_thread()))
+    assert threads == [threading.main_thread()] * 2
+
+
 # --------------------------------------------------------------------------- the Slicer Logic
 
 

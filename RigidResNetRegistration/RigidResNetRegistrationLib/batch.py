@@ -283,6 +283,46 @@ class _Prefetch:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def computes_off_the_cpu(predictor: Any) -> bool:
+    """The model runs on a GPU (its ``device`` is not the CPU): the CPU is then free to write one
+    pair's outputs while the next pair is registered."""
+    device = getattr(predictor, "device", None)
+    return device is not None and getattr(device, "type", str(device).split(":")[0]) != "cpu"
+
+
+class _WriteBehind:
+    """Writes one pair's outputs in a background thread while the next pair is registered (or in the
+    caller's thread, when its output is asked for, when disabled). ``submit`` returns a callable
+    giving the write's output (raising its error); ``pending`` holds the pair being written until
+    :meth:`wait` hands it back."""
+
+    def __init__(self, write: WriteHook | None, enabled: bool) -> None:
+        self.write, self.enabled = write, enabled
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rigid-resnet-write") if enabled else None
+        self.pending: tuple | None = None
+
+    def submit(self, pair: Pair, inputs: PairInputs, result: Any, started: float) -> Callable[[], Any]:
+        if self.write is None:
+            return lambda: None
+        if self.pool is None:  # written when the caller asks for the output, right away
+            return lambda: self.write(pair, inputs, result, started)
+        return self.pool.submit(self.write, pair, inputs, result, started).result
+
+    def wait(self) -> tuple | None:
+        """The pair submitted last, once its write is over (None when there is none)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            try:
+                pending[1]()  # wait here; its error (if any) is recorded by the caller
+            except Exception:
+                pass
+        return pending
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
 def register_many(
     pairs: Iterable[Pair | tuple],
     predictor: Predictor | None = None,
@@ -295,6 +335,7 @@ def register_many(
     cancel: Callable[[], bool] | None = None,
     prefetch: bool = True,
     keep_results: bool = True,
+    write_behind: bool | None = None,
 ) -> list[PairResult]:
     """Register every pair with one loaded model, in order; return one :class:`PairResult` per pair.
 
@@ -320,6 +361,12 @@ def register_many(
         keep_results: keep each pair's :class:`~.engine.RegistrationResult` (with its registered
             and difference volumes) in ``result``; False drops it once ``write`` is done (large
             cohorts), the verdict and similarities are kept.
+        write_behind: write pair i's outputs in a background thread while pair i+1 is registered
+            (one write at a time; ``write`` must then be safe outside the main thread: files are,
+            Slicer nodes are not). A pair is recorded, and ``done`` called, in order, once its
+            outputs are written. None (default): when the model runs on a GPU, whose computing
+            leaves the CPU free for writing; on a CPU the registration already keeps every core
+            busy and writing behind was slower (benchmarks/README.md, "Speed a user feels").
 
     A pair that fails (an image that cannot be read, a constant volume, a failure in ``write``...)
     is recorded with status ``failed`` and its one-line error, never raised; the others go on.
@@ -336,8 +383,26 @@ def register_many(
         predictor = load_model(None, base.device)
     reader = read or read_pair
     loader = _Prefetch(items, reader, prefetch)
+    if write_behind is None:
+        write_behind = computes_off_the_cpu(predictor)
+    writer = _WriteBehind(write, write_behind and write is not None and len(items) > 1)
     n = len(items)
     results: list[PairResult] = []
+
+    def record(out: PairResult, written: Callable[[], Any] | None, result: Any, started: float) -> None:
+        """Pair ``out`` is finished once ``written()`` returns its output (None: it failed before)."""
+        if written is not None:
+            try:
+                out.output = written()
+                out.status, out.verdict, out.similarity = "ok", result.verdict, dict(result.similarity)
+                out.result = result if keep_results else None
+            except Exception as exc:  # a failed pair is recorded, never raised
+                out.error = error_line(exc)
+        out.seconds = time.perf_counter() - started
+        results.append(out)
+        if done is not None:
+            done(out)
+
     try:
         for i, pair in enumerate(items):
             started = time.perf_counter()
@@ -348,28 +413,34 @@ def register_many(
                     progress((i + min(max(fraction, 0.0), 1.0)) / n, f"pair {i + 1}/{n} {name}: {message}")
 
             report(0.0, "reading")
+            written = result = None
             try:
                 inputs = loader.get(i)
                 if not isinstance(inputs, PairInputs):
                     inputs = PairInputs(*inputs)
                 opts = inputs.options or pair.options or base
                 result = register_volumes(inputs.fixed, inputs.moving, predictor, opts, progress=report, cancel=cancel)
-                out.output = write(pair, inputs, result, started) if write is not None else None
-                out.status, out.verdict, out.similarity = "ok", result.verdict, dict(result.similarity)
-                out.result = result if keep_results else None
             except (KeyboardInterrupt, RegistrationCancelled):
                 raise
             except Exception as exc:  # a failed pair is recorded, never raised
                 out.error = error_line(exc)
-            finally:
-                inputs = result = None  # this pair's volumes go before the next pair is read
-            out.seconds = time.perf_counter() - started
-            results.append(out)
-            if done is not None:
-                done(out)
+            previous = writer.wait()  # the previous pair is recorded first: results stay in order
+            if previous is not None:
+                record(*previous)
+            if result is not None:
+                written = writer.submit(pair, inputs, result, started)
+            if written is None or not writer.enabled:
+                record(out, written, result, started)
+            else:
+                writer.pending = (out, written, result, started)
+            inputs = result = written = None  # this pair's volumes go once written
+        previous = writer.wait()
+        if previous is not None:
+            record(*previous)
         if progress is not None and n:
             progress(1.0, f"{n} pairs done")
     finally:
+        writer.close()  # a write in progress finishes (its files are complete or absent)
         loader.close()
     return results
 

@@ -523,7 +523,8 @@ def register_node_pairs(
     def write(pair: Pair, inputs: PairInputs, result: "RegistrationResult", started: float) -> RegistrationNodes:
         return _result_nodes(pair.fixed, pair.moving, result, predictor.card, inputs.context, outputs)
 
-    results = register_many(items, predictor, options, read=read, write=write, progress=progress, cancel=cancel, prefetch=False)
+    results = register_many(items, predictor, options, read=read, write=write, progress=progress, cancel=cancel, prefetch=False,
+                            write_behind=False)  # MRML: the main thread only
     failed = [r.name for r in results if r.status != "ok"]
     (logging.warning if failed else logging.info)(
         f"Rigid ResNet Registration: {len(results) - len(failed)} of {len(results)} pairs registered"

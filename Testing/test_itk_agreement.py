@@ -176,17 +176,24 @@ def test_one_plane_of_a_shifted_grid_reads_few_planes_and_equals_itk(tmp_path, a
     assert np.allclose(fast, sitk_resample(tmp_path / "m.nii.gz", tmp_path / "f.nii.gz", tmp_path / "t.tfm"), atol=1e-3 * np.abs(slow).max())
 
 
-@pytest.mark.parametrize("ref_grid", ["RAS 2mm", "LPS anisotropic"])
-def test_per_slice_resampling_batched_equals_slice_by_slice(ref_grid):
+@pytest.mark.parametrize("ref_grid,unrotated", [("RAS 2mm", False), ("LPS anisotropic", False), ("RAS 2mm", True)])
+def test_per_slice_resampling_batched_equals_slice_by_slice(ref_grid, unrotated, monkeypatch):
     """``slices`` mode output: one in-plane transform per fixed slice. The batched plane path must
-    give the voxels of the general trilinear path applied slice by slice."""
+    give the voxels of the general trilinear path applied slice by slice, and be taken also when
+    some slices are only shifted (their maps keep slices apart along every axis)."""
+    from RigidResNetRegistrationLib import resample as resample_module
     from RigidResNetRegistrationLib.resample import resample_per_slice
 
+    batched = []
+    real = resample_module._resample_separable_per_slice
+    monkeypatch.setattr(resample_module, "_resample_separable_per_slice", lambda *a: batched.append(1) or real(*a))
     moving = phantom_volume(shape=(36, 40, 26), codes="LPS", spacing=(1.7, 2.1, 3.0))
     ref = phantom_volume(shape=(30, 34, 22), **GRIDS[ref_grid])
     frame = geo.slice_frame(ref.ijk_to_ras, ref.shape)
     n = ref.shape[frame.axis]
     params = np.stack([np.linspace(-4, 5, n), np.linspace(2, -3, n), np.linspace(-1, 1.5, n)], axis=1)
+    if unrotated:  # every third slice only shifted (as slices the network left unmoved)
+        params[::3, 0] = 0.0
     transforms = np.stack([geo.params_to_ras(p, frame, "rigid", s) @ geo.rigid_matrix_3d(translation_mm=(0, 0, 0.4))
                            for s, p in enumerate(params)])
     vol = torch.from_numpy(moving.array.astype(np.float32))
@@ -201,6 +208,7 @@ def test_per_slice_resampling_batched_equals_slice_by_slice(ref_grid):
         np.moveaxis(slow, frame.axis, 0)[s] = np.moveaxis(piece.numpy(), frame.axis, 0)[0]
     assert np.abs(slow).max() > 0
     assert np.allclose(fast, slow, atol=1e-4 * np.abs(slow).max())
+    assert batched == [1]
 
 
 @pytest.mark.parametrize("case,planes", [

@@ -99,6 +99,20 @@ def sample_volume_at_ras(
     return out.reshape(pts.shape[:-1])
 
 
+def separable_pairs(index_map: np.ndarray, tol: float = 1e-7) -> list[tuple[int, int]]:
+    """Every ``(r, m)`` for which :func:`separable_axes` holds (all three for grids that differ by a
+    shift or scaling only, one for an in-plane rotation, none for an oblique map)."""
+    a = np.asarray(index_map, dtype=np.float64)[:3, :3]
+    found = []
+    for r in range(3):
+        for m in range(3):
+            other_r = [x for x in range(3) if x != r]
+            other_m = [x for x in range(3) if x != m]
+            if abs(a[m, r]) > tol and np.all(np.abs(a[m, other_r]) <= tol) and np.all(np.abs(a[other_m, r]) <= tol):
+                found.append((r, m))
+    return found
+
+
 def separable_axes(index_map: np.ndarray, tol: float = 1e-7, reference_shape: tuple[int, ...] | None = None,
                    moving_shape: tuple[int, ...] | None = None) -> tuple[int, int] | None:
     """``(r, m)`` when a reference-ijk -> moving-ijk affine map keeps slices apart, else None.
@@ -111,14 +125,7 @@ def separable_axes(index_map: np.ndarray, tol: float = 1e-7, reference_shape: tu
     shapes are given: the fewest moving voxels in the planes read (one plane of the fixed grid,
     as the overview draws, reads one or two moving planes, not the whole volume); else the first.
     """
-    a = np.asarray(index_map, dtype=np.float64)[:3, :3]
-    found = []
-    for r in range(3):
-        for m in range(3):
-            other_r = [x for x in range(3) if x != r]
-            other_m = [x for x in range(3) if x != m]
-            if abs(a[m, r]) > tol and np.all(np.abs(a[m, other_r]) <= tol) and np.all(np.abs(a[other_m, r]) <= tol):
-                found.append((r, m))
+    found = separable_pairs(index_map, tol)
     if not found:
         return None
     if reference_shape is None or moving_shape is None:
@@ -280,9 +287,12 @@ def resample_per_slice(
     """
     n = int(reference_shape[axis])
     maps = np.stack([compose(invert(moving_ijk_to_ras), transforms[s], reference_ijk_to_ras) for s in range(n)])
-    axes = {separable_axes(m) for m in maps}
-    if len(axes) == 1 and None not in axes and next(iter(axes))[0] == axis:
-        return _resample_separable_per_slice(moving, maps, reference_shape, *next(iter(axes)))
+    # the slices kept apart along ``axis`` by every slice's map (a slice moved by a shift only is
+    # separable along every axis: the common one is taken, not the first)
+    common = set.intersection(*(set(separable_pairs(m)) for m in maps)) if n else set()
+    along = sorted(pair for pair in common if pair[0] == axis)
+    if along:
+        return _resample_separable_per_slice(moving, maps, reference_shape, *along[0])
     out = torch.empty(tuple(int(x) for x in reference_shape), dtype=torch.float32, device=moving.device)
     one = list(reference_shape)
     one[axis] = 1
@@ -311,19 +321,32 @@ def _resample_separable_per_slice(
     w = torch.as_tensor(zc - z0, dtype=torch.float32, device=dev)[:, None, None]
     z1 = np.minimum(z0 + 1, n_mov - 1)
     shape_in = tuple(int(reference_shape[x]) for x in ref_in)
-    u, v = torch.meshgrid(*(torch.arange(k, dtype=torch.float32, device=dev) for k in shape_in), indexing="ij")
-    uv = torch.stack([u, v], dim=-1).reshape(1, -1, 2)  # (1, R1*R2, 2)
-    bmat = torch.as_tensor(maps[:, mov_in][:, :, ref_in], dtype=torch.float32, device=dev)  # (S, 2, 2)
-    cvec = torch.as_tensor(maps[:, mov_in, 3], dtype=torch.float32, device=dev)  # (S, 2)
-    grid = (uv @ bmat.transpose(1, 2) + cvec[:, None, :]).reshape(n_ref, *shape_in, 2)
-    planes = moving.movedim(m, 0).float()
-    below = sample_at_indices(planes[torch.as_tensor(z0, device=dev)][:, None], grid)[:, 0]
+    u = torch.arange(shape_in[0], dtype=torch.float64, device=dev)[None, :, None]
+    v = torch.arange(shape_in[1], dtype=torch.float64, device=dev)[None, None, :]
+    # each point's moving in-plane index, in grid_sample's (x, y) order (the later moving axis
+    # first), as the broadcast sum of a per-row and a per-column term; then the ITK bounds, and the
+    # normalisation (align_corners=True; a size-1 axis reads 0) folded into the two terms
+    grid = torch.empty((n_ref, *shape_in, 2), dtype=torch.float32, device=dev)
+    inside_pt = torch.as_tensor(inside, device=dev)[:, None, None].expand(n_ref, *shape_in).clone()
+    for d, axis_m in enumerate((mov_in[1], mov_in[0])):
+        size = int(moving.shape[axis_m])
+        b = torch.as_tensor(maps[:, axis_m][:, ref_in], dtype=torch.float64, device=dev)  # (S, 2)
+        c = torch.as_tensor(maps[:, axis_m, 3], dtype=torch.float64, device=dev)[:, None, None]
+        rows, cols = b[:, 0, None, None] * u + c, b[:, 1, None, None] * v  # (S, R1, 1), (S, 1, R2)
+        index = torch.add(rows.float(), cols.float())
+        inside_pt &= (index >= -0.5) & (index <= size - 0.5)
+        scale = 2.0 / (size - 1) if size > 1 else 0.0
+        torch.add((rows * scale - (1.0 if size > 1 else 0.0)).float(), (cols * scale).float(), out=grid[..., d])
+    grid = grid.reshape(n_ref, -1, 2)
+    inside_pt = inside_pt.reshape(n_ref, -1)
+    planes = moving.movedim(m, 0)
+    below = grid_sample_points(planes[torch.as_tensor(z0, device=dev)][:, None].float(), grid)[:, 0]  # (S, P)
     out = below
     if bool((w > 0).any()):
-        above = sample_at_indices(planes[torch.as_tensor(z1, device=dev)][:, None], grid)[:, 0]
-        out = (1.0 - w) * below + w * above
-    out = out * torch.as_tensor(inside, dtype=torch.float32, device=dev)[:, None, None]
-    return out.movedim(0, r).contiguous()
+        above = grid_sample_points(planes[torch.as_tensor(z1, device=dev)][:, None].float(), grid)[:, 0]
+        out = above.sub_(below).mul_(w.reshape(n_ref, 1)).add_(below)  # (1 - w) below + w above
+    out.mul_(inside_pt)
+    return out.reshape(n_ref, *shape_in).movedim(0, r).contiguous()
 
 
 def slice_stack_index_maps(

@@ -248,3 +248,24 @@ def test_real_held_out_subset_has_no_false_alarm_and_no_miss():
     for bad in (cal.uniform_noise(moving, 0), cal.mirrored(moving)):
         out = cal.run_case({**case, "moving": bad, "truth": None}, model, "cpu")
         assert out["result"].verdict == "failed", out["result"].warnings
+
+
+@pytest.mark.parametrize("metric", ["ncc", "mi"])
+def test_a_probe_subset_keeps_every_slices_share_and_scores_alike(case, metric):
+    """The mirror search runs on a subset of the probe's points: every n-th point, each slice keeping
+    its share, the metric kept; its similarities follow the full probe's."""
+    fixed, moving, truth, _ = case
+    frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+    probe = qc.SimilarityProbe(as_float_tensor(fixed), fixed.ijk_to_ras, as_float_tensor(moving), moving.ijk_to_ras, frame,
+                               np.arange(6, 24, 2), (48, 48), 2.0, metric)
+    few = probe.subset(probe.n_points // 3)
+    assert few is not probe and probe.n_points // 4 <= few.n_points <= probe.n_points // 3
+    assert probe.subset(probe.n_points) is probe
+    share = [(r.stop - r.start) / probe.n_points for r in probe.rows]
+    assert np.allclose([(r.stop - r.start) / few.n_points for r in few.rows], share, atol=0.02)
+    assert few.metric == probe.metric == metric and len(few.fixed) == few.n_points
+    off = geo.rigid_matrix_3d((0, 0, 4.0), (3.0, 0, 0), frame.centre)
+    full_sims, _ = probe(np.stack([truth, truth @ off]))
+    few_sims, _ = few(np.stack([truth, truth @ off]))
+    assert few_sims[0] > few_sims[1] and full_sims[0] > full_sims[1]
+    assert abs(few_sims[0] - full_sims[0]) < 0.1 * abs(full_sims[0])

@@ -309,3 +309,20 @@ def test_as_float_tensor_is_a_contiguous_float32_copy_of_any_array_layout(layout
     assert np.array_equal(tensor.numpy(), array.astype(np.float32))
     tensor.fill_(0)  # a copy: the input is never written through it
     assert np.array_equal(array, before)
+
+
+def test_initialise_false_leaves_the_network_for_loaded_weights():
+    """``initialise=True``: torchvision's He-normal convolutions and a zero last layer (the
+    identity); ``initialise=False`` skips both (load_model builds so on the meta device)."""
+    torch.manual_seed(0)
+    net = ResNetRegressor(3)
+    conv = net.features.layer1[0].conv1.weight.detach()
+    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
+    assert abs(float(conv.std()) - (2.0 / fan_out) ** 0.5) < 0.1 * (2.0 / fan_out) ** 0.5
+    assert not net.regressor[2].weight.any() and not net.regressor[2].bias.any()
+    plain = ResNetRegressor(3, initialise=False)
+    assert plain.regressor[2].weight.any()  # PyTorch's own default, not zeroed
+    conv = plain.features.layer1[0].conv1.weight.detach()
+    assert float(conv.std()) < 0.5 * (2.0 / fan_out) ** 0.5  # PyTorch's kaiming-uniform(a=sqrt 5) default, not He-normal
+    with torch.device("meta"):
+        assert ResNetRegressor(3, initialise=False).features.conv1.weight.is_meta

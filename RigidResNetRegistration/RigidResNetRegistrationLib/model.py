@@ -28,21 +28,24 @@ __all__ = ["DEFAULT_CARD", "MODELS_DIR", "ModelCard", "ModelError", "read_model_
 class ResNetRegressor(nn.Module):
     """ResNet-34 feature extractor (2-channel input) + FC(512, hidden) - ReLU - FC(hidden, P)."""
 
-    def __init__(self, n_params: int = 3, hidden: int = 256, in_channels: int = 2) -> None:
+    def __init__(self, n_params: int = 3, hidden: int = 256, in_channels: int = 2, initialise: bool = True) -> None:
+        """``initialise``: random features, a zero last layer (the identity transform); False: left
+        as allocated, for weights loaded next (:func:`load_model`)."""
         super().__init__()
-        self.features = resnet34_features(in_channels)  # torchvision's module names: its state dicts load
+        self.features = resnet34_features(in_channels, initialise)  # torchvision's module names: its state dicts load
         self.regressor = nn.Sequential(nn.Linear(512, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_params))
-        nn.init.zeros_(self.regressor[2].weight)
-        nn.init.zeros_(self.regressor[2].bias)
+        if initialise:
+            nn.init.zeros_(self.regressor[2].weight)
+            nn.init.zeros_(self.regressor[2].bias)
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         """``(B, 2, H, W)`` fixed/moving pairs -> ``(B, P)`` parameters."""
         return self.regressor(self.features(pair))
 
 
-def build_model(card: ModelCard) -> ResNetRegressor:
-    """An (untrained) network with the card's architecture."""
-    return ResNetRegressor(n_params=card.n_params, hidden=card.hidden)
+def build_model(card: ModelCard, initialise: bool = True) -> ResNetRegressor:
+    """An (untrained) network with the card's architecture (``initialise``: as :class:`ResNetRegressor`)."""
+    return ResNetRegressor(n_params=card.n_params, hidden=card.hidden, initialise=initialise)
 
 
 def load_state(card: ModelCard) -> dict[str, torch.Tensor] | None:
@@ -159,7 +162,7 @@ def load_model(card_path: str | Path | None = None, device: str = "auto") -> Loa
             # built on the meta device (no random initialisation: 0.2-0.4 s of a command line run on
             # 2 CPU cores), the weights then taken as the parameters themselves
             with torch.device("meta"):
-                network = build_model(card)
+                network = build_model(card, initialise=False)
             try:
                 network.load_state_dict({k: _as_float32(v) for k, v in state.items()}, assign=True)
             except (RuntimeError, AttributeError) as exc:

@@ -47,7 +47,7 @@ class ResNetFeatures(nn.Module):
     """Stem (7x7 convolution, batch norm, ReLU, max pool), four stages of basic blocks, global
     average pool, and ``fc = Identity`` (kept so the module tree matches torchvision's)."""
 
-    def __init__(self, layers: tuple[int, int, int, int] = (3, 4, 6, 3), in_channels: int = 3) -> None:
+    def __init__(self, layers: tuple[int, int, int, int] = (3, 4, 6, 3), in_channels: int = 3, initialise: bool = True) -> None:
         super().__init__()
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -60,9 +60,10 @@ class ResNetFeatures(nn.Module):
         self.layer4 = self._make_layer(512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Identity()
-        # torchvision's initialisation; none on the meta device (a network built there to take loaded
-        # weights, model.load_model: initialising it would import torch._dynamo, 1.4 s)
-        for m in (() if self.conv1.weight.is_meta else self.modules()):
+        # torchvision's initialisation; ``initialise=False`` skips it for a network whose weights are
+        # loaded next (model.load_model builds it on the meta device: initialising there would
+        # import torch._dynamo, 1.4 s)
+        for m in (self.modules() if initialise else ()):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
@@ -87,6 +88,7 @@ class ResNetFeatures(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet34_features(in_channels: int = 2) -> ResNetFeatures:
-    """A ResNet-34 feature extractor taking ``in_channels`` input channels (the network's pairs: 2)."""
-    return ResNetFeatures((3, 4, 6, 3), in_channels)
+def resnet34_features(in_channels: int = 2, initialise: bool = True) -> ResNetFeatures:
+    """A ResNet-34 feature extractor taking ``in_channels`` input channels (the network's pairs: 2);
+    ``initialise``: torchvision's random initialisation (False: left as allocated, to load weights into)."""
+    return ResNetFeatures((3, 4, 6, 3), in_channels, initialise)

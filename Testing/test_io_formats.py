@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -407,7 +408,7 @@ def test_output_format_writes_readable_volumes_on_the_fixed_grid(tmp_path, forma
     assert read_tfm(out / "transform.tfm") == pytest.approx(read_tfm(nifti / "transform.tfm"))
 
 
-@pytest.mark.parametrize("layout", ["C", "F", "flipped", "big-endian"])
+@pytest.mark.parametrize("layout", ["C", "F", "flipped", "big-endian", "read-only"])
 def test_fortran_order_gives_the_nifti_voxel_order_and_the_written_file_reads_back(tmp_path, layout):
     """The engine's outputs are C-ordered; NIfTI stores i fastest: the reordering is made once
     (torch, every thread) and the file holds the same voxels whatever the input's layout."""
@@ -416,8 +417,11 @@ def test_fortran_order_gives_the_nifti_voxel_order_and_the_written_file_reads_ba
 
     base = np.random.default_rng(5).random((7, 8, 9)).astype(np.float32)
     array = {"C": base, "F": np.asfortranarray(base), "flipped": base[::-1, :, ::-1],
-             "big-endian": base.astype(">f4")}[layout]
-    out = fortran_order(array)
+             "big-endian": base.astype(">f4"), "read-only": base.copy()}[layout]
+    array.flags.writeable = layout != "read-only"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on read-only views: never shown to a user
+        out = fortran_order(array)
     assert out.flags.f_contiguous and out.dtype == np.float32 and np.array_equal(out, array.astype(np.float32))
     ijk_to_ras = np.diag([1.5, 2.0, 2.5, 1.0])
     write_volume(Volume(array, ijk_to_ras, layout), tmp_path / "v.nii.gz")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -287,7 +289,7 @@ def test_point_metrics_score_as_the_functions_they_wrap_and_reject_what_they_can
         point_metric("ssd", fixed)
 
 
-@pytest.mark.parametrize("layout", ["fortran", "flipped", "big-endian int16", "uint16", "bool", "float64 C"])
+@pytest.mark.parametrize("layout", ["fortran", "flipped", "big-endian int16", "uint16", "bool", "float64 C", "read-only"])
 def test_as_float_tensor_is_a_contiguous_float32_copy_of_any_array_layout(layout):
     """NIfTI readers give Fortran-ordered arrays; flips give negative strides; some files are
     big-endian: every layout becomes the same C-contiguous float32 [i, j, k] copy, input untouched."""
@@ -301,10 +303,14 @@ def test_as_float_tensor_is_a_contiguous_float32_copy_of_any_array_layout(layout
         "uint16": rng.integers(0, 60000, (5, 6, 7)).astype(np.uint16),
         "bool": rng.random((5, 6, 7)) > 0.5,
         "float64 C": rng.random((5, 6, 7)),
+        "read-only": np.asfortranarray(rng.random((5, 6, 7), dtype=np.float32)),
     }
     array = arrays[layout]
+    array.flags.writeable = layout != "read-only"  # a memory map or Slicer's array: no torch warning either
     before = array.copy()
-    tensor = as_float_tensor(Volume(array, np.eye(4), layout))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = as_float_tensor(Volume(array, np.eye(4), layout))
     assert tensor.dtype == torch.float32 and tensor.is_contiguous() and tuple(tensor.shape) == array.shape
     assert np.array_equal(tensor.numpy(), array.astype(np.float32))
     tensor.fill_(0)  # a copy: the input is never written through it

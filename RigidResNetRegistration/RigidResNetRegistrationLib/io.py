@@ -306,7 +306,7 @@ def fortran_order(array: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
     (0.04 s for a 240 x 240 x 155 float32 volume on 2 threads; numpy's single-threaded copy,
     which nibabel would make, takes 0.2 s)."""
     a = np.asarray(array)
-    if a.ndim < 2 or a.flags.f_contiguous:
+    if a.ndim < 2 or a.flags.f_contiguous or not a.flags.writeable:  # torch would warn on a read-only view
         return np.asarray(a, dtype=dtype, order="F")
     try:
         import torch

@@ -157,7 +157,7 @@ def _voxels(volume: Volume) -> torch.Tensor:
     """The volume's voxels as a float32 tensor ``[i, j, k]``: a view when they are float32 already
     (a NIfTI volume's Fortran order as it is: the panels read a few planes of it), else a copy."""
     a = np.asarray(volume.array)
-    if a.dtype == np.float32 and a.dtype.isnative and all(stride >= 0 for stride in a.strides):
+    if a.dtype == np.float32 and a.dtype.isnative and a.flags.writeable and all(stride >= 0 for stride in a.strides):
         return torch.from_numpy(a)
     return as_float_tensor(volume)
 

@@ -55,6 +55,8 @@ def as_float_tensor(volume: Volume, device: torch.device | str = "cpu") -> torch
     big-endian or unsupported types)."""
     array = np.asarray(volume.array)
     try:
+        if not array.flags.writeable:  # torch warns on read-only views (memory maps, Slicer's arrays)
+            raise ValueError("read-only")
         source = torch.from_numpy(array)
     except (TypeError, ValueError):  # negative strides, non-native byte order, object arrays...
         source = torch.from_numpy(np.array(array, dtype=np.float32, copy=True, order="C"))

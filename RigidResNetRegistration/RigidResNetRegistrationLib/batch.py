@@ -294,7 +294,7 @@ class _WriteBehind:
     """Writes one pair's outputs in a background thread while the next pair is registered (or in the
     caller's thread, when its output is asked for, when disabled). ``submit`` returns a callable
     giving the write's output (raising its error); ``pending`` holds the pair being written until
-    :meth:`wait` hands it back."""
+    :meth:`take` hands it back."""
 
     def __init__(self, write: WriteHook | None, enabled: bool) -> None:
         self.write, self.enabled = write, enabled
@@ -308,14 +308,10 @@ class _WriteBehind:
             return lambda: self.write(pair, inputs, result, started)
         return self.pool.submit(self.write, pair, inputs, result, started).result
 
-    def wait(self) -> tuple | None:
-        """The pair submitted last, once its write is over (None when there is none)."""
+    def take(self) -> tuple | None:
+        """The pair submitted last and not yet recorded (None when there is none); recording it
+        waits for its write."""
         pending, self.pending = self.pending, None
-        if pending is not None:
-            try:
-                pending[1]()  # wait here; its error (if any) is recorded by the caller
-            except Exception:
-                pass
         return pending
 
     def close(self) -> None:
@@ -424,7 +420,7 @@ def register_many(
                 raise
             except Exception as exc:  # a failed pair is recorded, never raised
                 out.error = error_line(exc)
-            previous = writer.wait()  # the previous pair is recorded first: results stay in order
+            previous = writer.take()  # the previous pair is recorded first: results stay in order
             if previous is not None:
                 record(*previous)
             if result is not None:
@@ -434,7 +430,7 @@ def register_many(
             else:
                 writer.pending = (out, written, result, started)
             inputs = result = written = None  # this pair's volumes go once written
-        previous = writer.wait()
+        previous = writer.take()
         if previous is not None:
             record(*previous)
         if progress is not None and n:

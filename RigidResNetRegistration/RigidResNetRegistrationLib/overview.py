@@ -27,7 +27,7 @@ import torch
 from .engine import RegistrationResult, difference_image, scale_to_unit
 from .geometry import voxel_directions
 from .io import atomic_path
-from .preprocess import Volume, as_float_tensor, intensity_range
+from .preprocess import Volume, as_float_tensor, intensity_range, torch_view
 from .resample import resample_volume
 
 #: RAS directions towards a panel's right edge and its top edge, as in Slicer's slice views.
@@ -156,10 +156,8 @@ def overview_layout(fixed: Volume, result: RegistrationResult) -> PanelLayout:
 def _voxels(volume: Volume) -> torch.Tensor:
     """The volume's voxels as a float32 tensor ``[i, j, k]``: a view when they are float32 already
     (a NIfTI volume's Fortran order as it is: the panels read a few planes of it), else a copy."""
-    a = np.asarray(volume.array)
-    if a.dtype == np.float32 and a.dtype.isnative and a.flags.writeable and all(stride >= 0 for stride in a.strides):
-        return torch.from_numpy(a)
-    return as_float_tensor(volume)
+    view = torch_view(volume.array) if np.asarray(volume.array).dtype == np.float32 else None
+    return view if view is not None else as_float_tensor(volume)
 
 
 def _plane(array: np.ndarray, axis: int, index: int) -> torch.Tensor:

@@ -47,6 +47,7 @@ import slicer.util
 import vtk
 
 from .errors import RegistrationCancelled
+from .model_card import MODELS_DIR, ModelError, read_model_card  # torch-free
 
 try:
     from slicer.i18n import tr
@@ -55,8 +56,6 @@ except ImportError:  # slicer-core (MRML without the application) has no transla
     def tr(text: str) -> str:
         """Slicer's translation of a user-visible text (the text itself outside the application)."""
         return text
-
-from .model_card import MODELS_DIR, ModelError, read_model_card  # torch-free
 
 if TYPE_CHECKING:  # only for type hints: these modules import torch
     from .batch import PairResult

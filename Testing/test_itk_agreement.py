@@ -302,7 +302,7 @@ def test_inside_runs_match_the_per_point_itk_bounds():
         norm[:3, 3] -= 1.0
         rows = norm[[2, 1, 0]]
         bound = 1.0 + 0.5 * scale[[2, 1, 0]]
-        first, last = _inside_runs(rows, bound, ni, nj, nk)
+        first, last = _inside_runs(rows, -bound, bound, ni, nj, nk)
         ijk = np.stack(np.meshgrid(np.arange(ni), np.arange(nj), np.arange(nk), indexing="ij"), -1).astype(np.float64)
         idx = ijk @ index_map[:3, :3].T + index_map[:3, 3]
         inside = np.all((idx >= -0.5) & (idx <= sizes - 0.5), axis=-1)
@@ -331,3 +331,50 @@ def test_index_to_grid_samples_and_bounds_as_sample_at_indices():
     assert torch.allclose(ours, ref, atol=1e-5)
     with pytest.raises(ValueError, match="3D shape"):
         index_to_grid((4, 5))
+
+
+def test_nonzero_box_is_the_box_of_the_nonzero_voxels():
+    from RigidResNetRegistrationLib.resample import nonzero_box
+
+    rng = np.random.default_rng(3)
+    for trial in range(12):
+        vol = np.zeros((9, 11, 7), dtype=np.float32)
+        lo = rng.integers(0, [9, 11, 7])
+        hi = np.minimum(lo + rng.integers(0, 5, 3), [8, 10, 6])
+        vol[tuple(lo)] = -2.0  # a negative value at one corner of the box
+        vol[tuple(hi)] = 3.0
+        first, last = nonzero_box(torch.from_numpy(vol))
+        where = np.argwhere(vol != 0)
+        assert np.array_equal(first, where.min(axis=0)) and np.array_equal(last, where.max(axis=0)), trial
+    assert nonzero_box(torch.zeros(4, 5, 6)) is None
+    full = torch.rand(4, 5, 6) + 0.1  # nonzero on every face: the whole volume, from the faces
+    first, last = nonzero_box(full)
+    assert first.tolist() == [0, 0, 0] and last.tolist() == [3, 4, 5]
+
+
+@pytest.mark.parametrize("touching", [False, True])
+def test_general_resampler_samples_only_near_the_signal_and_equals_every_point_sampled(touching):
+    """The general resampler samples only the points that can interpolate a nonzero value (near the
+    nonzero box of a skull-stripped volume, within ITK's bounds) and leaves the others 0: it must
+    equal ITK-bounded linear interpolation of every point (``sample_at_indices``), to float
+    rounding, for rotated and shifted maps that cut the box at its edges."""
+    from RigidResNetRegistrationLib.resample import sample_at_indices
+
+    rng = np.random.default_rng(4)
+    moving = np.zeros((30, 26, 22), dtype=np.float32)
+    box = (slice(0, 14), slice(5, 20), slice(3, 22)) if touching else (slice(8, 21), slice(6, 19), slice(5, 16))
+    moving[box] = rng.uniform(-1.0, 2.0, moving[box].shape)  # negative values too
+    vol = torch.from_numpy(moving)
+    ref_shape = (28, 24, 25)
+    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in ref_shape), indexing="ij"), -1).reshape(-1, 3).astype(np.float64)
+    near = 0
+    for trial in range(6):
+        index_map = geo.rigid_matrix_3d(tuple(rng.uniform(-25, 25, 3)), tuple(rng.uniform(-6, 6, 3)), np.array([14.0, 12.0, 12.0]))
+        ours = resample_volume(vol, np.eye(4), ref_shape, index_map, None, allow_separable=False)
+        idx = ijk @ index_map[:3, :3].T + index_map[:3, 3]
+        every = sample_at_indices(vol[None, None], torch.as_tensor(idx[None], dtype=torch.float32))[0, 0].reshape(ref_shape)
+        assert torch.allclose(ours, every, atol=1e-5), trial
+        near += int((every != 0).sum())
+    assert near > 1000  # the maps keep much of the signal in the reference grid
+    assert torch.equal(resample_volume(torch.zeros(5, 6, 7), np.eye(4), (4, 4, 4), np.eye(4), allow_separable=False),
+                       torch.zeros(4, 4, 4))

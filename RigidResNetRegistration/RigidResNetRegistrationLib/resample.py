@@ -201,6 +201,39 @@ def resample_volume(
     return _resample_general(moving, index_map, reference_shape, slab_voxels)
 
 
+def nonzero_box(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """The smallest box of array indices ``(i, j, k)`` holding every nonzero voxel of a 3D
+    ``volume``: ``(first, last)`` int arrays (inclusive), or None when every voxel is 0. A volume
+    with a nonzero voxel on each of its six faces (a head with its background noise) is its own
+    box, found from the faces alone."""
+    shape = np.asarray(volume.shape, dtype=np.int64)
+    if all(bool(volume.select(axis, end).any()) for axis in range(3) for end in (0, -1)):
+        return np.zeros(3, dtype=np.int64), shape - 1
+    nonzero = volume != 0
+    ij = nonzero.any(dim=2)
+    hits = (ij.any(dim=1), ij.any(dim=0), nonzero.any(dim=1).any(dim=0))
+    found = [torch.nonzero(h).flatten() for h in hits]
+    if found[0].numel() == 0:
+        return None
+    return (np.asarray([int(f[0]) for f in found], dtype=np.int64),
+            np.asarray([int(f[-1]) for f in found], dtype=np.int64))
+
+
+def _signal_bounds(shape: tuple[int, int, int], box: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """grid_sample's normalised ``(x, y, z)`` lower and upper bounds of the points whose linear
+    interpolation in a volume of ``shape`` can be nonzero, given the ``box`` of its nonzero voxels
+    (:func:`nonzero_box`): within ITK's bounds (half a voxel beyond the edge voxels) and closer than
+    one voxel (plus a 1e-3 voxel margin for rounding) to the box on every axis; every point outside
+    them interpolates only zeros."""
+    sizes = np.asarray(shape, dtype=np.float64)
+    lo_idx = np.maximum(-0.5, box[0] - 1.0 - 1e-3)
+    hi_idx = np.minimum(sizes - 0.5, box[1] + 1.0 + 1e-3)
+    scale = 2.0 / np.maximum(sizes - 1, 1)  # as index_to_grid, per array axis i, j, k
+    lower = np.where(sizes > 1, lo_idx * scale - 1.0, -1.0)  # a size-1 axis maps every index to 0: inside
+    upper = np.where(sizes > 1, hi_idx * scale - 1.0, 1.0)
+    return lower[::-1].copy(), upper[::-1].copy()  # as (x, y, z): x is k
+
+
 def _resample_general(
     moving: torch.Tensor, index_map: np.ndarray, reference_shape: tuple[int, int, int], slab_voxels: int = 262_144
 ) -> torch.Tensor:
@@ -209,16 +242,22 @@ def _resample_general(
 
     The map is folded into grid_sample's normalised coordinates (``align_corners=True``: index
     ``0 -> -1``, ``n - 1 -> +1``, axes in reversed order) once, so each slab's sampling grid is the
-    broadcast sum of three per-axis terms. A point is inside when every normalised coordinate lies
-    within half a voxel of ``[-1, 1]``; the inside points of each row form one run of ``k``, found
-    once per row (:func:`_inside_runs`). The points are sampled in parallel on CPU threads
+    broadcast sum of three per-axis terms. Only points that can interpolate a nonzero value are
+    sampled: along a row each coordinate is linear in ``k``, so the points inside the moving
+    volume (ITK bounds) and near its nonzero voxels (:func:`nonzero_box`: the brain of a
+    skull-stripped volume) form one run of ``k``, found once per row (:func:`_inside_runs`); each
+    slab samples the rectangle of ``(j, k)`` holding its runs, and every other voxel is 0, exactly
+    what sampling it would give. The points are sampled in parallel on CPU threads
     (:func:`grid_sample_points`).
     """
     dev = moving.device
-    to_grid, bound = index_to_grid(tuple(moving.shape))
-    rows = (to_grid @ np.asarray(index_map, dtype=np.float64))[:3]  # reference ijk -> grid_sample's (x, y, z)
     ni, nj, nk = (int(s) for s in reference_shape)
-    out = torch.empty((ni, nj, nk), dtype=torch.float32, device=dev)
+    out = torch.zeros((ni, nj, nk), dtype=torch.float32, device=dev)
+    box = nonzero_box(moving)
+    if box is None:  # an all-zero volume resamples to zeros
+        return out
+    to_grid, _ = index_to_grid(tuple(moving.shape))
+    rows = (to_grid @ np.asarray(index_map, dtype=np.float64))[:3]  # reference ijk -> grid_sample's (x, y, z)
     vol = moving[None, None].float()
 
     def axis_term(n: int, column: int, with_offset: bool) -> torch.Tensor:
@@ -229,27 +268,34 @@ def _resample_general(
 
     ti = axis_term(ni, 0, True)[:, None, None, :]
     tjk = axis_term(nj, 1, False)[None, :, None, :] + axis_term(nk, 2, False)[None, None, :, :]  # one plane
-    k_first, k_last = _inside_runs(rows, bound, ni, nj, nk)
-    k_index = torch.arange(nk, dtype=torch.int32, device=dev)
-    first_t = torch.as_tensor(k_first, dtype=torch.int32, device=dev)[..., None]
-    last_t = torch.as_tensor(k_last, dtype=torch.int32, device=dev)[..., None]
+    k_first, k_last = _inside_runs(rows, *_signal_bounds(tuple(moving.shape), box), ni, nj, nk)
+    k_index = torch.arange(nk, dtype=torch.int64, device=dev)
     per_slab = max(1, slab_voxels // max(1, nj * nk))
     for i0 in range(0, ni, per_slab):
         i1 = min(ni, i0 + per_slab)
-        grid = ti[i0:i1] + tjk  # (slab, J, K, 3) normalised (x, y, z)
-        inside = (k_index >= first_t[i0:i1]) & (k_index <= last_t[i0:i1])
+        first, last = k_first[i0:i1], k_last[i0:i1]
+        filled = first <= last
+        if not filled.any():
+            continue
+        js = np.flatnonzero(filled.any(axis=0))
+        j0, j1 = int(js[0]), int(js[-1]) + 1
+        k0, k1 = int(first[filled].min()), int(last[filled].max()) + 1
+        grid = ti[i0:i1] + tjk[:, j0:j1, k0:k1]  # (slab, j1 - j0, k1 - k0, 3) normalised (x, y, z)
+        inside = ((k_index[k0:k1] >= torch.as_tensor(first[:, j0:j1, None], device=dev))
+                  & (k_index[k0:k1] <= torch.as_tensor(last[:, j0:j1, None], device=dev)))
         sampled = grid_sample_points(vol, grid.reshape(1, -1, 3)).reshape(grid.shape[:3])
-        out[i0:i1] = sampled * inside
+        out[i0:i1, j0:j1, k0:k1] = sampled * inside
     return out
 
 
-def _inside_runs(rows: np.ndarray, bound: np.ndarray, ni: int, nj: int, nk: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each reference row ``(i, j)``, the first and last ``k`` whose point lies inside the
-    moving volume (ITK bounds): ``(ni, nj)`` int arrays (``first > last`` for none).
+def _inside_runs(rows: np.ndarray, lower: np.ndarray, upper: np.ndarray, ni: int, nj: int,
+                 nk: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each reference row ``(i, j)``, the first and last ``k`` whose point lies within the
+    bounds: ``(ni, nj)`` int arrays (``first > last`` for none).
 
     ``rows``: ``(3, 4)`` map from reference ``(i, j, k, 1)`` to grid_sample's normalised ``(x, y, z)``;
-    ``bound``: ``(3,)`` the largest inside ``|x|, |y|, |z|``. Along a row each coordinate is linear
-    in ``k``, so the inside points are one run, found per row (float64) instead of per point.
+    ``lower``, ``upper``: ``(3,)`` the bounds of ``x, y, z``. Along a row each coordinate is linear
+    in ``k``, so the points within them are one run, found per row (float64) instead of per point.
     """
     i = np.arange(ni, dtype=np.float64)[:, None]
     j = np.arange(nj, dtype=np.float64)[None, :]
@@ -259,10 +305,10 @@ def _inside_runs(rows: np.ndarray, bound: np.ndarray, ni: int, nj: int, nk: int)
         a = rows[d, 0] * i + rows[d, 1] * j + rows[d, 3]  # coordinate d at k = 0
         slope = rows[d, 2]
         if abs(slope) < 1e-12:  # constant along the row
-            out = np.abs(a) > bound[d]
+            out = (a < lower[d]) | (a > upper[d])
             lo[out], hi[out] = np.inf, -np.inf
             continue
-        k1, k2 = (-bound[d] - a) / slope, (bound[d] - a) / slope
+        k1, k2 = (lower[d] - a) / slope, (upper[d] - a) / slope
         lo = np.maximum(lo, np.minimum(k1, k2))
         hi = np.minimum(hi, np.maximum(k1, k2))
     first = np.clip(np.ceil(lo), 0, nk)

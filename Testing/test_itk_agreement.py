@@ -378,3 +378,34 @@ def test_general_resampler_samples_only_near_the_signal_and_equals_every_point_s
     assert near > 1000  # the maps keep much of the signal in the reference grid
     assert torch.equal(resample_volume(torch.zeros(5, 6, 7), np.eye(4), (4, 4, 4), np.eye(4), allow_separable=False),
                        torch.zeros(4, 4, 4))
+
+
+@pytest.mark.parametrize("touching", [False, True])
+def test_per_slice_resampler_samples_only_near_the_signal_and_equals_every_point_sampled(touching):
+    """``slices`` mode output: the batched plane path samples only the slices and the in-plane
+    rectangle that can interpolate a nonzero value of a volume with zero margins
+    (``_signal_region_per_slice``); it must equal ITK-bounded linear interpolation of every point
+    (``sample_at_indices``), to float rounding, with slices reaching the box's edges and beyond."""
+    from RigidResNetRegistrationLib.resample import _signal_region_per_slice, nonzero_box, resample_per_slice, sample_at_indices
+
+    rng = np.random.default_rng(5)
+    moving = np.zeros((30, 26, 22), dtype=np.float32)
+    box = (slice(0, 14), slice(5, 26), slice(3, 19)) if touching else (slice(8, 21), slice(6, 19), slice(5, 16))
+    moving[box] = rng.uniform(-1.0, 2.0, moving[box].shape)
+    vol = torch.from_numpy(moving)
+    ref_shape = (28, 24, 25)
+    axis = 2  # one transform per reference slice along k; in-plane rotations keep the slices apart
+    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in ref_shape), indexing="ij"), -1).astype(np.float64)
+    transforms = []
+    for s in range(ref_shape[axis]):
+        t = geo.rigid_matrix_3d((0.0, 0.0, float(rng.uniform(-20, 20))), (*rng.uniform(-4, 4, 2), 0.0), np.array([14.0, 12.0, 12.0]))
+        t[2, 3] += 0.3 - 2.0  # slices between and beyond the moving planes
+        transforms.append(t)
+    transforms = np.stack(transforms)
+    ours = resample_per_slice(vol, np.eye(4), ref_shape, np.eye(4), axis, transforms)
+    idx = np.einsum("kab,ijkb->ijka", transforms[:, :3, :3], ijk) + transforms[:, :3, 3]
+    every = sample_at_indices(vol[None, None], torch.as_tensor(idx.reshape(1, -1, 3), dtype=torch.float32))[0, 0].reshape(ref_shape)
+    assert int((every != 0).sum()) > 1000
+    assert torch.allclose(ours, every, atol=1e-5)
+    region = _signal_region_per_slice(transforms, nonzero_box(vol), vol.shape, ref_shape, axis, axis)
+    assert region is not None and (region[0].stop - region[0].start) < ref_shape[axis]  # some slices skipped

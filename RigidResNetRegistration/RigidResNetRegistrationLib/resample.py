@@ -219,6 +219,15 @@ def nonzero_box(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
             np.asarray([int(f[-1]) for f in found], dtype=np.int64))
 
 
+def _nonzero_box_if_worth(moving: torch.Tensor, n_points: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`nonzero_box` of ``moving`` when sampling ``n_points`` points costs about as much as
+    finding it (at least half as many points as voxels: a whole output volume); else the whole
+    volume's box, so that a few slices or one plane do not pay a pass over every voxel."""
+    if 2 * int(n_points) >= moving.numel():
+        return nonzero_box(moving)
+    return np.zeros(3, dtype=np.int64), np.asarray(moving.shape, dtype=np.int64) - 1
+
+
 def _signal_bounds(shape: tuple[int, int, int], box: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """grid_sample's normalised ``(x, y, z)`` lower and upper bounds of the points whose linear
     interpolation in a volume of ``shape`` can be nonzero, given the ``box`` of its nonzero voxels
@@ -245,7 +254,8 @@ def _resample_general(
     broadcast sum of three per-axis terms. Only points that can interpolate a nonzero value are
     sampled: along a row each coordinate is linear in ``k``, so the points inside the moving
     volume (ITK bounds) and near its nonzero voxels (:func:`nonzero_box`: the brain of a
-    skull-stripped volume) form one run of ``k``, found once per row (:func:`_inside_runs`); each
+    skull-stripped volume; looked for when the reference grid is a whole volume,
+    :func:`_nonzero_box_if_worth`) form one run of ``k``, found once per row (:func:`_inside_runs`); each
     slab samples the rectangle of ``(j, k)`` holding its runs, and every other voxel is 0, exactly
     what sampling it would give. The points are sampled in parallel on CPU threads
     (:func:`grid_sample_points`).
@@ -253,7 +263,7 @@ def _resample_general(
     dev = moving.device
     ni, nj, nk = (int(s) for s in reference_shape)
     out = torch.zeros((ni, nj, nk), dtype=torch.float32, device=dev)
-    box = nonzero_box(moving)
+    box = _nonzero_box_if_worth(moving, ni * nj * nk)
     if box is None:  # an all-zero volume resamples to zeros
         return out
     to_grid, _ = index_to_grid(tuple(moving.shape))
@@ -350,30 +360,79 @@ def resample_per_slice(
     return out
 
 
+def _signal_region_per_slice(
+    maps: np.ndarray, box: tuple[np.ndarray, np.ndarray], moving_shape: tuple[int, ...], reference_shape: tuple[int, int, int],
+    r: int, m: int,
+) -> tuple[slice, slice, slice] | None:
+    """For :func:`_resample_separable_per_slice`: the reference slices (along ``r``) and the
+    rectangle of their in-plane indices (the two other axes, in order) outside which every point
+    interpolates only zeros, given the ``box`` of the moving volume's nonzero voxels
+    (:func:`nonzero_box`; one voxel and a 1e-3 voxel margin around it, within ITK's bounds, as
+    :func:`_signal_bounds`); None when no point can. Each slice's in-plane map is inverted at the
+    corners of the box's rectangle; a map that cannot be inverted keeps the whole plane."""
+    ref_in = [x for x in range(3) if x != r]
+    mov_in = [x for x in range(3) if x != m]
+    sizes = np.asarray(moving_shape, dtype=np.float64)
+    lo = np.maximum(-0.5, box[0] - 1.0 - 1e-3)
+    hi = np.minimum(sizes - 0.5, box[1] + 1.0 + 1e-3)
+    s_idx = np.arange(len(maps), dtype=np.float64)
+    z = maps[:, m, r] * s_idx + maps[:, m, 3]
+    active = np.flatnonzero((z >= lo[m]) & (z <= hi[m]))
+    if not len(active):
+        return None
+    corners = np.array([[a, b] for a in (lo[mov_in[0]], hi[mov_in[0]]) for b in (lo[mov_in[1]], hi[mov_in[1]])])
+    shape_in = [int(reference_shape[x]) for x in ref_in]
+    low, high = np.array(shape_in, dtype=np.float64), np.full(2, -1.0)
+    for s in active:
+        b = maps[s][np.ix_(mov_in, ref_in)]
+        if abs(np.linalg.det(b)) < 1e-12:
+            low, high = np.zeros(2), np.array(shape_in, dtype=np.float64) - 1
+            break
+        uv = (corners - maps[s, mov_in, 3]) @ np.linalg.inv(b).T
+        low, high = np.minimum(low, uv.min(axis=0)), np.maximum(high, uv.max(axis=0))
+    first = np.clip(np.floor(low), 0, np.array(shape_in) - 1).astype(np.int64)
+    last = np.clip(np.ceil(high), 0, np.array(shape_in) - 1).astype(np.int64)
+    if np.any(first > last) or np.any(high < 0) or np.any(low > np.array(shape_in) - 1):
+        return None
+    return (slice(int(active[0]), int(active[-1]) + 1), slice(int(first[0]), int(last[0]) + 1),
+            slice(int(first[1]), int(last[1]) + 1))
+
+
 def _resample_separable_per_slice(
     moving: torch.Tensor, maps: np.ndarray, reference_shape: tuple[int, int, int], r: int, m: int
 ) -> torch.Tensor:
     """:func:`_resample_separable` with its own map for each reference slice ``s`` along ``r``
-    (``maps``: ``(S, 4, 4)`` reference ijk -> moving ijk, all keeping slices apart)."""
+    (``maps``: ``(S, 4, 4)`` reference ijk -> moving ijk, all keeping slices apart). Only the slices
+    and the in-plane rectangle that can interpolate a nonzero value are sampled
+    (:func:`_signal_region_per_slice`, when the reference grid is a whole volume:
+    :func:`_nonzero_box_if_worth`); the other points are 0, what sampling them gives."""
     dev = moving.device
     ref_in = [x for x in range(3) if x != r]
     mov_in = [x for x in range(3) if x != m]
     n_ref, n_mov = int(reference_shape[r]), int(moving.shape[m])
-    s_idx = np.arange(n_ref, dtype=np.float64)
+    shape_in = tuple(int(reference_shape[x]) for x in ref_in)
+    box = _nonzero_box_if_worth(moving, n_ref * int(np.prod(shape_in)))
+    region = None if box is None else _signal_region_per_slice(maps, box, tuple(moving.shape), reference_shape, r, m)
+    if region is None:  # nothing but zeros to interpolate
+        return torch.zeros((n_ref, *shape_in), dtype=torch.float32, device=dev).movedim(0, r).contiguous()
+    rs, ru, rv = region
+    s_idx = np.arange(n_ref, dtype=np.float64)[rs]
+    maps = maps[rs]
+    n_sub = len(s_idx)
     z = maps[:, m, r] * s_idx + maps[:, m, 3]
     inside = (z >= -0.5) & (z <= n_mov - 0.5)
     zc = np.clip(z, 0.0, n_mov - 1)
     z0 = np.minimum(np.floor(zc).astype(np.int64), max(n_mov - 2, 0))
     w = torch.as_tensor(zc - z0, dtype=torch.float32, device=dev)[:, None, None]
     z1 = np.minimum(z0 + 1, n_mov - 1)
-    shape_in = tuple(int(reference_shape[x]) for x in ref_in)
-    u = torch.arange(shape_in[0], dtype=torch.float64, device=dev)[None, :, None]
-    v = torch.arange(shape_in[1], dtype=torch.float64, device=dev)[None, None, :]
+    sub_in = (ru.stop - ru.start, rv.stop - rv.start)
+    u = torch.arange(ru.start, ru.stop, dtype=torch.float64, device=dev)[None, :, None]
+    v = torch.arange(rv.start, rv.stop, dtype=torch.float64, device=dev)[None, None, :]
     # each point's moving in-plane index, in grid_sample's (x, y) order (the later moving axis
     # first), as the broadcast sum of a per-row and a per-column term; then the ITK bounds, and the
     # normalisation (align_corners=True; a size-1 axis reads 0) folded into the two terms
-    grid = torch.empty((n_ref, *shape_in, 2), dtype=torch.float32, device=dev)
-    inside_pt = torch.as_tensor(inside, device=dev)[:, None, None].expand(n_ref, *shape_in).clone()
+    grid = torch.empty((n_sub, *sub_in, 2), dtype=torch.float32, device=dev)
+    inside_pt = torch.as_tensor(inside, device=dev)[:, None, None].expand(n_sub, *sub_in).clone()
     for d, axis_m in enumerate((mov_in[1], mov_in[0])):
         size = int(moving.shape[axis_m])
         b = torch.as_tensor(maps[:, axis_m][:, ref_in], dtype=torch.float64, device=dev)  # (S, 2)
@@ -383,16 +442,20 @@ def _resample_separable_per_slice(
         inside_pt &= (index >= -0.5) & (index <= size - 0.5)
         scale = 2.0 / (size - 1) if size > 1 else 0.0
         torch.add((rows * scale - (1.0 if size > 1 else 0.0)).float(), (cols * scale).float(), out=grid[..., d])
-    grid = grid.reshape(n_ref, -1, 2)
-    inside_pt = inside_pt.reshape(n_ref, -1)
+    grid = grid.reshape(n_sub, -1, 2)
+    inside_pt = inside_pt.reshape(n_sub, -1)
     planes = moving.movedim(m, 0)
     below = grid_sample_points(planes[torch.as_tensor(z0, device=dev)][:, None].float(), grid)[:, 0]  # (S, P)
     out = below
     if bool((w > 0).any()):
         above = grid_sample_points(planes[torch.as_tensor(z1, device=dev)][:, None].float(), grid)[:, 0]
-        out = above.sub_(below).mul_(w.reshape(n_ref, 1)).add_(below)  # (1 - w) below + w above
+        out = above.sub_(below).mul_(w.reshape(n_sub, 1)).add_(below)  # (1 - w) below + w above
     out.mul_(inside_pt)
-    return out.reshape(n_ref, *shape_in).movedim(0, r).contiguous()
+    if (n_sub, *sub_in) == (n_ref, *shape_in):  # the whole grid: no copy into the zeros
+        return out.reshape(n_ref, *shape_in).movedim(0, r).contiguous()
+    result = torch.zeros((n_ref, *shape_in), dtype=torch.float32, device=dev)
+    result[rs, ru, rv] = out.reshape(n_sub, *sub_in)
+    return result.movedim(0, r).contiguous()
 
 
 def slice_stack_index_maps(

@@ -206,9 +206,8 @@ def nonzero_box(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
     ``volume``: ``(first, last)`` int arrays (inclusive), or None when every voxel is 0. A volume
     with a nonzero voxel on each of its six faces (a head with its background noise) is its own
     box, found from the faces alone."""
-    shape = np.asarray(volume.shape, dtype=np.int64)
     if all(bool(volume.select(axis, end).any()) for axis in range(3) for end in (0, -1)):
-        return np.zeros(3, dtype=np.int64), shape - 1
+        return _whole_box(tuple(volume.shape))
     nonzero = volume != 0
     ij = nonzero.any(dim=2)
     hits = (ij.any(dim=1), ij.any(dim=0), nonzero.any(dim=1).any(dim=0))
@@ -219,24 +218,34 @@ def nonzero_box(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
             np.asarray([int(f[-1]) for f in found], dtype=np.int64))
 
 
+def _whole_box(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The box of every voxel of a volume of ``shape`` (as :func:`nonzero_box` gives it)."""
+    return np.zeros(3, dtype=np.int64), np.asarray(shape, dtype=np.int64) - 1
+
+
 def _nonzero_box_if_worth(moving: torch.Tensor, n_points: int) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`nonzero_box` of ``moving`` when sampling ``n_points`` points costs about as much as
     finding it (at least half as many points as voxels: a whole output volume); else the whole
     volume's box, so that a few slices or one plane do not pay a pass over every voxel."""
     if 2 * int(n_points) >= moving.numel():
         return nonzero_box(moving)
-    return np.zeros(3, dtype=np.int64), np.asarray(moving.shape, dtype=np.int64) - 1
+    return _whole_box(tuple(moving.shape))
 
 
-def _signal_bounds(shape: tuple[int, int, int], box: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """grid_sample's normalised ``(x, y, z)`` lower and upper bounds of the points whose linear
+def _signal_index_bounds(shape: tuple[int, ...], box: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper continuous array indices ``(i, j, k)`` of the points whose linear
     interpolation in a volume of ``shape`` can be nonzero, given the ``box`` of its nonzero voxels
     (:func:`nonzero_box`): within ITK's bounds (half a voxel beyond the edge voxels) and closer than
     one voxel (plus a 1e-3 voxel margin for rounding) to the box on every axis; every point outside
     them interpolates only zeros."""
     sizes = np.asarray(shape, dtype=np.float64)
-    lo_idx = np.maximum(-0.5, box[0] - 1.0 - 1e-3)
-    hi_idx = np.minimum(sizes - 0.5, box[1] + 1.0 + 1e-3)
+    return np.maximum(-0.5, box[0] - 1.0 - 1e-3), np.minimum(sizes - 0.5, box[1] + 1.0 + 1e-3)
+
+
+def _signal_bounds(shape: tuple[int, int, int], box: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_signal_index_bounds` as grid_sample's normalised ``(x, y, z)`` (``x`` is ``k``)."""
+    sizes = np.asarray(shape, dtype=np.float64)
+    lo_idx, hi_idx = _signal_index_bounds(shape, box)
     scale = 2.0 / np.maximum(sizes - 1, 1)  # as index_to_grid, per array axis i, j, k
     lower = np.where(sizes > 1, lo_idx * scale - 1.0, -1.0)  # a size-1 axis maps every index to 0: inside
     upper = np.where(sizes > 1, hi_idx * scale - 1.0, 1.0)
@@ -367,14 +376,12 @@ def _signal_region_per_slice(
     """For :func:`_resample_separable_per_slice`: the reference slices (along ``r``) and the
     rectangle of their in-plane indices (the two other axes, in order) outside which every point
     interpolates only zeros, given the ``box`` of the moving volume's nonzero voxels
-    (:func:`nonzero_box`; one voxel and a 1e-3 voxel margin around it, within ITK's bounds, as
-    :func:`_signal_bounds`); None when no point can. Each slice's in-plane map is inverted at the
-    corners of the box's rectangle; a map that cannot be inverted keeps the whole plane."""
+    (:func:`nonzero_box`, :func:`_signal_index_bounds`); None when no point can. Each slice's
+    in-plane map is inverted at the corners of the box's rectangle; a map that cannot be inverted
+    keeps the whole plane."""
     ref_in = [x for x in range(3) if x != r]
     mov_in = [x for x in range(3) if x != m]
-    sizes = np.asarray(moving_shape, dtype=np.float64)
-    lo = np.maximum(-0.5, box[0] - 1.0 - 1e-3)
-    hi = np.minimum(sizes - 0.5, box[1] + 1.0 + 1e-3)
+    lo, hi = _signal_index_bounds(moving_shape, box)
     s_idx = np.arange(len(maps), dtype=np.float64)
     z = maps[:, m, r] * s_idx + maps[:, m, 3]
     active = np.flatnonzero((z >= lo[m]) & (z <= hi[m]))

@@ -495,6 +495,44 @@ def test_views_in_three_orientations_share_one_copy_of_the_voxels(tiny_data):
     assert torch.all((at_truth - batch.fixed).abs().mean(dim=(1, 2)) < 0.35 * (batch.moving - batch.fixed).abs().mean(dim=(1, 2)) + 1e-3)
 
 
+def test_training_draws_every_slice_the_engine_registers(tmp_path):
+    """By default the trainer and the evaluator draw the slices the engine registers (its survey's
+    rule, :data:`options.MIN_FOREGROUND`), the thin ones at the top of a head included; a stricter
+    ``min_foreground`` (``--min-foreground``, 0.15 before it was an option) leaves those out."""
+    from rrr_training.data import load_subject_views
+    from rrr_training.train import TrainError
+
+    from RigidResNetRegistrationLib import geometry as geo
+    from RigidResNetRegistrationLib.options import MIN_FOREGROUND
+    from RigidResNetRegistrationLib.preprocess import survey_slices
+
+    shape, spacing = (40, 40, 30), 2.0
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
+    centre = (np.array(shape) - 1) / 2
+    # an ellipsoid "brain" whose axial sections shrink towards both ends of the stack
+    r = np.sqrt((((ijk - centre) / np.array([16.0, 18.0, 14.0])) ** 2).sum(-1))
+    array = np.where(r <= 1.0, 100.0 + 20.0 * np.sin(ijk[..., 0] / 3.0), 0.0).astype(np.float32)
+    aff = np.diag([spacing, spacing, spacing, 1.0])
+    d = tmp_path / "egg"
+    d.mkdir()
+    nib.save(nib.Nifti1Image(array, aff), str(d / "egg_t1.nii.gz"))
+    subject = find_subjects(tmp_path)[0]
+    size, grid_mm = (32, 32), 2.5
+    drawn = load_subject_views(subject, size, grid_mm)[0]
+    frame = geo.slice_frame(aff, shape)
+    vol = torch.from_numpy(array)
+    survey = survey_slices(vol, aff, vol, aff, frame, size, grid_mm, coarsening=1)
+    assert np.array_equal(drawn.slices, np.flatnonzero(survey.informative))
+    thin = np.flatnonzero((survey.fixed_fg >= MIN_FOREGROUND) & (survey.fixed_fg < 0.15))
+    assert len(thin) >= 2  # the case the default exists for
+    strict = load_subject_views(subject, size, grid_mm, min_foreground=0.15)[0]
+    assert set(drawn.slices) - set(strict.slices) == set(thin.tolist())
+    cfg = TrainConfig(data=[str(tmp_path)], out=str(tmp_path / "run"), holdout=[])
+    assert cfg.min_foreground == MIN_FOREGROUND
+    with pytest.raises(TrainError, match="--min-foreground"):
+        replace(cfg, min_foreground=1.5).validate()
+
+
 def test_multi_contrast_share_sets_the_share_of_pairs_from_multi_contrast_subjects(tiny_data, tmp_path):
     from rrr_training.data import slice_weights
 
@@ -621,6 +659,16 @@ def test_synthetic_pieces_blur_thick_slices_and_tissue_classes():
     assert torch.equal(thick[0], stripes[0]) and float(thick[1].std()) < 0.2 * float(stripes[1].std())
     along = thick_slice(stripes, torch.tensor([4, 4]), torch.tensor([0, 0]))  # along rows: columns untouched
     assert torch.allclose(along, stripes)
+    # centred: a ramp across the blocks comes back unchanged between the first and the last full
+    # block's centre of each factor (the anatomy does not move), along either axis
+    ramp = torch.arange(29.0)[None].expand(29, 29)[None].repeat(4, 1, 1)
+    factors = torch.tensor([2, 3, 4, 5])
+    across = thick_slice(ramp, factors, torch.ones(4, dtype=torch.long))
+    down = thick_slice(ramp.transpose(1, 2), factors, torch.zeros(4, dtype=torch.long))
+    for b, k in enumerate(factors.tolist()):
+        inner = slice(k // 2, (29 // k - 1) * k + (k - 1) // 2 + 1)
+        assert torch.allclose(across[b][:, inner], ramp[b][:, inner], atol=1e-4), k
+        assert torch.allclose(down[b].T, across[b], atol=1e-5)
     v = torch.linspace(0, 1, 400).reshape(1, 20, 20)
     labels = quantile_tissue_labels(v, torch.tensor([4]))
     assert torch.equal(labels[v <= 0.1], torch.zeros_like(labels[v <= 0.1]))

@@ -29,6 +29,11 @@ ITERATIONS_RANGE = (1, 20)
 BATCH_SIZE_RANGE = (1, 4096)
 SYMMETRIC_STRIDE_RANGE = (1, 64)
 
+#: Fraction of a slice's network-grid pixels that must be signal (in both volumes) for the slice to
+#: be registered; the trainer draws its slices with the same rule, so that the network learns every
+#: slice the engine gives it (the top of the brain included).
+MIN_FOREGROUND = 0.05
+
 
 @dataclass
 class RegistrationOptions:
@@ -84,7 +89,7 @@ class RegistrationOptions:
     refine_slices: bool = False
     metric: str = "auto"
     refine_levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
-    min_foreground: float = 0.05
+    min_foreground: float = MIN_FOREGROUND
     outlier_floor: float = 0.5
     compute_registered: bool = True
     compute_difference: bool = True

@@ -15,6 +15,7 @@ import torch
 
 from .errors import InputError
 from .geometry import SliceFrame
+from .options import MIN_FOREGROUND
 from .resample import sample_slice_stack
 from .volume import Volume
 
@@ -169,7 +170,7 @@ def survey_slices(
     size: tuple[int, int],
     spacing_mm: float,
     initial_fixed_to_moving_ras: np.ndarray | None = None,
-    min_foreground: float = 0.05,
+    min_foreground: float = MIN_FOREGROUND,
     coarsening: int = 4,
 ) -> SliceSurvey:
     """Foreground fractions of every fixed slice, on the network grid's field of view sampled

@@ -304,13 +304,19 @@ def _safe(name: str) -> str:
 # --------------------------------------------------------------------------- 2D slice pairs
 
 
+#: The 2D slice-pair sets are drawn from slices with at least this much signal on the network grid
+#: (brain-filled slices, like the paper's centre crops); kept at the value the stored results were
+#: drawn with, which is stricter than the engine's own ``MIN_FOREGROUND``.
+PAIR_SET_MIN_FOREGROUND = 0.15
+
+
 def load_subjects_2d(data: Path, card) -> list:
     """The data folder's subjects read for slice-pair drawing (``rrr_training.data.load_subject``)."""
     from rrr_training.data import find_subjects, load_subject
 
     loaded = []
     for subject in find_subjects(data):
-        one = load_subject(subject, card.input_size, card.spacing_mm)
+        one = load_subject(subject, card.input_size, card.spacing_mm, PAIR_SET_MIN_FOREGROUND)
         if one is not None:
             loaded.append(one)
     return loaded

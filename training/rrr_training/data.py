@@ -20,6 +20,7 @@ import torch
 
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.io import IMAGE_SUFFIXES, ITK_VOLUME_SUFFIXES, NIFTI_SUFFIXES, read_volume
+from RigidResNetRegistrationLib.options import MIN_FOREGROUND
 from RigidResNetRegistrationLib.preprocess import foreground_threshold, normalise_slices
 from RigidResNetRegistrationLib.resample import sample_volume_at_ras
 
@@ -139,11 +140,11 @@ class LoadedSubject:
 
 def load_subject_views(
     subject: Subject, size: tuple[int, int], spacing_mm: float, orientations: tuple[str, ...] | list[str] = ("axial",),
-    min_foreground: float = 0.15,
+    min_foreground: float = MIN_FOREGROUND,
 ) -> list[LoadedSubject]:
     """Read a subject's volumes once and return one view per orientation that has slices with
     signal (``min_foreground`` of the network grid above the first contrast's foreground
-    threshold): slices on the first contrast's slice frame of that orientation. A 2D image
+    threshold; by default the engine's own rule, so that training sees every slice it registers): slices on the first contrast's slice frame of that orientation. A 2D image
     (a volume with a size-1 axis) is seen only across that axis."""
     volumes, affines, thresholds = {}, {}, {}
     for contrast, path in subject.images.items():
@@ -168,7 +169,7 @@ def load_subject_views(
 
 
 def load_subject(
-    subject: Subject, size: tuple[int, int], spacing_mm: float, min_foreground: float = 0.15, orientation: str = "axial"
+    subject: Subject, size: tuple[int, int], spacing_mm: float, min_foreground: float = MIN_FOREGROUND, orientation: str = "axial"
 ) -> LoadedSubject | None:
     """Read a subject's volumes and find its slices of one orientation with brain signal (None if none)."""
     views = load_subject_views(subject, size, spacing_mm, (orientation,), min_foreground)

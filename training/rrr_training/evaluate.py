@@ -31,7 +31,7 @@ import torch
 from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.engine import predict_parameters, resolve_precision
 from RigidResNetRegistrationLib.model import LoadedModel, load_model
-from RigidResNetRegistrationLib.options import PRECISIONS
+from RigidResNetRegistrationLib.options import MIN_FOREGROUND, PRECISIONS
 
 from .data import ORIENTATIONS, LoadedSubject, PairBatch, find_subjects, load_subject_views, read_holdout_file, sample_pairs
 from .synth import synthetic_contrast
@@ -276,6 +276,9 @@ def _main(argv: list[str] | None = None) -> int:
                    help="motion ranges, each row at each (e.g. 5/5 30/30); default --max-rotation-deg/--max-translation-mm")
     p.add_argument("--orientations", nargs="+", default=["axial"], choices=ORIENTATIONS,
                    help="slice orientations to draw pairs from (default axial)")
+    p.add_argument("--min-foreground", type=float, default=MIN_FOREGROUND,
+                   help=f"draw only slices with at least this fraction of signal on the network grid (default {MIN_FOREGROUND:g}: "
+                        "the slices the engine registers; tables before 2026-12-03 used 0.15)")
     a = p.parse_args(argv)
     for name, value, least in (("--pairs", a.pairs, 1), ("--threads", a.threads, 0), ("--volumes", a.volumes, 0)):
         if value < least:
@@ -284,6 +287,8 @@ def _main(argv: list[str] | None = None) -> int:
         raise TrainError(f"--iterations must be from 1 to 10, not {' '.join(map(str, a.iterations))}")
     if not (a.max_rotation_deg >= 0 and a.max_translation_mm >= 0):
         raise TrainError("--max-rotation-deg and --max-translation-mm must be at least 0")
+    if not 0.0 <= a.min_foreground < 1.0:
+        raise TrainError(f"--min-foreground must be in [0, 1), not {a.min_foreground:g}")
     check_data_folders(a.data)
     resolve_device(a.device)  # CUDA asked for but absent: say so first
     if a.threads:
@@ -310,7 +315,7 @@ def _main(argv: list[str] | None = None) -> int:
             if wanted and subj.name not in wanted:
                 continue
             found.add(subj.name)
-            subjects.extend(load_subject_views(subj, card.input_size, card.spacing_mm, a.orientations))
+            subjects.extend(load_subject_views(subj, card.input_size, card.spacing_mm, a.orientations, a.min_foreground))
     if wanted - found:
         print(f"not found under {', '.join(a.data)}: {', '.join(sorted(wanted - found))}", file=sys.stderr)
     if not subjects:

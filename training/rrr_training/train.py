@@ -43,6 +43,7 @@ from RigidResNetRegistrationLib import geometry as geo
 from RigidResNetRegistrationLib.distributed import Distributed, DistributedError
 from RigidResNetRegistrationLib.engine import resolve_precision
 from RigidResNetRegistrationLib.model import MODELS_DIR, ModelCard, ResNetRegressor, save_weights
+from RigidResNetRegistrationLib.options import MIN_FOREGROUND
 from RigidResNetRegistrationLib.preprocess import normalise_slices
 
 from .data import (
@@ -94,6 +95,7 @@ class TrainConfig:
     synth: float = 0.0
     multi_contrast_share: float = 0.0
     orientations: list[str] = field(default_factory=lambda: ["axial"])
+    min_foreground: float = MIN_FOREGROUND
     curriculum_steps: int = 0
     curriculum_start_rotation_deg: float = 5.0
     curriculum_start_translation_mm: float = 5.0
@@ -124,7 +126,7 @@ class TrainConfig:
         ranges = {"spacing_mm": (0.1, 10.0), "lr": (0.0, 1.0), "weight_decay": (0.0, 1.0), "max_rotation_deg": (0.0, 45.0),
                   "max_translation_mm": (0.0, 100.0), "cross_contrast": (0.0, 1.0), "small_motion": (0.0, 1.0), "remap": (0.0, 1.0), "augment": (0.0, 10.0), "flip": (0.0, 1.0),
                   "synth": (0.0, 1.0), "multi_contrast_share": (0.0, 1.0), "curriculum_start_rotation_deg": (0.0, 45.0),
-                  "curriculum_start_translation_mm": (0.0, 100.0)}
+                  "curriculum_start_translation_mm": (0.0, 100.0), "min_foreground": (0.0, 0.99)}
         for key, (lo, hi) in ranges.items():
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) or (key == "lr" and value == 0):
@@ -219,7 +221,7 @@ def load_subjects(cfg: TrainConfig, need_validation: bool = True) -> tuple[list[
     for root in cfg.data:
         for subj in find_subjects(root):
             found += 1
-            views = load_subject_views(subj, size, cfg.spacing_mm, cfg.orientations)  # a corrupt image: InputError naming the file
+            views = load_subject_views(subj, size, cfg.spacing_mm, cfg.orientations, cfg.min_foreground)  # a corrupt image: InputError naming the file
             (val if any(h == subj.name for h in cfg.holdout) else train).extend(views)
     if not found:
         raise TrainError(
@@ -658,6 +660,7 @@ def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: st
                      "synthetic_contrast_fraction": cfg.get("synth", 0.0),
                      "multi_contrast_share": cfg.get("multi_contrast_share", 0.0),
                      "orientations": cfg.get("orientations", ["axial"]),
+                     "min_foreground": cfg.get("min_foreground", 0.15),  # runs before it was an option drew at 0.15
                      "curriculum": {"steps": cfg.get("curriculum_steps", 0),
                                     "start_rotation_deg": cfg.get("curriculum_start_rotation_deg", 5.0),
                                     "start_translation_mm": cfg.get("curriculum_start_translation_mm", 5.0)},
@@ -721,6 +724,9 @@ def _main(argv: list[str] | None = None) -> int:
                    f"{DEFAULT_HOLDOUT_FILE}; added to --holdout")
     p.add_argument("--orientations", nargs="+", default=list(d.orientations), choices=ORIENTATIONS,
                    help="slice orientations to train on (default axial)")
+    p.add_argument("--min-foreground", type=float, default=d.min_foreground,
+                   help="draw only slices with at least this fraction of the network grid above the foreground threshold "
+                        f"(default {d.min_foreground:g}: the engine's own rule, so the network learns every slice it is given)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--stop-after", type=int, metavar="N",

@@ -33,6 +33,13 @@ def apply_known_motion(fixed: Volume, params: np.ndarray = DEMO_MOTION, kind: st
     """
     frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
     truth = geo.params_to_ras(params, frame, kind)
-    # the moving image shows the anatomy moved by `truth`: moving(y) = fixed(truth^-1 y)
-    data = resample_volume(as_float_tensor(fixed), fixed.ijk_to_ras, fixed.shape, fixed.ijk_to_ras, geo.invert(truth))
-    return Volume(data.numpy(), fixed.ijk_to_ras.copy(), "moving (sample with known motion)"), truth
+    return apply_known_transform(fixed, truth), truth
+
+
+def apply_known_transform(fixed: Volume, truth_fixed_to_moving_ras: np.ndarray) -> Volume:
+    """``fixed``'s anatomy moved so that ``truth_fixed_to_moving_ras`` (a RAS *resampling*
+    transform, fixed point -> moving point, any rigid or affine 4x4) registers it, on the same grid:
+    ``moving(y) = fixed(truth^-1 y)``, so ``moving(truth(x)) = fixed(x)``."""
+    data = resample_volume(as_float_tensor(fixed), fixed.ijk_to_ras, fixed.shape, fixed.ijk_to_ras,
+                           geo.invert(truth_fixed_to_moving_ras))
+    return Volume(data.numpy(), fixed.ijk_to_ras.copy(), "moving (sample with known motion)")

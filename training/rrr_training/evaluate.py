@@ -200,14 +200,21 @@ def parse_motion(text: str) -> tuple[float, float]:
     return deg, mm
 
 
+#: ``--volume-motion``: ``in-plane`` (rotation about the axial slice normal, translation in its
+#: plane) or ``6dof`` (rotations about R, A and S through the volume centre and translations along
+#: each, every one uniform in the ranges).
+VOLUME_MOTIONS = ("in-plane", "6dof")
+
+
 def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, moving_contrasts: list[str], n: int,
                      max_rot: float, max_trans: float, passes: list[int], seed: int, precision: str = "auto",
-                     symmetric: bool = True) -> list[EvalRow]:
-    """Whole-volume registrations (engine, ``volume`` mode) of the moving contrast moved by known
-    random in-plane motions; one row per number of passes. ``ms_per_pair`` is then ms per volume."""
+                     symmetric: bool = True, motion: str = "in-plane", refine: bool = True) -> list[EvalRow]:
+    """Whole-volume registrations (engine, ``volume`` mode, its refinement on or off) of the moving
+    contrast moved by known random motions (``motion``, :data:`VOLUME_MOTIONS`); one row per number of
+    passes. ``n`` volumes, taking the subjects in turn. ``ms_per_pair`` is then ms per volume."""
     from RigidResNetRegistrationLib.engine import RegistrationOptions, register_volumes
     from RigidResNetRegistrationLib.io import read_volume
-    from RigidResNetRegistrationLib.sample import apply_known_motion
+    from RigidResNetRegistrationLib.sample import apply_known_motion, apply_known_transform
 
     rng = np.random.default_rng(seed)
     usable = [s for s in subjects if fixed_contrast in s.images and any(c in s.images for c in moving_contrasts)]
@@ -218,12 +225,16 @@ def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, mo
         subj = usable[i % len(usable)]
         contrast = [c for c in moving_contrasts if c in subj.images][i % len([c for c in moving_contrasts if c in subj.images])]
         fixed = read_volume(subj.images[fixed_contrast])
-        params = np.r_[rng.uniform(-max_rot, max_rot), rng.uniform(-max_trans, max_trans, 2)]
-        moving, truth = apply_known_motion(read_volume(subj.images[contrast]), params)
         centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
+        if motion == "6dof":
+            truth = geo.rigid_matrix_3d(tuple(rng.uniform(-max_rot, max_rot, 3)), tuple(rng.uniform(-max_trans, max_trans, 3)), centre)
+            moving = apply_known_transform(read_volume(subj.images[contrast]), truth)
+        else:
+            params = np.r_[rng.uniform(-max_rot, max_rot), rng.uniform(-max_trans, max_trans, 2)]
+            moving, truth = apply_known_motion(read_volume(subj.images[contrast]), params)
         for p in passes:
             opts = RegistrationOptions(device=str(model.device), iterations=p, compute_registered=False, compute_difference=False,
-                                       precision=precision, symmetric=symmetric)
+                                       precision=precision, symmetric=symmetric, refine=refine)
             result = register_volumes(fixed, moving, model, opts)
             rot, trans = geo.rigid_error(result.fixed_to_moving_ras, truth, centre)
             errors[p].append((rot, trans, result.seconds))
@@ -265,7 +276,14 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--volumes", type=int, default=0, metavar="N",
-                   help="also register N whole volumes per contrast pairing (volume mode, engine) and report those errors")
+                   help="also register N whole volumes per contrast pairing (volume mode, engine) and report those errors "
+                   "(per subject group with --subjects-file), at --max-rotation-deg / --max-translation-mm")
+    p.add_argument("--volume-motion", default="in-plane", choices=VOLUME_MOTIONS,
+                   help="the volumes' motions: in-plane (default) or 6dof (rotations about R, A, S and translations along "
+                   "each, about the volume centre)")
+    p.add_argument("--volume-no-refine", dest="volume_refine", action="store_false",
+                   help="register the volumes without the engine's similarity refinement (its --no-refine: the network "
+                   "and the start search alone)")
     p.add_argument("--subjects-file", help="evaluate only the subjects named in this file, one a line with an optional "
                    "group word after the name (e.g. training/holdout.txt: skull-stripped, whole-head)")
     p.add_argument("--subjects", nargs="+", default=[], help="evaluate only these subjects (names as the trainer's)")
@@ -356,15 +374,23 @@ def _main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows))
     if a.volumes:
         raw = [subj for root in a.data for subj in find_subjects(Path(root)) if not wanted or subj.name in wanted]
+        by_group: dict[str, list] = {}
+        for subj in raw:  # with a --subjects-file's groups, rows per group
+            by_group.setdefault(groups.get(subj.name) or "", []).append(subj)
         vrows = []
-        for name, fixed_c, moving_c in (("volumes T1 -> T1", "t1", ["t1"]), ("volumes T1 -> T2 / FLAIR", "t1", ["t2", "flair"])):
-            try:
-                for row in evaluate_volumes(model, raw, fixed_c, moving_c, a.volumes, a.max_rotation_deg,
-                                            a.max_translation_mm, a.iterations, a.seed, a.precision, a.symmetric):
-                    row.pairs = name
-                    vrows.append(row)
-            except LookupError as exc:
-                print(f"skipped {name}: {exc}", file=sys.stderr)
+        motion = f"+-{a.max_rotation_deg:g} / +-{a.max_translation_mm:g}" + (" 6-DOF" if a.volume_motion == "6dof" else "")
+        for group, members in sorted(by_group.items()):
+            for name, fixed_c, moving_c in (("volumes T1 -> T1", "t1", ["t1"]), ("volumes T1 -> T2 / FLAIR", "t1", ["t2", "flair"])):
+                try:
+                    for row in evaluate_volumes(model, members, fixed_c, moving_c, a.volumes, a.max_rotation_deg,
+                                                a.max_translation_mm, a.iterations, a.seed, a.precision, a.symmetric,
+                                                a.volume_motion, a.volume_refine):
+                        row.pairs = name + ("" if a.volume_refine else ", --no-refine")
+                        if groups or a.volume_motion != "in-plane" or not a.volume_refine:  # else the table as it was
+                            row.subjects, row.motion = group or "all", motion
+                        vrows.append(row)
+                except LookupError as exc:
+                    print(f"skipped {group + ': ' if group else ''}{name}: {exc}", file=sys.stderr)
         print()
         print(markdown_table(vrows).replace("network ms / pair", "engine ms / volume"))
     return 0

@@ -5,13 +5,15 @@
     rigid-resnet-evaluate --data ../shared/data --subjects-file training/holdout.txt --pairs 100 \
         --rows skull-stripped:t1-t1 skull-stripped:t1-t2 skull-stripped:t1-flair whole-head:same whole-head:synth \
         --motions 5/5 30/30
+    rigid-resnet-evaluate ... --volumes 8 --volume-motion 6dof --volume-no-refine --max-rotation-deg 15 --max-translation-mm 15
 
 Prints a markdown table: rotation error (deg) and translation error (mm) medians and 90th
 percentiles, success rate (< 1 deg and < 1 mm) and network time per slice pair, for same-contrast
 (T1 -> T1) and cross-contrast (T1 -> T2 / FLAIR) pairs, or for the ``--rows`` asked for: a
 subject group (``all``, or a group named in ``--subjects-file``) and a pairing of :data:`PAIRINGS`
 (``synth``: two synthetic contrasts of one scan, exact truth), at each of ``--motions``. The
-motions are drawn with a fixed seed.
+motions are drawn with a fixed seed. ``--volumes N`` adds whole volumes registered by the engine
+(``volume`` mode, in-plane or 6-DOF motions, with or without its refinement), rows per subject group.
 Bad input ends with one line ``error: ...`` on stderr and exit code 2 (``RIGID_RESNET_DEBUG=1``
 shows the traceback).
 """

@@ -901,3 +901,26 @@ def test_evaluate_volumes_six_dof_without_refinement_by_group(tiny_data, tmp_pat
     assert all("+-15 / +-15 6-DOF" in r and ", --no-refine" in r and "| 2 |" in r for r in rows)
     assert {r.split("|")[1].strip() for r in rows} == {"skull-stripped", "whole-head"}
     assert all(float(r.split("|")[6]) > 1.0 for r in rows)  # median rotation error: the motion stays
+
+
+def test_evaluate_slices_mode_rows_per_group_and_pairing(tiny_data, tmp_path, card_factory, capsys):
+    """``rigid-resnet-evaluate --slices-mode N``: the engine's slices mode on scans with motion
+    between slices, one row per (group, pairing) over every registered slice; a network that
+    predicts nothing leaves each slice's own motion as its error."""
+    import rrr_training.evaluate as ev
+
+    groups = tmp_path / "groups.txt"
+    groups.write_text("case0 skull-stripped\ncase1 whole-head\n")
+    card = card_factory(size=32, spacing=2.5, bias=[0.0, 0.0, 0.0])
+    args = ["--data", str(tiny_data), "--weights", str(card), "--subjects-file", str(groups), "--pairs", "2",
+            "--slices-mode", "1", "--max-rotation-deg", "8", "--max-translation-mm", "8", "--device", "cpu", "--threads", "1"]
+    capsys.readouterr()
+    assert ev.main(args) == 0
+    table = capsys.readouterr().out.split("engine ms / slice")[1]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and "---" not in r]
+    # both groups have T1 and T2 on one grid: T1 -> T1, T1 -> T2 / FLAIR, T1 -> T2-like each
+    assert len(rows) == 6 and {r.split("|")[1].strip() for r in rows} == {"skull-stripped", "whole-head"}
+    assert sum("T2-like" in r for r in rows) == 2 and all("slices mode, motion between slices" in r for r in rows)
+    slices = [int(r.split("|")[5]) for r in rows]
+    assert all(s >= 3 for s in slices)
+    assert all(float(r.split("|")[6]) > 0.5 for r in rows)  # median rotation error: the motions stay

@@ -247,6 +247,67 @@ def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, mo
     return rows
 
 
+#: ``--slices-mode`` rows: (label, fixed contrast, moving contrasts; ``t2-like``: the fixed T1 made
+#: T2-like point by point, :func:`scans.t2_like_contrast`, exact truth).
+SLICES_MODE_PAIRINGS = (("T1 -> T1", "t1", ["t1"]), ("T1 -> T2 / FLAIR", "t1", ["t2", "flair"]),
+                        ("T1 -> T2-like (synthetic, exact)", "t1", ["t2-like"]))
+
+
+def evaluate_slices_mode(model: LoadedModel, subjects: list, fixed_contrast: str, moving_contrasts: list[str], n: int,
+                         max_rot: float, max_trans: float, seed: int, precision: str = "auto",
+                         symmetric: bool = True) -> EvalRow:
+    """The engine in ``slices`` mode (its defaults: one transform per slice, no refinement) on ``n``
+    scans with motion *between* slices (:func:`scans.interslice_motion`: a common in-plane motion
+    uniform in +-``max_rot`` deg / +-``max_trans`` mm, two steps during the scan, jitter per slice),
+    made from each subject's moving contrast as delivered (it must lie on the fixed volume's grid)
+    or from its T1 made T2-like (``t2-like``); the subjects taken in turn. One row over every
+    registered slice: errors against each slice's own motion, ``iterations`` the engine's cap on the
+    passes, ``ms_per_pair`` = engine ms per slice."""
+    import torch
+
+    from RigidResNetRegistrationLib.engine import RegistrationOptions, register_volumes
+    from RigidResNetRegistrationLib.io import read_volume
+    from RigidResNetRegistrationLib.volume import Volume
+
+    from .scans import apply_interslice_motion, interslice_motion, t2_like_contrast
+
+    def on_fixed_grid(subj, contrast: str) -> bool:
+        if contrast == "t2-like":
+            return True
+        if contrast not in subj.images:
+            return False
+        a, b = read_volume(subj.images[fixed_contrast]), read_volume(subj.images[contrast])
+        return a.shape == b.shape and np.allclose(a.ijk_to_ras, b.ijk_to_ras, atol=1e-4)
+
+    usable = [(s, c) for s in subjects if fixed_contrast in s.images for c in moving_contrasts if on_fixed_grid(s, c)]
+    if not usable:
+        raise LookupError(f"no subject has {fixed_contrast} and one of {', '.join(moving_contrasts)} on its grid")
+    opts = RegistrationOptions(device=str(model.device), mode="slices", compute_registered=False, compute_difference=False,
+                               precision=precision, symmetric=symmetric)
+    rots, trans, seconds = [], [], 0.0
+    for i in range(n):
+        subj, contrast = usable[i % len(usable)]
+        rng = np.random.default_rng([seed, i])
+        fixed = read_volume(subj.images[fixed_contrast])
+        if contrast == "t2-like":
+            source = Volume(t2_like_contrast(torch.from_numpy(np.asarray(fixed.array, dtype=np.float32)), seed=i).numpy(),
+                            fixed.ijk_to_ras.copy(), "T2-like")
+        else:
+            source = read_volume(subj.images[contrast])
+        frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
+        common = np.r_[rng.uniform(-max_rot, max_rot), rng.uniform(-max_trans, max_trans, 2)]
+        params = interslice_motion(rng, fixed.shape[frame.axis], common)
+        moving, _ = apply_interslice_motion(source, params)
+        result = register_volumes(fixed, moving, model, opts)
+        used = np.asarray(result.used, dtype=bool)
+        r, t = geo.params_error_2d(np.asarray(result.slice_params)[used], params[used])
+        rots.append(r)
+        trans.append(t)
+        seconds += result.seconds
+    rot, tr = np.concatenate(rots), np.concatenate(trans)
+    return summarise("", opts.iterations, rot, tr, seconds)  # passes: the engine's cap per slice
+
+
 def main(argv: list[str] | None = None) -> int:
     """``rigid-resnet-evaluate``: every failure ends with one line ``error: ...`` and exit code 2."""
     from .train import run_main
@@ -286,6 +347,10 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--volume-no-refine", dest="volume_refine", action="store_false",
                    help="register the volumes without the engine's similarity refinement (its --no-refine: the network "
                    "and the start search alone)")
+    p.add_argument("--slices-mode", type=int, default=0, metavar="N",
+                   help="also run the engine in slices mode (its defaults) on N scans per pairing and subject group with "
+                   "motion between slices (a common motion in --max-rotation-deg / --max-translation-mm, two steps, "
+                   "jitter), and report the per-slice errors")
     p.add_argument("--subjects-file", help="evaluate only the subjects named in this file, one a line with an optional "
                    "group word after the name (e.g. training/holdout.txt: skull-stripped, whole-head)")
     p.add_argument("--subjects", nargs="+", default=[], help="evaluate only these subjects (names as the trainer's)")
@@ -300,7 +365,8 @@ def _main(argv: list[str] | None = None) -> int:
                    help=f"draw only slices with at least this fraction of signal on the network grid (default {MIN_FOREGROUND:g}: "
                         "the slices the engine registers; tables before 2026-12-03 used 0.15)")
     a = p.parse_args(argv)
-    for name, value, least in (("--pairs", a.pairs, 1), ("--threads", a.threads, 0), ("--volumes", a.volumes, 0)):
+    for name, value, least in (("--pairs", a.pairs, 1), ("--threads", a.threads, 0), ("--volumes", a.volumes, 0),
+                               ("--slices-mode", a.slices_mode, 0)):
         if value < least:
             raise TrainError(f"{name} must be at least {least}, not {value}")
     if any(not 1 <= it <= 10 for it in a.iterations):
@@ -395,6 +461,26 @@ def _main(argv: list[str] | None = None) -> int:
                     print(f"skipped {group + ': ' if group else ''}{name}: {exc}", file=sys.stderr)
         print()
         print(markdown_table(vrows).replace("network ms / pair", "engine ms / volume"))
+    if a.slices_mode:
+        raw = [subj for root in a.data for subj in find_subjects(Path(root)) if not wanted or subj.name in wanted]
+        by_group = {}
+        for subj in raw:
+            by_group.setdefault(groups.get(subj.name) or "all", []).append(subj)
+        srows = []
+        for group, members in sorted(by_group.items()):
+            for name, fixed_c, moving_c in SLICES_MODE_PAIRINGS:
+                try:
+                    row = evaluate_slices_mode(model, members, fixed_c, moving_c, a.slices_mode, a.max_rotation_deg,
+                                               a.max_translation_mm, a.seed, a.precision, a.symmetric)
+                except LookupError as exc:
+                    print(f"skipped {group}: slices mode {name}: {exc}", file=sys.stderr)
+                    continue
+                row.pairs = f"slices mode, motion between slices, {name}"
+                row.subjects, row.motion = group, f"+-{a.max_rotation_deg:g} / +-{a.max_translation_mm:g}"
+                srows.append(row)
+        print()
+        print(markdown_table(srows).replace("| passes | n |", "| passes | slices |")
+              .replace("network ms / pair", "engine ms / slice"))
     return 0
 
 

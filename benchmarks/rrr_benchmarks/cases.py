@@ -146,9 +146,9 @@ def apply_motion(volume: Any, kind: MotionKind, params: np.ndarray, fixed: Any =
     The motion is defined in the frame of ``fixed`` (default: ``volume`` itself; the same thing
     for co-registered contrasts on one grid, as in BraTS, where in-plane motions are exactly
     ``sample.apply_known_motion``)."""
-    from RigidResNetRegistrationLib.preprocess import as_float_tensor
-    from RigidResNetRegistrationLib.resample import resample_volume
-    from RigidResNetRegistrationLib.sample import apply_known_motion
+    from dataclasses import replace
+
+    from RigidResNetRegistrationLib.sample import apply_known_motion, apply_known_transform
 
     vol = Volume(np.asarray(volume.array), np.asarray(volume.ijk_to_ras, dtype=np.float64), getattr(volume, "name", "volume"))
     ref = vol if fixed is None else fixed
@@ -156,8 +156,7 @@ def apply_motion(volume: Any, kind: MotionKind, params: np.ndarray, fixed: Any =
     if kind.in_plane and same_grid:
         return apply_known_motion(vol, np.asarray(params, dtype=np.float64))
     truth = motion_truth(ref, kind, params)
-    data = resample_volume(as_float_tensor(vol), vol.ijk_to_ras, vol.shape, vol.ijk_to_ras, geo.invert(truth))
-    return Volume(data.numpy(), vol.ijk_to_ras.copy(), f"moving (known {kind.name} motion)"), truth
+    return replace(apply_known_transform(vol, truth), name=f"moving (known {kind.name} motion)"), truth
 
 
 # --------------------------------------------------------------------------- 3D cases

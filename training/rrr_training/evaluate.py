@@ -271,12 +271,19 @@ def evaluate_slices_mode(model: LoadedModel, subjects: list, fixed_contrast: str
 
     from .scans import apply_interslice_motion, interslice_motion, t2_like_contrast
 
+    read: dict[tuple[str, str], Volume] = {}  # each volume read once: the grid check and the scans share it
+
+    def volume(subj, contrast: str) -> Volume:
+        if (subj.name, contrast) not in read:
+            read[subj.name, contrast] = read_volume(subj.images[contrast])
+        return read[subj.name, contrast]
+
     def on_fixed_grid(subj, contrast: str) -> bool:
-        if contrast == "t2-like":
+        if contrast in ("t2-like", fixed_contrast):
             return True
         if contrast not in subj.images:
             return False
-        a, b = read_volume(subj.images[fixed_contrast]), read_volume(subj.images[contrast])
+        a, b = volume(subj, fixed_contrast), volume(subj, contrast)
         return a.shape == b.shape and np.allclose(a.ijk_to_ras, b.ijk_to_ras, atol=1e-4)
 
     usable = [(s, c) for s in subjects if fixed_contrast in s.images for c in moving_contrasts if on_fixed_grid(s, c)]
@@ -288,12 +295,12 @@ def evaluate_slices_mode(model: LoadedModel, subjects: list, fixed_contrast: str
     for i in range(n):
         subj, contrast = usable[i % len(usable)]
         rng = np.random.default_rng([seed, i])
-        fixed = read_volume(subj.images[fixed_contrast])
+        fixed = volume(subj, fixed_contrast)
         if contrast == "t2-like":
             source = Volume(t2_like_contrast(torch.from_numpy(np.asarray(fixed.array, dtype=np.float32)), seed=i).numpy(),
                             fixed.ijk_to_ras.copy(), "T2-like")
         else:
-            source = read_volume(subj.images[contrast])
+            source = volume(subj, contrast)
         frame = geo.slice_frame(fixed.ijk_to_ras, fixed.shape)
         common = np.r_[rng.uniform(-max_rot, max_rot), rng.uniform(-max_trans, max_trans, 2)]
         params = interslice_motion(rng, fixed.shape[frame.axis], common)
@@ -440,11 +447,11 @@ def _main(argv: list[str] | None = None) -> int:
                 note = "; one volume both sides, exact at the truth" if metric == "ncc" else ""
                 rows.append(summarise(f"{name}, refined ({metric.upper()}{note})", it, rot, trans, seconds, **label))
     print(markdown_table(rows))
+    by_group: dict[str, list] = {}  # the whole-volume rows: subjects (files) per --subjects-file group, else "all"
+    if a.volumes or a.slices_mode:
+        for subj in (s for root in a.data for s in find_subjects(Path(root)) if not wanted or s.name in wanted):
+            by_group.setdefault(groups.get(subj.name) or "all", []).append(subj)
     if a.volumes:
-        raw = [subj for root in a.data for subj in find_subjects(Path(root)) if not wanted or subj.name in wanted]
-        by_group: dict[str, list] = {}
-        for subj in raw:  # with a --subjects-file's groups, rows per group
-            by_group.setdefault(groups.get(subj.name) or "", []).append(subj)
         vrows = []
         motion = f"+-{a.max_rotation_deg:g} / +-{a.max_translation_mm:g}" + (" 6-DOF" if a.volume_motion == "6dof" else "")
         for group, members in sorted(by_group.items()):
@@ -455,17 +462,13 @@ def _main(argv: list[str] | None = None) -> int:
                                                 a.volume_motion, a.volume_refine):
                         row.pairs = name + ("" if a.volume_refine else ", --no-refine")
                         if groups or a.volume_motion != "in-plane" or not a.volume_refine:  # else the table as it was
-                            row.subjects, row.motion = group or "all", motion
+                            row.subjects, row.motion = group, motion
                         vrows.append(row)
                 except LookupError as exc:
-                    print(f"skipped {group + ': ' if group else ''}{name}: {exc}", file=sys.stderr)
+                    print(f"skipped {group + ': ' if groups else ''}{name}: {exc}", file=sys.stderr)
         print()
         print(markdown_table(vrows).replace("network ms / pair", "engine ms / volume"))
     if a.slices_mode:
-        raw = [subj for root in a.data for subj in find_subjects(Path(root)) if not wanted or subj.name in wanted]
-        by_group = {}
-        for subj in raw:
-            by_group.setdefault(groups.get(subj.name) or "all", []).append(subj)
         srows = []
         for group, members in sorted(by_group.items()):
             for name, fixed_c, moving_c in SLICES_MODE_PAIRINGS:

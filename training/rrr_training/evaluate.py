@@ -227,13 +227,14 @@ def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, mo
         subj = usable[i % len(usable)]
         contrast = [c for c in moving_contrasts if c in subj.images][i % len([c for c in moving_contrasts if c in subj.images])]
         fixed = read_volume(subj.images[fixed_contrast])
+        source = fixed if contrast == fixed_contrast else read_volume(subj.images[contrast])  # read once
         centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
         if motion == "6dof":
             truth = geo.rigid_matrix_3d(tuple(rng.uniform(-max_rot, max_rot, 3)), tuple(rng.uniform(-max_trans, max_trans, 3)), centre)
-            moving = apply_known_transform(read_volume(subj.images[contrast]), truth)
+            moving = apply_known_transform(source, truth)
         else:
             params = np.r_[rng.uniform(-max_rot, max_rot), rng.uniform(-max_trans, max_trans, 2)]
-            moving, truth = apply_known_motion(read_volume(subj.images[contrast]), params)
+            moving, truth = apply_known_motion(source, params)
         for p in passes:
             opts = RegistrationOptions(device=str(model.device), iterations=p, compute_registered=False, compute_difference=False,
                                        precision=precision, symmetric=symmetric, refine=refine)

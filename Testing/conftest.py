@@ -145,6 +145,15 @@ def write_card(folder: Path, size=48, spacing=2.0, transform="rigid", bias=None,
     return path
 
 
+def add_fine_stage(card: Path, fine_card: Path, below: float = 3.0) -> Path:
+    """``card`` given ``fine_card``'s weights file (same folder) as its fine stage."""
+    spec = json.loads(card.read_text())
+    fine = json.loads(fine_card.read_text())["weights"]
+    spec["fine"] = {"file": fine["file"], "sha256": fine["sha256"], "below": below}
+    card.write_text(json.dumps(spec))
+    return card
+
+
 @pytest.fixture
 def phantom():
     return phantom_volume

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -12,10 +13,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, phantom_volume, write_phantom_pair
+from conftest import ROOT, add_fine_stage, phantom_volume, write_phantom_pair
 from PIL import Image
 
 from RigidResNetRegistrationLib import geometry as geo
+from RigidResNetRegistrationLib.cli import input_files
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "RigidResNetRegistration"), str(ROOT / "training")])}
 
@@ -62,6 +64,25 @@ def test_demo_runs_end_to_end_and_reports_error_against_known_motion(tmp_path):
         assert "UNTRAINED" in r.stdout
 
 
+def test_a_fine_stage_gives_the_small_estimates_and_is_in_the_report(tmp_path, pair, card_factory):
+    """A card with a fine stage: a first estimate within its ``below`` is replaced by the fine
+    network's; report.json names both weights files; the fine one counts as an input."""
+    fine = card_factory(bias=[0.5, -0.25, 0.125], name="fine")
+    card = add_fine_stage(card_factory(bias=[2.0, 1.0, 0.5], name="coarse"), fine, below=2.5)
+    out = tmp_path / "o"
+    r = cli(str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz"), "-o", str(out), "--weights", str(card), "--iterations", "1",
+            "--device", "cpu", "--mode", "slices", "--no-symmetric", "--no-overview")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["fine_stage"] == {"weights_sha256": json.loads(fine.read_text())["weights"]["sha256"], "below": 2.5}
+    used = [r for r in csv.DictReader(open(out / "slices.csv")) if r["used"] == "True"]
+    twice = geo.compose_params_2d(np.array([0.5, -0.25, 0.125]), np.array([0.5, -0.25, 0.125]))  # as the test below
+    assert used and all(np.allclose([float(r[k]) for k in ("theta_deg", "tx_mm", "ty_mm")], twice, atol=1e-3) for r in used)
+    # the fine weights file is one of the run's inputs (no output may take its name)
+    args = argparse.Namespace(fixed="f.nii", moving="m.nii", demo=False, initial_transform=None)
+    assert ("fine stage weights file", fine.with_suffix(".pt").resolve()) in input_files(args, card)
+
+
 def test_outputs_and_report_contents(tmp_path, pair, card_factory):
     card = card_factory(bias=[2.0, 1.0, 0.5])
     out = tmp_path / "o"
@@ -74,6 +95,7 @@ def test_outputs_and_report_contents(tmp_path, pair, card_factory):
         assert key in report
     assert report["mode"] == "slices" and report["device"] == "cpu"
     assert report["model"]["weights_sha256"] == json.loads(card.read_text())["weights"]["sha256"]
+    assert "fine_stage" not in report["model"]
     assert set(report["similarity"]) == {"ncc_before", "ncc_after", "mi_before", "mi_after"}
     rows = list(csv.DictReader(open(out / "slices.csv")))
     fixed_img = nib.load(pair / "fixed.nii.gz")

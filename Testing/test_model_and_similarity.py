@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import add_fine_stage
 from RigidResNetRegistrationLib.model import (
     DEFAULT_CARD,
     ModelError,
@@ -94,6 +95,50 @@ def test_weights_round_trip_through_card(card_factory):
     ref = ResNetRegressor(3)
     ref.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in torch.load(card.with_suffix(".pt"), weights_only=True).items()})
     assert torch.allclose(model(x), ref.eval()(x), atol=1e-5)
+
+
+def test_fine_stage_re_predicts_only_the_small_estimates(card_factory):
+    """A card's fine stage replaces an estimate within ``below`` on every parameter by the fine
+    network's, and leaves a larger one as the first network gave it."""
+    fine = card_factory(bias=[0.25, -0.5, 0.75], name="fine")
+    x = torch.rand(3, 2, 48, 48)
+    small = add_fine_stage(card_factory(bias=[1.0, -2.0, 2.5], name="coarse_small"), fine)
+    assert read_model_card(small).fine.below == 3.0
+    assert torch.allclose(load_model(small, "cpu")(x), torch.tensor([[0.25, -0.5, 0.75]] * 3), atol=2e-3)
+    # one parameter at the threshold: the first network's estimate stays
+    large = add_fine_stage(card_factory(bias=[1.0, 3.0, 0.0], name="coarse_large"), fine)
+    assert torch.allclose(load_model(large, "cpu")(x), torch.tensor([[1.0, 3.0, 0.0]] * 3), atol=2e-3)
+    # per pair: a first network whose estimate depends on the input switches row by row
+    mixed = card_factory(seed=3, name="coarse_mixed")
+    first = load_model(mixed, "cpu")(x)
+    below = float(first.abs().amax(dim=1).median())
+    staged = load_model(add_fine_stage(mixed, fine, below), "cpu")(x)
+    switched = (first.abs() < below).all(dim=1)
+    assert 0 < int(switched.sum()) < len(x)
+    assert torch.allclose(staged[switched], torch.tensor([0.25, -0.5, 0.75]), atol=2e-3)
+    assert torch.allclose(staged[~switched], first[~switched])
+
+
+def test_fine_stage_weights_are_checked_like_the_weights(card_factory):
+    fine = card_factory(bias=[0.0, 0.0, 0.0], name="fine")
+    card = add_fine_stage(card_factory(bias=[1.0, 0.0, 0.0], name="coarse"), fine)
+    spec = json.loads(card.read_text())
+    fine.with_suffix(".pt").write_bytes(fine.with_suffix(".pt").read_bytes()[:1000])
+    with pytest.raises(ModelError, match="fine.pt does not match its model card"):
+        load_model(card, "cpu")
+    fine.with_suffix(".pt").unlink()
+    with pytest.raises(ModelError, match="weights file missing"):
+        load_model(card, "cpu")
+    for change, message in (({"file": "../fine.pt"}, "fine stage weights file '../fine.pt' outside its folder"),
+                            ({"sha256": "abc"}, "fine stage weights file but no valid sha256"),
+                            ({"below": 0}, "fine.below must be positive"),
+                            ({"below": None}, "invalid")):
+        card.write_text(json.dumps({**spec, "fine": {**spec["fine"], **change}}))
+        with pytest.raises(ModelError, match=message):
+            read_model_card(card)
+    card.write_text(json.dumps({**spec, "transform": "affine"}))
+    with pytest.raises(ModelError, match="a fine stage needs a trained rigid model"):
+        read_model_card(card)
 
 
 def test_tampered_truncated_and_escaping_weights_are_refused(tmp_path, card_factory):

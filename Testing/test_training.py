@@ -13,7 +13,7 @@ import torch
 from conftest import moved_copy, phantom_volume
 from PIL import Image
 
-from RigidResNetRegistrationLib.model import ResNetRegressor, load_model
+from RigidResNetRegistrationLib.model import ResNetRegressor, load_model, sha256_of
 from RigidResNetRegistrationLib.preprocess import normalise_slices
 from rrr_training.data import (
     SMALL_MOTION_SCALE,
@@ -26,7 +26,7 @@ from rrr_training.data import (
     sample_pairs,
 )
 from rrr_training.losses import similarity_loss
-from rrr_training.train import TrainConfig, export, prepare_inputs, train
+from rrr_training.train import TrainConfig, TrainError, export, prepare_inputs, train
 
 
 def _save(vol, path: Path) -> None:
@@ -234,6 +234,19 @@ def test_checkpoint_resumes_to_the_same_state_and_export_round_trips(tiny_data, 
     ref.load_state_dict(torch.load(straight / "best.pt", weights_only=True)["model"])
     x = torch.rand(3, 2, 32, 32)
     assert torch.allclose(model(x), ref.eval()(x), atol=2e-2 + 2e-2 * ref(x).abs().max().item())  # fp16 weights
+
+    # a second checkpoint as the card's fine stage: its own fp16 file beside, named with its sha256
+    staged_path = export(straight / "best.pt", tmp_path / "models", name="staged", fine=interrupted / "last.pt", fine_below=2.0)
+    staged = json.loads(staged_path.read_text())
+    assert staged["fine"]["file"] == "staged_fine.pt" and staged["fine"]["below"] == 2.0
+    assert staged["fine"]["sha256"] == sha256_of(tmp_path / "models" / "staged_fine.pt")
+    assert staged["fine"]["training"]["steps"] == torch.load(interrupted / "last.pt", weights_only=True)["step"]
+    assert load_model(staged_path, "cpu").fine is not None
+    other = torch.load(interrupted / "last.pt", weights_only=True)
+    other["config"]["size"] = 64
+    torch.save(other, tmp_path / "other_grid.pt")
+    with pytest.raises(TrainError, match="fine checkpoint's"):
+        export(straight / "best.pt", tmp_path / "models", name="bad", fine=tmp_path / "other_grid.pt")
 
 
 def test_freeze_bn_keeps_the_batch_norm_statistics_of_the_initial_weights(tiny_data, tmp_path):

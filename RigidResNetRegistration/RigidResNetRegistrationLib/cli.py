@@ -218,7 +218,7 @@ def output_names(args: argparse.Namespace) -> list[str]:
 
 def input_files(args: argparse.Namespace, card_path: Path | None) -> list[tuple[str, Path]]:
     """(role, path) of every file the run reads: FIXED, MOVING, the initial transform, the model card
-    and its weights."""
+    and its weights (and its fine stage's)."""
     from .model_card import ModelError, read_model_card, weights_path
 
     files = [(f"{role} image", Path(path)) for role, path in (("fixed", args.fixed), ("moving", args.moving))
@@ -228,9 +228,11 @@ def input_files(args: argparse.Namespace, card_path: Path | None) -> list[tuple[
     if card_path is not None:
         files.append(("model card", card_path))
         with contextlib.suppress(ModelError):  # a broken card is reported when it is loaded
-            weights = weights_path(read_model_card(card_path))
-            if weights is not None:
-                files.append(("weights file", weights))
+            card = read_model_card(card_path)
+            for fine, role in ((False, "weights file"), (True, "fine stage weights file")):
+                weights = weights_path(card, fine)
+                if weights is not None:
+                    files.append((role, weights))
     return files
 
 
@@ -392,7 +394,7 @@ def write_outputs(args: argparse.Namespace, stage: Path, fixed: Volume, moving: 
     if not args.no_overview:
         with timed(stages, "overview.png"):
             overview_figure(fixed, moving, result, stage / "overview.png")
-    report = result_report(result, card.name, card.sha256, card.trained)
+    report = result_report(result, card)
     report["inputs"] = {
         "fixed": "embedded sample" if args.demo else str(args.fixed),
         "moving": "embedded sample with known motion" if args.demo else str(args.moving),

@@ -48,15 +48,16 @@ def build_model(card: ModelCard, initialise: bool = True) -> ResNetRegressor:
     return ResNetRegressor(n_params=card.n_params, hidden=card.hidden, initialise=initialise)
 
 
-def load_state(card: ModelCard) -> dict[str, torch.Tensor] | None:
-    """The card's weights as a state dict, sha256-checked, loaded with ``weights_only=True``."""
-    p = weights_path(card)
+def load_state(card: ModelCard, fine: bool = False) -> dict[str, torch.Tensor] | None:
+    """The card's weights (``fine``: its fine stage's) as a state dict, sha256-checked, loaded
+    with ``weights_only=True``."""
+    p = weights_path(card, fine)
     if p is None:
         return None
     if not p.is_file():
         raise ModelError(f"weights file missing: {p}")
     digest = sha256_of(p)
-    if digest != card.sha256:
+    if digest != (card.fine.sha256 if fine and card.fine else card.sha256):
         raise ModelError(f"weights file {p.name} does not match its model card (sha256 {digest[:12]}...)")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -76,15 +77,23 @@ class LoadedModel:
     network: ResNetRegressor
     card: ModelCard
     device: torch.device
+    fine: ResNetRegressor | None = None  # the card's fine stage (:class:`model_card.FineStage`)
 
     @property
     def sha256(self) -> str | None:
         return self.card.sha256
 
     def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
-        """``(B, 2, H, W)`` normalised pairs -> ``(B, P)`` float32 parameters on the CPU."""
+        """``(B, 2, H, W)`` normalised pairs -> ``(B, P)`` float32 parameters on the CPU. With a
+        fine stage: the pairs whose estimate is within its ``below`` on every parameter (degrees,
+        mm) are predicted again by the fine network, whose estimates replace those."""
         with torch.inference_mode():
-            out = self.network(pairs.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            x = pairs.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            out = self.network(x)
+            if self.fine is not None:
+                small = (out.abs() < self.card.fine.below).all(dim=1)
+                if bool(small.any()):
+                    out[small] = self.fine(x[small]).to(out.dtype)
         return out.float().cpu()
 
 
@@ -151,28 +160,34 @@ def load_model(card_path: str | Path | None = None, device: str = "auto") -> Loa
     """Load (once, then from a cache) the model described by a card on a device."""
     card = read_model_card(card_path or DEFAULT_CARD)
     dev = resolve_device(device)
-    key = (str(card.path), str(card.sha256), str(dev))
+    key = (str(card.path), str(card.sha256), str(card.fine), str(dev))
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
-        state = load_state(card)
-        if state is None:  # an untrained card: the network as initialised
-            network = build_model(card)
-        else:
-            # built on the meta device (no random initialisation: 0.2-0.4 s of a command line run on
-            # 2 CPU cores), the weights then taken as the parameters themselves
-            with torch.device("meta"):
-                network = build_model(card, initialise=False)
-            try:
-                network.load_state_dict({k: _as_float32(v) for k, v in state.items()}, assign=True)
-            except (RuntimeError, AttributeError) as exc:
-                raise ModelError(
-                    f"weights file {card.weights} does not fit the model card's architecture ({str(exc).splitlines()[0]})"
-                ) from None
-        network = fold_batch_norms(network.eval()).to(dev).to(memory_format=torch.channels_last)
-        loaded = LoadedModel(network, card, dev)
+        fine = _inference_network(card, load_state(card, fine=True), dev, card.fine.weights) if card.fine else None
+        loaded = LoadedModel(_inference_network(card, load_state(card), dev, card.weights), card, dev, fine)
         _CACHE[key] = loaded
         return loaded
+
+
+def _inference_network(card: ModelCard, state: dict[str, torch.Tensor] | None, device: torch.device,
+                       file_name: str | None) -> ResNetRegressor:
+    """The card's network with ``state`` (from ``file_name``; None: as initialised, an untrained
+    card), batch norms folded, on ``device`` in channels-last order."""
+    if state is None:
+        network = build_model(card)
+    else:
+        # built on the meta device (no random initialisation: 0.2-0.4 s of a command line run on
+        # 2 CPU cores), the weights then taken as the parameters themselves
+        with torch.device("meta"):
+            network = build_model(card, initialise=False)
+        try:
+            network.load_state_dict({k: _as_float32(v) for k, v in state.items()}, assign=True)
+        except (RuntimeError, AttributeError) as exc:
+            raise ModelError(
+                f"weights file {file_name} does not fit the model card's architecture ({str(exc).splitlines()[0]})"
+            ) from None
+    return fold_batch_norms(network.eval()).to(device).to(memory_format=torch.channels_last)
 
 
 def save_weights(network: nn.Module, path: str | Path, half: bool = True) -> str:

@@ -24,6 +24,18 @@ class ModelError(RuntimeError):
     """A model card or weights file that cannot be used: the message is one clear line."""
 
 
+@dataclass(frozen=True)
+class FineStage:
+    """A second network (same architecture and grid, its own weights file) for the small motions:
+    every pair whose first estimate is within ``below`` on every rigid parameter (degrees and mm)
+    is predicted again by it (:class:`model.LoadedModel`). Card entry ``"fine": {"file",
+    "sha256", "below"}``."""
+
+    weights: str  # file name inside the card's folder
+    sha256: str
+    below: float
+
+
 @dataclass
 class ModelCard:
     """What a weights file is: parsed from the JSON model card (see ``Resources/Models``)."""
@@ -38,6 +50,7 @@ class ModelCard:
     trained: bool
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    fine: FineStage | None = None
 
     @property
     def n_params(self) -> int:
@@ -56,15 +69,21 @@ class ModelCard:
             sha = weights.get("sha256")
             if len(size) != 2 or min(size) < 32 or not (0.1 <= spacing <= 10):
                 raise ValueError("input grid")
+            fine_entry = data.get("fine")
+            fine = None
+            if fine_entry is not None:
+                if file_name is None or transform != "rigid":
+                    raise ValueError("a fine stage needs a trained rigid model")
+                fine = FineStage(str(fine_entry["file"]), fine_entry.get("sha256"), float(fine_entry["below"]))
+                if not fine.below > 0:
+                    raise ValueError("fine.below must be positive")
         except (KeyError, TypeError, ValueError) as exc:
             where = f" {path}" if path else ""
             raise ModelError(f"model card{where} is invalid ({exc})") from None
         if file_name is not None:
-            name = str(file_name)
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise ModelError(f"model card names weights file {name!r} outside its folder")
-            if not isinstance(sha, str) or len(sha) != 64:
-                raise ModelError("model card has a weights file but no valid sha256")
+            _check_weights_entry(str(file_name), sha, "weights file")
+        if fine is not None:
+            _check_weights_entry(fine.weights, fine.sha256, "fine stage weights file")
         return cls(
             name=str(data.get("name", "unnamed")),
             transform=transform,
@@ -76,7 +95,16 @@ class ModelCard:
             trained=bool(data.get("trained", file_name is not None)),
             path=path,
             raw=dict(data),
+            fine=fine,
         )
+
+
+def _check_weights_entry(name: str, sha: object, what: str) -> None:
+    """A weights file named by a card: a plain name inside the card's folder, with a sha256."""
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ModelError(f"model card names {what} {name!r} outside its folder")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ModelError(f"model card has a {what} but no valid sha256")
 
 
 def read_model_card(path: str | Path) -> ModelCard:
@@ -101,12 +129,14 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def weights_path(card: ModelCard) -> Path | None:
-    """Absolute path of the card's weights file (always inside the card's folder), or None."""
-    if card.weights is None:
+def weights_path(card: ModelCard, fine: bool = False) -> Path | None:
+    """Absolute path of the card's weights file (``fine``: its fine stage's; always inside the
+    card's folder), or None when the card has none."""
+    name = (card.fine.weights if card.fine else None) if fine else card.weights
+    if name is None:
         return None
     folder = (card.path.parent if card.path else MODELS_DIR).resolve()
-    p = (folder / card.weights).resolve()
+    p = (folder / name).resolve()
     if p.parent != folder:
-        raise ModelError(f"weights file {card.weights!r} is outside the model folder")
+        raise ModelError(f"weights file {name!r} is outside the model folder")
     return p

@@ -8,10 +8,12 @@ import numpy as np
 
 from . import __version__
 from .engine import RegistrationResult
+from .model_card import ModelCard
 
 
-def result_report(result: RegistrationResult, model_name: str, model_sha256: str | None, trained: bool) -> dict[str, Any]:
-    """JSON-ready summary of a registration (the ``report.json`` written by the command line)."""
+def result_report(result: RegistrationResult, card: ModelCard) -> dict[str, Any]:
+    """JSON-ready summary of a registration (the ``report.json`` written by the command line) by
+    the model of ``card``."""
     names = (
         ["theta_deg", "tx_mm", "ty_mm"]
         if result.transform_kind == "rigid"
@@ -26,7 +28,8 @@ def result_report(result: RegistrationResult, model_name: str, model_sha256: str
         "slice_orientation": result.frame.orientation,
         "slice_array_axis": result.frame.axis,
         "slices": {"total": int(len(result.used)), "used": int(result.used.sum()), "inliers": int(result.inlier.sum())},
-        "model": {"name": model_name, "weights_sha256": model_sha256, "trained": trained, "transform": result.transform_kind},
+        "model": {"name": card.name, "weights_sha256": card.sha256, "trained": card.trained, "transform": result.transform_kind,
+                  **({"fine_stage": {"weights_sha256": card.fine.sha256, "below": card.fine.below}} if card.fine else {})},
         "parameters": {n: float(v) for n, v in zip(names, result.params)},
         "parameter_frame": {
             "ex_RAS": result.frame.ex.tolist(),

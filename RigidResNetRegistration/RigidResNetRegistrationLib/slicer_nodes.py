@@ -619,7 +619,7 @@ def _result_nodes(fixed_node: Any, moving_node: Any, result: "RegistrationResult
         tnode.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_parent))
         tnode.SetNodeReferenceID(tnode.GetFixedNodeReferenceRole(), fixed_node.GetID())
         tnode.SetNodeReferenceID(tnode.GetMovingNodeReferenceRole(), moving_node.GetID())
-        report = result_report(result, card.name, card.sha256, card.trained)
+        report = result_report(result, card)
         report["moving_to_fixed_world_RAS"] = {
             "meaning": "this node's transform to world: moves the moving volume as stored onto the fixed volume",
             "matrix": moving_to_fixed_world.tolist(),

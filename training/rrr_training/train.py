@@ -629,16 +629,56 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, device: torch
     return out / "best.pt"
 
 
-def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: str | None = None, extra: dict | None = None) -> Path:
-    """Write fp16 weights and the model card for a checkpoint into ``models_dir``."""
+def _training_facts(ck: dict) -> dict:
+    """The model card's ``training`` entry for a checkpoint: its run's options and validation."""
+    cfg = ck["config"]
+    return {"data": cfg["data"], "holdout": cfg["holdout"], "steps": ck["step"],
+            "batch_size": cfg["batch_size"], "ranges": {"rotation_deg": cfg["max_rotation_deg"], "translation_mm": cfg["max_translation_mm"]},
+            "cross_contrast_fraction": cfg["cross_contrast"], "small_motion_fraction": cfg.get("small_motion", 0.0),
+            "remap_fraction": cfg.get("remap", 0.0), "remap_loss": cfg.get("remap_loss", "mi"),
+            "batch_norm_frozen": cfg.get("freeze_bn", False),
+            "synthetic_contrast_fraction": cfg.get("synth", 0.0),
+            "multi_contrast_share": cfg.get("multi_contrast_share", 0.0),
+            "orientations": cfg.get("orientations", ["axial"]),
+            "min_foreground": cfg.get("min_foreground", 0.15),  # runs before it was an option drew at 0.15
+            "curriculum": {"steps": cfg.get("curriculum_steps", 0),
+                           "start_rotation_deg": cfg.get("curriculum_start_rotation_deg", 5.0),
+                           "start_translation_mm": cfg.get("curriculum_start_translation_mm", 5.0)},
+            "precision": cfg.get("precision", "auto"),
+            "losses": "1-NCC same contrast, -MI (Parzen, 32 bins) cross contrast",
+            "validation_at_checkpoint": ck.get("metrics", {})}
+
+
+def _checkpoint_network(ck: dict) -> ResNetRegressor:
+    cfg = ck["config"]
+    model = ResNetRegressor(geo.N_PARAMS[cfg["transform"]], cfg["hidden"])
+    model.load_state_dict(ck["model"])
+    return model
+
+
+def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: str | None = None, extra: dict | None = None,
+           fine: str | Path | None = None, fine_below: float = 3.0) -> Path:
+    """Write fp16 weights and the model card for a checkpoint into ``models_dir``. ``fine``: a
+    second checkpoint of the same architecture and grid, written beside as ``NAME_fine.pt`` and
+    named in the card as its fine stage (:class:`model_card.FineStage`, re-predicting the pairs
+    whose first estimate is within ``fine_below`` deg / mm)."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = ck["config"]
     name = name or f"{cfg['transform']}_resnet34"
-    model = ResNetRegressor(geo.N_PARAMS[cfg["transform"]], cfg["hidden"])
-    model.load_state_dict(ck["model"])
+    model = _checkpoint_network(ck)
     folder = Path(models_dir)
     folder.mkdir(parents=True, exist_ok=True)
     sha = save_weights(model, folder / f"{name}.pt", half=True)
+    fine_entry = None
+    if fine is not None:
+        fine_ck = torch.load(fine, map_location="cpu", weights_only=True)
+        grid = ("transform", "hidden", "size", "spacing_mm")
+        if any(fine_ck["config"][k] != cfg[k] for k in grid):
+            raise TrainError(f"the fine checkpoint's {', '.join(grid)} must be the checkpoint's")
+        fine_sha = save_weights(_checkpoint_network(fine_ck), folder / f"{name}_fine.pt", half=True)
+        fine_entry = {"file": f"{name}_fine.pt", "sha256": fine_sha, "below": float(fine_below), "dtype": "float16",
+                      "use": f"pairs whose first estimate is within {fine_below:g} deg and {fine_below:g} mm are predicted again by it",
+                      "training": _training_facts(fine_ck)}
     names = ["theta_deg", "tx_mm", "ty_mm"] if cfg["transform"] == "rigid" else ["a11_minus_1", "a12", "a21", "a22_minus_1", "tx_mm", "ty_mm"]
     card = {
         "name": name,
@@ -652,22 +692,10 @@ def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: st
                        "direction": "resampling: fixed-slice point -> moving-slice point, about the grid centre",
                        "frame": "slice frame of the fixed volume (ex ~ R, ey ~ A for axial slices), see geometry.py"},
         "weights": {"file": f"{name}.pt", "sha256": sha, "dtype": "float16"},
-        "training": {"data": cfg["data"], "holdout": cfg["holdout"], "steps": ck["step"],
-                     "batch_size": cfg["batch_size"], "ranges": {"rotation_deg": cfg["max_rotation_deg"], "translation_mm": cfg["max_translation_mm"]},
-                     "cross_contrast_fraction": cfg["cross_contrast"], "small_motion_fraction": cfg.get("small_motion", 0.0),
-                     "remap_fraction": cfg.get("remap", 0.0), "remap_loss": cfg.get("remap_loss", "mi"),
-                     "batch_norm_frozen": cfg.get("freeze_bn", False),
-                     "synthetic_contrast_fraction": cfg.get("synth", 0.0),
-                     "multi_contrast_share": cfg.get("multi_contrast_share", 0.0),
-                     "orientations": cfg.get("orientations", ["axial"]),
-                     "min_foreground": cfg.get("min_foreground", 0.15),  # runs before it was an option drew at 0.15
-                     "curriculum": {"steps": cfg.get("curriculum_steps", 0),
-                                    "start_rotation_deg": cfg.get("curriculum_start_rotation_deg", 5.0),
-                                    "start_translation_mm": cfg.get("curriculum_start_translation_mm", 5.0)},
-                     "precision": cfg.get("precision", "auto"),
-                     "losses": "1-NCC same contrast, -MI (Parzen, 32 bins) cross contrast",
-                     "validation_at_checkpoint": ck.get("metrics", {})},
+        "training": _training_facts(ck),
     }
+    if fine_entry is not None:
+        card["fine"] = fine_entry
     if extra:
         card.update(extra)
     ModelCard.from_dict(card)  # the card we write must be one we can read
@@ -712,8 +740,11 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("checkpoint")
         p.add_argument("--models-dir", default=str(MODELS_DIR))
         p.add_argument("--name")
+        p.add_argument("--fine", help="a second checkpoint, the card's fine stage: the pairs whose first estimate is "
+                       "within --fine-below deg / mm are predicted again by it")
+        p.add_argument("--fine-below", type=float, default=3.0, help="default 3 (degrees and mm)")
         a = p.parse_args(argv[1:])
-        print(export(a.checkpoint, a.models_dir, a.name))
+        print(export(a.checkpoint, a.models_dir, a.name, fine=a.fine, fine_below=a.fine_below))
         return 0
     p = argparse.ArgumentParser(prog="rigid-resnet-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TrainConfig(data=[], out="", holdout=[])

@@ -202,6 +202,21 @@ def parse_motion(text: str) -> tuple[float, float]:
     return deg, mm
 
 
+def _volume_reader():
+    """``volume(subject, contrast)``: the subject's volume of that contrast, read from its file the
+    first time and kept for the calls after (one evaluation's subjects)."""
+    from RigidResNetRegistrationLib.io import read_volume
+
+    read: dict[tuple[str, str], object] = {}
+
+    def volume(subj, contrast: str):
+        if (subj.name, contrast) not in read:
+            read[subj.name, contrast] = read_volume(subj.images[contrast])
+        return read[subj.name, contrast]
+
+    return volume
+
+
 #: ``--volume-motion``: ``in-plane`` (rotation about the axial slice normal, translation in its
 #: plane) or ``6dof`` (rotations about R, A and S through the volume centre and translations along
 #: each, every one uniform in the ranges).
@@ -215,9 +230,9 @@ def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, mo
     contrast moved by known random motions (``motion``, :data:`VOLUME_MOTIONS`); one row per number of
     passes. ``n`` volumes, taking the subjects in turn. ``ms_per_pair`` is then ms per volume."""
     from RigidResNetRegistrationLib.engine import RegistrationOptions, register_volumes
-    from RigidResNetRegistrationLib.io import read_volume
     from RigidResNetRegistrationLib.sample import apply_known_motion, apply_known_transform
 
+    volume = _volume_reader()  # a subject drawn again reuses its volumes
     rng = np.random.default_rng(seed)
     usable = [s for s in subjects if fixed_contrast in s.images and any(c in s.images for c in moving_contrasts)]
     if not usable:
@@ -226,8 +241,7 @@ def evaluate_volumes(model: LoadedModel, subjects: list, fixed_contrast: str, mo
     for i in range(n):
         subj = usable[i % len(usable)]
         contrast = [c for c in moving_contrasts if c in subj.images][i % len([c for c in moving_contrasts if c in subj.images])]
-        fixed = read_volume(subj.images[fixed_contrast])
-        source = fixed if contrast == fixed_contrast else read_volume(subj.images[contrast])  # read once
+        fixed, source = volume(subj, fixed_contrast), volume(subj, contrast)
         centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
         if motion == "6dof":
             truth = geo.rigid_matrix_3d(tuple(rng.uniform(-max_rot, max_rot, 3)), tuple(rng.uniform(-max_trans, max_trans, 3)), centre)
@@ -267,17 +281,11 @@ def evaluate_slices_mode(model: LoadedModel, subjects: list, fixed_contrast: str
     import torch
 
     from RigidResNetRegistrationLib.engine import RegistrationOptions, register_volumes
-    from RigidResNetRegistrationLib.io import read_volume
     from RigidResNetRegistrationLib.volume import Volume
 
     from .scans import apply_interslice_motion, interslice_motion, t2_like_contrast
 
-    read: dict[tuple[str, str], Volume] = {}  # each volume read once: the grid check and the scans share it
-
-    def volume(subj, contrast: str) -> Volume:
-        if (subj.name, contrast) not in read:
-            read[subj.name, contrast] = read_volume(subj.images[contrast])
-        return read[subj.name, contrast]
+    volume = _volume_reader()  # each volume read once: the grid check and the scans share it
 
     def on_fixed_grid(subj, contrast: str) -> bool:
         if contrast in ("t2-like", fixed_contrast):

@@ -104,6 +104,9 @@ def test_fine_stage_re_predicts_only_the_small_estimates(card_factory):
     x = torch.rand(3, 2, 48, 48)
     small = add_fine_stage(card_factory(bias=[1.0, -2.0, 2.5], name="coarse_small"), fine)
     assert read_model_card(small).fine.below == 3.0
+    fine_sha = json.loads(fine.read_text())["weights"]["sha256"]
+    assert read_model_card(small).identity.endswith(f", fine stage sha256 {fine_sha[:12]} below 3)")
+    assert "fine stage" not in read_model_card(fine).identity
     assert torch.allclose(load_model(small, "cpu")(x), torch.tensor([[0.25, -0.5, 0.75]] * 3), atol=2e-3)
     # one parameter at the threshold: the first network's estimate stays
     large = add_fine_stage(card_factory(bias=[1.0, 3.0, 0.0], name="coarse_large"), fine)

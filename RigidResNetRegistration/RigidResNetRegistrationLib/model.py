@@ -57,7 +57,7 @@ def load_state(card: ModelCard, fine: bool = False) -> dict[str, torch.Tensor] |
     if not p.is_file():
         raise ModelError(f"weights file missing: {p}")
     digest = sha256_of(p)
-    if digest != (card.fine.sha256 if fine and card.fine else card.sha256):
+    if digest != card.weights_entry(fine)[1]:
         raise ModelError(f"weights file {p.name} does not match its model card (sha256 {digest[:12]}...)")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)

@@ -56,6 +56,20 @@ class ModelCard:
     def n_params(self) -> int:
         return N_PARAMS[self.transform]
 
+    @property
+    def identity(self) -> str:
+        """One line naming the model and its weights: ``name (sha256 0123456789ab[, fine stage
+        sha256 ... below B])``, for tables and logs."""
+        fine = f", fine stage sha256 {self.fine.sha256[:12]} below {self.fine.below:g}" if self.fine else ""
+        return f"{self.name} (sha256 {str(self.sha256)[:12]}{fine})"
+
+    def weights_entry(self, fine: bool = False) -> tuple[str | None, str | None]:
+        """``(file name, sha256)`` of the card's weights (``fine``: its fine stage's; ``(None,
+        None)`` when it has none)."""
+        if fine:
+            return (self.fine.weights, self.fine.sha256) if self.fine else (None, None)
+        return self.weights, self.sha256
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> "ModelCard":
         try:
@@ -132,7 +146,7 @@ def sha256_of(path: Path) -> str:
 def weights_path(card: ModelCard, fine: bool = False) -> Path | None:
     """Absolute path of the card's weights file (``fine``: its fine stage's; always inside the
     card's folder), or None when the card has none."""
-    name = (card.fine.weights if card.fine else None) if fine else card.weights
+    name = card.weights_entry(fine)[0]
     if name is None:
         return None
     folder = (card.path.parent if card.path else MODELS_DIR).resolve()

@@ -205,7 +205,7 @@ def _main(argv: list[str]) -> int:
                           + ("" if a.headers == ["shared"] else f"; headers: {', '.join(a.headers)} (unshared: the moving "
                              "header shifted by 50-150 mm and rotated by up to 30 deg about each axis; peers start with their "
                              "standard initialisers for such pairs: SimpleITK MOMENTS, elastix CenterOfGravity, ANTs [fixed,moving,1])")),
-                "model": f"{card.name} (sha256 {str(card.sha256)[:12]}); engine passes: {a.iterations or 'engine default'}; "
+                "model": f"{card.identity}; engine passes: {a.iterations or 'engine default'}; "
                          f"network passes on slice pairs: {a.pair_passes or a.iterations or 'engine default'}",
                 "wall time of the benchmark": f"{time.perf_counter() - started:.0f} s"}
         meta["plots"] = plot(rows, workers, out, a.device)

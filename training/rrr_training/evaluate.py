@@ -425,7 +425,7 @@ def _main(argv: list[str] | None = None) -> int:
                          + ": a subject is a folder of NIfTI volumes named by contrast (e.g. name_t1.nii.gz)")
     model = load_model(a.weights, a.device)
     card = model.card
-    print(f"model {card.name} (sha256 {str(card.sha256)[:12]}, trained={card.trained}), device {model.device} "
+    print(f"model {card.identity}, trained={card.trained}, device {model.device} "
           f"({resolve_precision(a.precision, torch.device(model.device))}, {'symmetric' if a.symmetric else 'one order'}), "
           f"subjects {sorted({s.name for s in subjects})} ({' '.join(a.orientations)}), motions "
           + ", ".join(f"+-{r:g} deg / +-{t:g} mm" for r, t in motions), flush=True)

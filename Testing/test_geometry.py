@@ -189,3 +189,42 @@ def test_network_grid_plane_is_centred_columns_along_x_rows_along_y():
     xy = geo.network_grid_plane((2, 3), 2.0)
     assert xy.shape == (2, 3, 2)
     assert np.allclose(xy[..., 0], [[-2, 0, 2], [-2, 0, 2]]) and np.allclose(xy[..., 1], [[-1, -1, -1], [1, 1, 1]])
+
+
+@pytest.mark.parametrize("kind", ["rigid", "affine"])
+def test_mirror_params_is_the_transform_conjugated_by_the_column_mirror(kind):
+    rng = np.random.default_rng(4)
+    p = rng.normal(0, 0.1 if kind == "affine" else 3.0, (5, geo.N_PARAMS[kind]))
+    flip = np.diag([-1.0, 1.0, 1.0])  # x -> -x in the centred slice frame
+    expected = geo.matrix_to_params_2d(flip @ geo.params_to_matrix_2d(p, kind) @ flip, kind)
+    assert np.allclose(geo.mirror_params_2d(p, kind), expected)
+    assert np.allclose(geo.mirror_params_2d(geo.mirror_params_2d(p, kind), kind), p)
+    with pytest.raises(ValueError, match="rigid or affine"):
+        geo.mirror_params_2d(p, "similarity")
+
+
+def test_mirrored_slices_are_the_mirrored_volume_through_the_mirrored_transform():
+    """Independent of the network: network-grid slices sampled through in-plane transform T, their
+    columns reversed, are the slices of the volume reflected across the plane through the volume's
+    centre normal to ``ex`` (a new header, the same voxels), sampled through mirror_params(T)."""
+    from conftest import phantom_volume
+
+    from RigidResNetRegistrationLib.preprocess import as_float_tensor
+    from RigidResNetRegistrationLib.resample import sample_slice_stack
+
+    vol = phantom_volume(shape=(40, 48, 20), codes="LPS")
+    frame = geo.slice_frame(vol.ijk_to_ras, vol.shape)
+    reflect = np.eye(4)
+    reflect[:3, :3] -= 2.0 * np.outer(frame.ex, frame.ex)
+    reflect[:3, 3] = 2.0 * np.dot(frame.centre, frame.ex) * frame.ex
+    data = as_float_tensor(vol)
+    slices = np.array([5, 10, 14])
+    params = np.array([7.0, 3.0, -2.0])
+    through = np.stack([geo.params_to_ras(params, frame, "rigid", int(s)) for s in slices])
+    mirrored = np.stack([geo.params_to_ras(geo.mirror_params_2d(params), frame, "rigid", int(s)) for s in slices])
+    seen = sample_slice_stack(data, vol.ijk_to_ras, frame, (32, 32), 1.5, slices, through).flip(-1)
+    reflected = sample_slice_stack(data, reflect @ vol.ijk_to_ras, frame, (32, 32), 1.5, slices, mirrored)
+    unmirrored = sample_slice_stack(data, reflect @ vol.ijk_to_ras, frame, (32, 32), 1.5, slices, through)
+    assert float(seen.abs().mean()) > 0.1
+    assert np.allclose(seen.numpy(), reflected.numpy(), atol=1e-4)
+    assert not np.allclose(seen.numpy(), unmirrored.numpy(), atol=1e-2)

@@ -122,6 +122,37 @@ def test_fine_stage_re_predicts_only_the_small_estimates(card_factory):
     assert torch.allclose(staged[~switched], first[~switched])
 
 
+def _with_mirror(card, value=True):
+    spec = json.loads(card.read_text())
+    card.write_text(json.dumps({**spec, "mirror": value}))
+    return card
+
+
+def test_mirror_card_averages_each_pair_with_its_mirror_image(card_factory):
+    """``"mirror": true``: the mean of the estimate and the mirrored pair's estimate mapped back, so a
+    constant rotation and column shift (an error that turns with the image) cancels and a row shift
+    stays; an input-dependent network gives exactly that mean, pair by pair."""
+    x = torch.rand(4, 2, 48, 48)
+    biased = _with_mirror(card_factory(bias=[1.5, -2.0, 0.75], name="biased"))
+    assert torch.allclose(load_model(biased, "cpu")(x), torch.tensor([[0.0, 0.0, 0.75]] * 4), atol=2e-3)
+    plain = load_model(card_factory(seed=3, name="plain"), "cpu")
+    mirrored = load_model(_with_mirror(card_factory(seed=3, name="mirrored")), "cpu")
+    signs = torch.tensor([-1.0, -1.0, 1.0])
+    assert torch.allclose(mirrored(x), 0.5 * (plain(x) + plain(x.flip(-1)) * signs), atol=1e-5)
+    assert not torch.allclose(mirrored(x), plain(x), atol=1e-3)
+    assert read_model_card(biased).identity.endswith(", mirror-averaged)")
+    assert "mirror" not in read_model_card(DEFAULT_CARD).identity and not read_model_card(DEFAULT_CARD).mirror
+    affine = _with_mirror(card_factory(transform="affine", bias=[0.1, 0.2, -0.3, 0.05, 1.0, 2.0], name="affine"))
+    assert torch.allclose(load_model(affine, "cpu")(x[:1]), torch.tensor([[0.1, 0.0, 0.0, 0.05, 0.0, 2.0]]), atol=2e-3)
+    # with a fine stage: the mirrored pairs go through both networks as well
+    fine = card_factory(bias=[0.5, 0.25, -0.5], name="fine")
+    staged = _with_mirror(add_fine_stage(card_factory(bias=[1.0, 1.0, 1.0], name="coarse"), fine))
+    assert torch.allclose(load_model(staged, "cpu")(x), torch.tensor([[0.0, 0.0, -0.5]] * 4), atol=2e-3)
+    _with_mirror(biased, "yes")
+    with pytest.raises(ModelError, match="mirror must be true or false"):
+        read_model_card(biased)
+
+
 def test_fine_stage_weights_are_checked_like_the_weights(card_factory):
     fine = card_factory(bias=[0.0, 0.0, 0.0], name="fine")
     card = add_fine_stage(card_factory(bias=[1.0, 0.0, 0.0], name="coarse"), fine)

@@ -13,7 +13,7 @@ import torch
 from conftest import moved_copy, phantom_volume
 from PIL import Image
 
-from RigidResNetRegistrationLib.model import ResNetRegressor, load_model, sha256_of
+from RigidResNetRegistrationLib.model import ResNetRegressor, load_model, read_model_card, sha256_of
 from RigidResNetRegistrationLib.preprocess import normalise_slices
 from rrr_training.data import (
     SMALL_MOTION_SCALE,
@@ -26,7 +26,7 @@ from rrr_training.data import (
     sample_pairs,
 )
 from rrr_training.losses import similarity_loss
-from rrr_training.train import TrainConfig, TrainError, export, prepare_inputs, train
+from rrr_training.train import TrainConfig, TrainError, export, main, prepare_inputs, train
 
 
 def _save(vol, path: Path) -> None:
@@ -241,7 +241,10 @@ def test_checkpoint_resumes_to_the_same_state_and_export_round_trips(tiny_data, 
     assert staged["fine"]["file"] == "staged_fine.pt" and staged["fine"]["below"] == 2.0
     assert staged["fine"]["sha256"] == sha256_of(tmp_path / "models" / "staged_fine.pt")
     assert staged["fine"]["training"]["steps"] == torch.load(interrupted / "last.pt", weights_only=True)["step"]
-    assert load_model(staged_path, "cpu").fine is not None
+    assert load_model(staged_path, "cpu").fine is not None and "mirror" not in staged
+    mirrored = main(["export", str(straight / "best.pt"), "--models-dir", str(tmp_path / "models"), "--name", "mirrored", "--mirror"])
+    assert mirrored == 0 and read_model_card(tmp_path / "models" / "mirrored.json").mirror
+    assert not read_model_card(card_path).mirror
     other = torch.load(interrupted / "last.pt", weights_only=True)
     other["config"]["size"] = 64
     torch.save(other, tmp_path / "other_grid.pt")
@@ -801,8 +804,6 @@ def test_compute_log_appends_on_resume_and_precision_is_chosen(tiny_data, tmp_pa
 
 
 def test_trainer_command_line_takes_a_holdout_file_and_the_new_options(tiny_data, tmp_path):
-    from rrr_training.train import main
-
     holdout = tmp_path / "holdout.txt"
     holdout.write_text("# held out\ncase2 skull-stripped\n")
     out = tmp_path / "run"

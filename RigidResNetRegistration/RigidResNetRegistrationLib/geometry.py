@@ -309,6 +309,25 @@ def invert_params_2d(params: np.ndarray, kind: TransformKind = "rigid") -> np.nd
     return matrix_to_params_2d(np.linalg.inv(params_to_matrix_2d(params, kind)), kind)
 
 
+#: Sign of each slice-frame parameter under the in-plane mirror of ``ex`` (the network image's
+#: columns, ``flip(-1)`` of a ``(..., H, W)`` slice; :func:`mirror_params_2d`).
+MIRROR_SIGNS: dict[str, tuple[float, ...]] = {"rigid": (-1.0, -1.0, 1.0), "affine": (1.0, -1.0, -1.0, 1.0, -1.0, 1.0)}
+
+
+def mirror_params_2d(params: np.ndarray, kind: TransformKind = "rigid") -> np.ndarray:
+    """Parameters ``(..., P)`` of the 2D transform seen in mirrored slices.
+
+    Mirroring both slices of a pair along ``ex`` through the grid centre (the network image's
+    columns reversed, ``x -> -x`` in the centred slice frame: ``F = diag(-1, 1)``) turns the
+    resampling map ``A`` between them into ``F A F``: rigid ``(theta, tx, ty) -> (-theta, -tx, ty)``;
+    affine: the off-diagonal terms and ``tx`` change sign. The map is its own inverse and exact (a
+    sign per parameter, :data:`MIRROR_SIGNS`). Slice-frame parameters, resampling direction.
+    """
+    if kind not in MIRROR_SIGNS:
+        raise ValueError(f"transform kind must be rigid or affine, not {kind!r}")
+    return np.asarray(params, dtype=np.float64) * np.asarray(MIRROR_SIGNS[kind])
+
+
 def symmetric_params_2d(forward: np.ndarray, backward: np.ndarray, kind: TransformKind = "rigid") -> np.ndarray:
     """Inverse-consistent estimate ``(..., P)`` from two estimates of one slice pair.
 

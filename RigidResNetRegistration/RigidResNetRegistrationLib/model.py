@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .geometry import MIRROR_SIGNS
 from .resnet import resnet34_features
 from .model_card import DEFAULT_CARD, MODELS_DIR, ModelCard, ModelError, read_model_card, sha256_of, weights_path
 
@@ -86,15 +87,26 @@ class LoadedModel:
     def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
         """``(B, 2, H, W)`` normalised pairs -> ``(B, P)`` float32 parameters on the CPU. With a
         fine stage: the pairs whose estimate is within its ``below`` on every parameter (degrees,
-        mm) are predicted again by the fine network, whose estimates replace those."""
+        mm) are predicted again by the fine network, whose estimates replace those. With
+        ``card.mirror``: every pair is also predicted mirrored (both slices' columns reversed, in
+        the same batch) and the mean of the estimate and the mirrored one mapped back
+        (:func:`geometry.mirror_params_2d`) is returned."""
         with torch.inference_mode():
-            x = pairs.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = pairs.to(self.device, non_blocking=True)
+            n = x.shape[0]
+            if self.card.mirror:
+                x = torch.cat([x, x.flip(-1)])
+            x = x.contiguous(memory_format=torch.channels_last)
             out = self.network(x)
             if self.fine is not None:
                 small = (out.abs() < self.card.fine.below).all(dim=1)
                 if bool(small.any()):
                     out[small] = self.fine(x[small]).to(out.dtype)
-        return out.float().cpu()
+            out = out.float()
+            if self.card.mirror:
+                signs = torch.tensor(MIRROR_SIGNS[self.card.transform], dtype=out.dtype, device=out.device)
+                out = 0.5 * (out[:n] + out[n:] * signs)
+        return out.cpu()
 
 
 def fold_batch_norms(network: ResNetRegressor) -> ResNetRegressor:
@@ -160,7 +172,7 @@ def load_model(card_path: str | Path | None = None, device: str = "auto") -> Loa
     """Load (once, then from a cache) the model described by a card on a device."""
     card = read_model_card(card_path or DEFAULT_CARD)
     dev = resolve_device(device)
-    key = (str(card.path), str(card.sha256), str(card.fine), str(dev))
+    key = (str(card.path), str(card.sha256), str(card.fine), card.mirror, str(dev))
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]

@@ -51,6 +51,10 @@ class ModelCard:
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     fine: FineStage | None = None
+    #: Card entry ``"mirror": true``: every pair is also predicted with both slices mirrored
+    #: (columns reversed) and the two estimates averaged (:class:`model.LoadedModel`), which cancels
+    #: an error that turns with the image (a rotation bias across contrasts); twice the network work.
+    mirror: bool = False
 
     @property
     def n_params(self) -> int:
@@ -59,9 +63,10 @@ class ModelCard:
     @property
     def identity(self) -> str:
         """One line naming the model and its weights: ``name (sha256 0123456789ab[, fine stage
-        sha256 ... below B])``, for tables and logs."""
+        sha256 ... below B][, mirror-averaged])``, for tables and logs."""
         fine = f", fine stage sha256 {self.fine.sha256[:12]} below {self.fine.below:g}" if self.fine else ""
-        return f"{self.name} (sha256 {str(self.sha256)[:12]}{fine})"
+        mirror = ", mirror-averaged" if self.mirror else ""
+        return f"{self.name} (sha256 {str(self.sha256)[:12]}{fine}{mirror})"
 
     def weights_entry(self, fine: bool = False) -> tuple[str | None, str | None]:
         """``(file name, sha256)`` of the card's weights (``fine``: its fine stage's; ``(None,
@@ -91,6 +96,9 @@ class ModelCard:
                 fine = FineStage(str(fine_entry["file"]), fine_entry.get("sha256"), float(fine_entry["below"]))
                 if not fine.below > 0:
                     raise ValueError("fine.below must be positive")
+            mirror = data.get("mirror", False)
+            if not isinstance(mirror, bool):
+                raise ValueError(f"mirror must be true or false, not {mirror!r}")
         except (KeyError, TypeError, ValueError) as exc:
             where = f" {path}" if path else ""
             raise ModelError(f"model card{where} is invalid ({exc})") from None
@@ -110,6 +118,7 @@ class ModelCard:
             path=path,
             raw=dict(data),
             fine=fine,
+            mirror=mirror,
         )
 
 

@@ -29,7 +29,8 @@ def result_report(result: RegistrationResult, card: ModelCard) -> dict[str, Any]
         "slice_array_axis": result.frame.axis,
         "slices": {"total": int(len(result.used)), "used": int(result.used.sum()), "inliers": int(result.inlier.sum())},
         "model": {"name": card.name, "weights_sha256": card.sha256, "trained": card.trained, "transform": result.transform_kind,
-                  **({"fine_stage": {"weights_sha256": card.fine.sha256, "below": card.fine.below}} if card.fine else {})},
+                  **({"fine_stage": {"weights_sha256": card.fine.sha256, "below": card.fine.below}} if card.fine else {}),
+                  **({"mirror": True} if card.mirror else {})},
         "parameters": {n: float(v) for n, v in zip(names, result.params)},
         "parameter_frame": {
             "ex_RAS": result.frame.ex.tolist(),

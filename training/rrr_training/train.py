@@ -657,11 +657,12 @@ def _checkpoint_network(ck: dict) -> ResNetRegressor:
 
 
 def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: str | None = None, extra: dict | None = None,
-           fine: str | Path | None = None, fine_below: float = 3.0) -> Path:
+           fine: str | Path | None = None, fine_below: float = 3.0, mirror: bool = False) -> Path:
     """Write fp16 weights and the model card for a checkpoint into ``models_dir``. ``fine``: a
     second checkpoint of the same architecture and grid, written beside as ``NAME_fine.pt`` and
     named in the card as its fine stage (:class:`model_card.FineStage`, re-predicting the pairs
-    whose first estimate is within ``fine_below`` deg / mm)."""
+    whose first estimate is within ``fine_below`` deg / mm). ``mirror``: the card's ``"mirror":
+    true`` (every pair also predicted mirrored and the estimates averaged, :class:`model.LoadedModel`)."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = ck["config"]
     name = name or f"{cfg['transform']}_resnet34"
@@ -696,6 +697,8 @@ def export(checkpoint: str | Path, models_dir: str | Path = MODELS_DIR, name: st
     }
     if fine_entry is not None:
         card["fine"] = fine_entry
+    if mirror:
+        card["mirror"] = True
     if extra:
         card.update(extra)
     ModelCard.from_dict(card)  # the card we write must be one we can read
@@ -743,8 +746,11 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("--fine", help="a second checkpoint, the card's fine stage: the pairs whose first estimate is "
                        "within --fine-below deg / mm are predicted again by it")
         p.add_argument("--fine-below", type=float, default=3.0, help="default 3 (degrees and mm)")
+        p.add_argument("--mirror", action="store_true", help="the card asks for every pair to be predicted also mirrored "
+                       "(both slices' columns reversed) and the two estimates averaged: twice the network work, cancels "
+                       "an error that turns with the image (a rotation bias across contrasts)")
         a = p.parse_args(argv[1:])
-        print(export(a.checkpoint, a.models_dir, a.name, fine=a.fine, fine_below=a.fine_below))
+        print(export(a.checkpoint, a.models_dir, a.name, fine=a.fine, fine_below=a.fine_below, mirror=a.mirror))
         return 0
     p = argparse.ArgumentParser(prog="rigid-resnet-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TrainConfig(data=[], out="", holdout=[])

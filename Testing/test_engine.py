@@ -361,6 +361,41 @@ def test_with_the_refinement_on_passes_stop_at_its_looser_tolerance_the_first_in
     assert passes(big, refine=True) == 2  # the second correction (9 deg) is below the tolerance
 
 
+def test_passes_a_refinement_follows_use_the_coarse_network_alone(card_factory, monkeypatch):
+    """A card with a fine stage and mirror averaging: volume mode with its refinement predicts with
+    the first network alone (the refinement does the last fraction of a degree); without the
+    refinement, and in slices mode, every pass uses the fine stage and the mirror as well."""
+    import json
+
+    from conftest import add_fine_stage
+    from RigidResNetRegistrationLib.model import LoadedModel
+
+    fine = card_factory(bias=[0.25, -0.5, 0.75], name="fine", size=48, spacing=2.0)
+    card = add_fine_stage(card_factory(bias=[1.0, 1.0, 1.0], name="coarse", size=48, spacing=2.0), fine)
+    card.write_text(json.dumps({**json.loads(card.read_text()), "mirror": True}))
+    model = load_model(card, "cpu")
+    assert model.coarse.fine is None and not model.coarse.card.mirror and model.coarse.network is model.network
+    x = torch.rand(2, 2, 48, 48)
+    assert torch.allclose(model.coarse(x), torch.tensor([[1.0, 1.0, 1.0]] * 2), atol=2e-3)
+    plain = load_model(card_factory(seed=2, name="plain", size=48, spacing=2.0), "cpu")
+    assert plain.coarse is plain
+    calls = []
+    original = LoadedModel.__call__
+
+    def spy(self, pairs):
+        calls.append((self.fine is not None, self.card.mirror))
+        return original(self, pairs)
+
+    monkeypatch.setattr(LoadedModel, "__call__", spy)
+    fixed, moving, truth, frame = _case()
+    for options, used in ((RegistrationOptions(device="cpu", iterations=2), {(False, False)}),
+                          (RegistrationOptions(device="cpu", iterations=2, refine=False), {(True, True)}),
+                          (RegistrationOptions(device="cpu", iterations=2, mode="slices"), {(True, True)})):
+        calls.clear()
+        register_volumes(fixed, moving, model, options)
+        assert calls and set(calls) == used, options
+
+
 # --------------------------------------------------------------------------- refinement and quality control
 
 

@@ -81,7 +81,9 @@ ProgressCallback = Callable[[float, str], None]
 
 class Predictor(Protocol):
     """What the engine needs from a model: its card (grid, transform kind) and a batched call
-    ``(B, 2, H, W)`` normalised fixed/moving pairs -> ``(B, P)`` parameters (CPU tensor)."""
+    ``(B, 2, H, W)`` normalised fixed/moving pairs -> ``(B, P)`` parameters (CPU tensor). A
+    predictor may also have a ``coarse`` predictor (:attr:`model.LoadedModel.coarse`), which the
+    engine uses for the passes that a refinement follows."""
 
     card: ModelCard
 
@@ -574,7 +576,11 @@ def _predict(run: _Run) -> _NetworkEstimate:
     slice frame). Volume mode: the selected slices from the start, combined after every pass; slices
     mode: the common motion first, then every slice from there for its own residual motion."""
     opts, kind = run.opts, run.kind
-    settings = _PassSettings(run.predictor, run.frame, kind, opts.iterations, _floor(kind, opts.outlier_floor),
+    # with the refinement to follow, the passes only need to bring the motion within its reach:
+    # a looser tolerance, and the coarse network alone (no fine stage, no mirror averaging)
+    refine_follows = opts.refine and opts.mode == "volume" and kind == "rigid"
+    predictor = getattr(run.predictor, "coarse", run.predictor) if refine_follows else run.predictor
+    settings = _PassSettings(predictor, run.frame, kind, opts.iterations, _floor(kind, opts.outlier_floor),
                              opts.batch_size, run.precision, run.report, run.cancel, opts.symmetric,
                              opts.symmetric_stride)
 
@@ -584,8 +590,6 @@ def _predict(run: _Run) -> _NetworkEstimate:
                                run.moving_start if start is None else None, run.moving_slices,
                                start, tolerance, combine, span, first_tolerance)
 
-    # with the refinement to follow, the passes only need to bring the motion within its reach
-    refine_follows = opts.refine and opts.mode == "volume" and kind == "rigid"
     tolerance = max(opts.tolerance, REFINE_PASS_TOLERANCE) if refine_follows else opts.tolerance
     if opts.mode == "volume":
         current, n = passes(run.first_rows, None, True, (0.05, 0.8), tolerance, tolerance if refine_follows else None)

@@ -13,7 +13,7 @@ Weights are plain ``state_dict`` files read with ``torch.load(weights_only=True)
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -83,6 +83,15 @@ class LoadedModel:
     @property
     def sha256(self) -> str | None:
         return self.card.sha256
+
+    @property
+    def coarse(self) -> "LoadedModel":
+        """The first network alone, without the card's fine stage and mirror averaging (the same
+        weights, nothing copied; ``self`` when the card has neither): for network passes that
+        only have to bring a motion within a refinement's reach (:func:`engine._predict`)."""
+        if self.fine is None and not self.card.mirror:
+            return self
+        return LoadedModel(self.network, replace(self.card, fine=None, mirror=False), self.device)
 
     def __call__(self, pairs: torch.Tensor) -> torch.Tensor:
         """``(B, 2, H, W)`` normalised pairs -> ``(B, P)`` float32 parameters on the CPU. With a

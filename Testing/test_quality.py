@@ -269,3 +269,17 @@ def test_a_probe_subset_keeps_every_slices_share_and_scores_alike(case, metric):
     few_sims, _ = few(np.stack([truth, truth @ off]))
     assert few_sims[0] > few_sims[1] and full_sims[0] > full_sims[1]
     assert abs(few_sims[0] - full_sims[0]) < 0.1 * abs(full_sims[0])
+
+
+def test_calibration_takes_a_model_card_and_refuses_a_bad_one(tmp_path, capsys):
+    """``--weights``: the network to calibrate with; a missing or invalid card is one error line and
+    exit code 2, before any data is read."""
+    from rrr_benchmarks import qc_calibration as cal
+
+    assert cal.main(["--weights", str(tmp_path / "missing.json"), "--data", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: model card not found: {tmp_path / 'missing.json'}"
+    (tmp_path / "bad.json").write_text('{"transform": "rigid", "input": {"size": [48, 48], "spacing_mm": 2}, "mirror": 1}')
+    assert cal.main(["--weights", str(tmp_path / "bad.json"), "--data", str(tmp_path / "none")]) == 2
+    assert "mirror must be true or false" in capsys.readouterr().err
+    assert cal.main(["--data", str(tmp_path / "none")]) == 2  # the bundled model loads; then the data is missing
+    assert capsys.readouterr().err.strip() == f"error: no data folder {tmp_path / 'none'}"

@@ -348,18 +348,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", help="model card (.json) of the network to calibrate with (default: the bundled model)")
     args = p.parse_args(argv)
     import torch
 
-    from RigidResNetRegistrationLib.model import load_model
+    from RigidResNetRegistrationLib.model import ModelError, load_model
 
     torch.set_num_threads(args.threads)
+    try:
+        model = load_model(args.weights, args.device)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     data = Path(args.data)
     if not data.is_dir():
         print(f"error: no data folder {data}", file=sys.stderr)
         return 2
     rng = np.random.default_rng(args.seed)
-    model = load_model(None, args.device)
     good = good_pairs(data, rng)
     bad = bad_pairs(good)
     rows: list[dict[str, Any]] = []
@@ -408,8 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Quality-control calibration set",
         "",
-        f"Command: `python3 -m rrr_benchmarks.qc_calibration --device {args.device} --threads {args.threads} --seed {args.seed}` "
+        f"Command: `python3 -m rrr_benchmarks.qc_calibration --device {args.device} --threads {args.threads} --seed {args.seed}"
+        f"{f' --weights {args.weights}' if args.weights else ''}` "
         f"({time.perf_counter() - t_all:.0f} s, {torch.__version__}, device {args.device}).",
+        "",
+        f"Model: {model.card.identity}.",
         "",
         f"**{n_good} known-good, {n_bad} known-bad; false alarms (good not ok): {len(false_alarms)}; "
         f"misses (bad judged ok): {len(misses)}.**",
@@ -430,12 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         "mirror gain = best left-right-mirrored similarity minus the result's).",
     ]
     text = "\n".join(lines) + "\n"
-    print("\n".join(lines[:12]))
+    print("\n".join(lines[:14]))
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "qc_calibration.md").write_text(text)
     (out_dir / "qc_calibration.json").write_text(json.dumps(
-        {"false_alarms": len(false_alarms), "misses": len(misses), "good": n_good, "bad": n_bad,
+        {"model": model.card.identity, "false_alarms": len(false_alarms), "misses": len(misses), "good": n_good, "bad": n_bad,
          "rows": [{k: v for k, v in r.items()} for r in rows]}, indent=1, default=float))
     return 0 if not false_alarms and not misses else 1
 

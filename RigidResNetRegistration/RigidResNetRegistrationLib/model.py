@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .geometry import MIRROR_SIGNS
+from .geometry import mirror_params_2d
 from .resnet import resnet34_features
 from .model_card import DEFAULT_CARD, MODELS_DIR, ModelCard, ModelError, read_model_card, sha256_of, weights_path
 
@@ -111,11 +111,11 @@ class LoadedModel:
                 small = (out.abs() < self.card.fine.below).all(dim=1)
                 if bool(small.any()):
                     out[small] = self.fine(x[small]).to(out.dtype)
-            out = out.float()
-            if self.card.mirror:
-                signs = torch.tensor(MIRROR_SIGNS[self.card.transform], dtype=out.dtype, device=out.device)
-                out = 0.5 * (out[:n] + out[n:] * signs)
-        return out.cpu()
+            out = out.float().cpu()
+        if self.card.mirror:
+            mapped_back = torch.from_numpy(mirror_params_2d(out[n:].numpy(), self.card.transform)).float()
+            out = 0.5 * (out[:n] + mapped_back)
+        return out
 
 
 def fold_batch_norms(network: ResNetRegressor) -> ResNetRegressor:

@@ -575,3 +575,40 @@ def test_speed_missing_tools_or_data_are_one_line_errors(tmp_path, capsys):
     assert speed.main(["--data", str(tmp_path), "-o", str(tmp_path / "o"), "--elastix", str(tmp_path / "no-elastix")]) == 2
     assert "elastix command is not found" in capsys.readouterr().err
     assert speed.main(["--data", str(tmp_path), "--pairs", "0"]) == 2
+
+
+def test_whole_head_benchmark_takes_a_card_and_names_which_scans_were_held_out(tmp_path, card_factory, capsys):
+    """``rrr_benchmarks.whole_head``: ``--weights`` picks the network (named in both reports); IXI
+    scans come only from the subjects ``--subjects-file`` holds out; every scan is marked held out or
+    in training by that file; a missing card is one error line and exit code 2."""
+    from RigidResNetRegistrationLib.io import write_volume as write
+    from rrr_benchmarks import whole_head
+
+    data = tmp_path / "data"
+    (data / "whole-head").mkdir(parents=True)
+    (data / "ixi-t1-2mm").mkdir()
+    vol = phantom_volume(shape=(40, 44, 36), spacing=(2.0, 2.0, 2.0))
+    write(vol, data / "whole-head" / "clinic_t1.nii.gz")
+    for name in ("IXI001-HH-0001", "IXI002-HH-0002", "IXI003-HH-0003"):
+        write(vol, data / "ixi-t1-2mm" / f"{name}_T1.nii.gz")
+    holdout = tmp_path / "holdout.txt"
+    holdout.write_text("# held out\nIXI002-HH-0002 whole-head\nIXI003-HH-0003 whole-head\n")
+    assert [(p.name, kept) for p, kept in whole_head.scans(data, 1, {"IXI002-HH-0002", "IXI003-HH-0003"})] == [
+        ("clinic_t1.nii.gz", False), ("IXI002-HH-0002_T1.nii.gz", True)]
+    assert [p.name for p, _ in whole_head.scans(data, 5, {"IXI002-HH-0002", "IXI003-HH-0003"})][1:] == [
+        "IXI002-HH-0002_T1.nii.gz", "IXI003-HH-0003_T1.nii.gz"]
+    assert all(kept for _, kept in whole_head.scans(data, 3, None))  # no file: every scan counts as held out
+
+    assert whole_head.main(["--weights", str(tmp_path / "missing.json"), "--data", str(data)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: model card not found: {tmp_path / 'missing.json'}"
+
+    card = card_factory(bias=[0.0, 0.0, 0.0], name="named_model")
+    out = tmp_path / "out"
+    assert whole_head.main(["--data", str(data), "--ixi", "1", "--motions", "3d", "--headers", "shared",
+                            "--weights", str(card), "--subjects-file", str(holdout), "-o", str(out)]) == 0
+    report = json.loads((out / "whole_head.json").read_text())
+    assert report["model"].startswith("named_model")
+    assert [(r["scan"], r["held_out"]) for r in report["rows"]] == [("clinic_t1.nii.gz", False), ("IXI002-HH-0002_T1.nii.gz", True)]
+    md = (out / "whole_head.md").read_text()
+    assert "named_model" in md
+    assert "| held out | `3d` | shared | 1 |" in md and "| in training | `3d` | shared | 1 |" in md

@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    held_out = set(read_holdout_file(a.subjects_file)) if Path(a.subjects_file).is_file() else None
+    subjects_file = Path(a.subjects_file).resolve()
+    shown = subjects_file.relative_to(REPO) if subjects_file.is_relative_to(REPO) else subjects_file
+    held_out = set(read_holdout_file(subjects_file)) if subjects_file.is_file() else None
     if held_out is None:
         print(f"note: no subjects file {a.subjects_file}: IXI scans drawn from all, every scan counted as held out", file=sys.stderr)
     options = RegistrationOptions(device=a.device, compute_registered=False, compute_difference=False)
@@ -131,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     command = sys.argv if argv is None else argv
-    (out / "whole_head.json").write_text(json.dumps({"command": command, "model": model.card.identity, "subjects_file": a.subjects_file if held_out is not None else None,
+    (out / "whole_head.json").write_text(json.dumps({"command": command, "model": model.card.identity, "subjects_file": str(shown) if held_out is not None else None,
                                                      "rows": rows}, indent=1, default=float) + "\n")
     lines = [f"# Whole-head scans: default options, known motion\n",
-             f"Model: {model.card.identity}. Held out: subjects named in `{a.subjects_file}`"
+             f"Model: {model.card.identity}. Held out: subjects named in `{shown}`"
              + ("" if held_out is not None else " (absent: every scan counted as held out)")
              + "; the other scans are in the training set of models trained with it (as whole scans; these motions are new).\n",
              f"Success: within {SUCCESS_DEG:g} deg and {SUCCESS_MM:g} mm of the truth. Motions: "

@@ -141,7 +141,9 @@ def test_mirror_card_averages_each_pair_with_its_mirror_image(card_factory):
     assert torch.allclose(mirrored(x), 0.5 * (plain(x) + plain(x.flip(-1)) * signs), atol=1e-5)
     assert not torch.allclose(mirrored(x), plain(x), atol=1e-3)
     assert read_model_card(biased).identity.endswith(", mirror-averaged)")
-    assert "mirror" not in read_model_card(DEFAULT_CARD).identity and not read_model_card(DEFAULT_CARD).mirror
+    single = card_factory(seed=3, name="single")  # a card without the entry: no mirror averaging
+    assert "mirror" not in read_model_card(single).identity and not read_model_card(single).mirror
+    assert read_model_card(DEFAULT_CARD).mirror  # the bundled card (since 2026-12-03) asks for it
     affine = _with_mirror(card_factory(transform="affine", bias=[0.1, 0.2, -0.3, 0.05, 1.0, 2.0], name="affine"))
     assert torch.allclose(load_model(affine, "cpu")(x[:1]), torch.tensor([[0.1, 0.0, 0.0, 0.05, 0.0, 2.0]]), atol=2e-3)
     # with a fine stage: the mirrored pairs go through both networks as well

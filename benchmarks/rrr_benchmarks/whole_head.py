@@ -55,22 +55,6 @@ def scans(data: Path, n_ixi: int, held_out: set[str] | None = None) -> list[tupl
     return [(p, is_held_out(p)) for p in whole + picks]
 
 
-def read_any(path: Path):
-    """NIfTI through the engine's reader; NRRD through SimpleITK (LPS -> RAS)."""
-    from RigidResNetRegistrationLib.io import read_volume
-    from RigidResNetRegistrationLib.volume import Volume
-
-    if not path.name.endswith(".nrrd"):
-        return read_volume(path)
-    import SimpleITK as sitk
-
-    img = sitk.ReadImage(str(path), sitk.sitkFloat32)
-    d = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
-    m = np.eye(4)
-    m[:3, :3], m[:3, 3] = d, img.GetOrigin()
-    return Volume(np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)).copy(), geo.lps_to_ras(m), path.name)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rrr_benchmarks.whole_head", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from RigidResNetRegistrationLib.engine import RegistrationOptions, register_volumes
+    from RigidResNetRegistrationLib.io import read_volume
     from RigidResNetRegistrationLib.model import ModelError, load_model
     from rrr_training.data import read_holdout_file
 
@@ -107,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     options = RegistrationOptions(device=a.device, compute_registered=False, compute_difference=False)
     rows = []
     for path, is_held_out in scans(Path(a.data), a.ixi, held_out):
-        fixed = read_any(path)
+        fixed = read_volume(path)
         centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
         for motion in a.motions:
             rng = stable_rng(a.seed, "whole-head", path.name, motion)
@@ -135,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     command = sys.argv if argv is None else argv
     (out / "whole_head.json").write_text(json.dumps({"command": command, "model": model.card.identity, "subjects_file": str(shown) if held_out is not None else None,
                                                      "rows": rows}, indent=1, default=float) + "\n")
-    lines = [f"# Whole-head scans: default options, known motion\n",
+    lines = ["# Whole-head scans: default options, known motion\n",
              f"Model: {model.card.identity}. Held out: subjects named in `{shown}`"
              + ("" if held_out is not None else " (absent: every scan counted as held out)")
              + "; the other scans are in the training set of models trained with it (as whole scans; these motions are new).\n",

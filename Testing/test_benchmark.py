@@ -531,6 +531,9 @@ def test_speed_cases_come_from_the_shared_data_held_out_subject_first():
         pytest.skip(f"shared data not found ({SHARED_DATA / 'brats' / speed.HELD_OUT})")
     subjects = speed.source_subjects(SHARED_DATA)
     assert subjects[0][0] == speed.HELD_OUT and {"t1", "t2", "flair", "t1ce"} <= set(subjects[0][1])
+    # a subject whose contrasts are not co-registered as delivered has no known truth: never a case
+    assert (SHARED_DATA / "brats" / "BraTS2021_90003").is_dir() and "BraTS2021_90003" in speed.NOT_CO_REGISTERED
+    assert not {k for k, _ in subjects} & set(speed.NOT_CO_REGISTERED)
     plan = speed.pair_plan([(k, list(v)) for k, v in subjects], 20)
     assert len(plan) == 20 and [p[:3] for p in plan[:3]] == [(speed.HELD_OUT, "t1", c) for c in speed.MOVING_CONTRASTS]
     if (SHARED_DATA / "brats2015").is_dir():  # no T1 there: T1ce -> FLAIR

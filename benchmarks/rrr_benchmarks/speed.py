@@ -65,6 +65,15 @@ QUICK = {"pairs": 2, "runs": 1, "warmup": 0}
 #: The known motion of every pair: 6-DOF about the fixed volume's centre.
 MOTION = MotionKind("speed", 5.0, 5.0, False, "3D: rotations about R, A and S, each uniform in +-5 deg about the volume "
                     "centre; translations along R, A and S, each uniform in +-5 mm")
+#: Subjects left out of the cases, with why: the known motion is the truth only where a subject's
+#: contrasts are co-registered as delivered. Registered *without* a motion (truth: the identity),
+#: BraTS2021_90003's T2, FLAIR and T1ce end 0.66-1.91 deg / 1.12-1.54 mm from it with ours and
+#: 0.75-1.63 deg / 0.99-1.31 mm with the elastix command line (benchmarks/README.md), so under a
+#: known motion both methods "miss" it by that offset (the runs of 2026-12-03: 3 of 20 pairs, both).
+NOT_CO_REGISTERED = {
+    "BraTS2021_90003": "its T2, FLAIR and T1ce lie 0.7-1.9 deg / 1.0-1.5 mm from its T1 as delivered "
+                       "(ours and elastix alike, registered without motion): no known truth",
+}
 #: Moving contrasts, in order, for a subject's fixed T1.
 MOVING_CONTRASTS = ("t2", "flair", "t1ce")
 #: ``brats2015/`` file names (DeepMedic's z-scored data, which ``rrr_training.data.contrast_of`` does
@@ -355,10 +364,11 @@ def hyperfine_argv(commands: Sequence[tuple[str, str, str]], warmup: int, runs: 
 
 def source_subjects(data: Path) -> list[tuple[str, dict[str, Path]]]:
     """Subjects with their images, in the order pairs are made: ``brats/BraTS2021_90004`` (held out)
-    first, the other ``brats/`` subjects, then ``brats2015/``."""
+    first, the other ``brats/`` subjects, then ``brats2015/``; none of :data:`NOT_CO_REGISTERED`."""
     from rrr_training.data import find_subjects
 
     brats = find_subjects(data / "brats") if (data / "brats").is_dir() else []
+    brats = [s for s in brats if s.name not in NOT_CO_REGISTERED]
     brats.sort(key=lambda s: (s.name != HELD_OUT, s.name))
     out = [(s.name, dict(s.images)) for s in brats]
     for folder in sorted((data / "brats2015").glob("*")) if (data / "brats2015").is_dir() else []:
@@ -683,7 +693,9 @@ def _main(argv: list[str]) -> int:
                 "elastix": f"{elastix} ({_version([elastix, '--version'])}), default rigid map of itk-elastix written to "
                            f"`{elastix_map.name}`", "hyperfine": _version(["hyperfine", "--version"]),
                 "ours": f"{shlex.join(ours_cmd)} (--batch {'available' if has_batch else 'not available'})",
-                "data": f"{data}: {n} pairs, first {pairs[0]['name']}", "motion": MOTION.description + f"; seed {a.seed}",
+                "data": f"{data}: {n} pairs, first {pairs[0]['name']}",
+                "left out": "; ".join(f"{k}: {v}" for k, v in NOT_CO_REGISTERED.items() if (data / "brats" / k).is_dir())
+                            or "none", "motion": MOTION.description + f"; seed {a.seed}",
                 "runs": f"{runs} timed runs (engine call: after one warm-up call each, interleaved; hyperfine: --warmup {warmup})",
                 "wall time of the benchmark": f"{time.perf_counter() - started:.0f} s",
                 "load average (1, 5, 15 min)": f"{load_start} at the start, {_load()} at the end (anything else running skews the times)"}

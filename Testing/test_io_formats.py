@@ -375,7 +375,17 @@ def test_nrrd_mha_and_dicom_inputs_give_the_transform_of_their_nifti_copies(tmp_
     fixed = read_volume(_input(folder, "fixed", "nifti"))
     centre = geo.volume_centre_ras(fixed.ijk_to_ras, fixed.shape)
     rot, mm = geo.rigid_error(found, reference, centre)
-    assert rot < 0.01 and mm < 0.01, (rot, mm)
+    # DICOM keeps the header as decimal strings: read back, its geometry is the NIfTI copy's to ~3e-5
+    # (checked exactly here), and on this phantom, whose Mattes MI is nearly flat over a few tenths of
+    # a degree of one rotation, the refinement's end may move by up to ~0.15 deg with that rounding
+    # (numpy 2.4: 0.13 deg, ending 0.30 deg from the truth where the NIfTI run ends 0.41). A misread
+    # header (axis order, sign, spacing, origin) is off by degrees or millimetres.
+    rounded = "dicom" in (fixed_kind, moving_kind)
+    for role, kind in (("fixed", fixed_kind), ("moving", moving_kind)):
+        as_read, copy = read_volume(_input(folder, role, kind)), read_volume(_input(folder, role, "nifti"))
+        assert np.array_equal(as_read.array, copy.array) and as_read.shape == copy.shape
+        assert np.allclose(as_read.ijk_to_ras, copy.ijk_to_ras, atol=1e-4 if kind == "dicom" else 1e-6)
+    assert rot < (0.2 if rounded else 0.01) and mm < 0.01, (rot, mm)
     # and it is the refinement's transform, much nearer the truth than the network's start (1.8 deg)
     start = geo.params_to_ras(np.array([3.0, 2.0, -1.0]), geo.slice_frame(fixed.ijk_to_ras, fixed.shape))
     rot, mm = geo.rigid_error(found, truth, centre)

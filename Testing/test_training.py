@@ -154,6 +154,47 @@ def test_remap_loss_ncc_shows_the_remapped_slice_and_scores_the_original(tiny_da
         TrainConfig(data=["x"], out="o", holdout=["h"], remap_loss="nmi").validate()
 
 
+def test_cross_loss_ncc_scores_real_cross_contrast_pairs_against_their_counterpart(tiny_data, monkeypatch):
+    """``--cross-loss ncc``: a real cross-contrast pair (T1 fixed, T2 moved) keeps its T2 slice in the
+    network input, and the loss compares the moving slice's anatomy in the *fixed* contrast (the
+    subject's T1 sampled where the T2 slice was) by NCC, whose optimum is the truth; a subject
+    named in NOT_CO_REGISTERED keeps MI on its own moving slice. Drawing the counterparts does not
+    change the pairs drawn."""
+    import rrr_training.data as data_module
+    from rrr_training.train import training_inputs
+
+    monkeypatch.setattr(data_module, "NOT_CO_REGISTERED", {"case1": "test: its T2 is not on its T1"})
+    subj = [load_subject(s, (32, 32), 2.5) for s in find_subjects(tiny_data)]
+    plain = sample_pairs(subj, np.random.default_rng(5), 24, (32, 32), 2.5, cross_contrast=0.7)
+    batch = sample_pairs(subj, np.random.default_rng(5), 24, (32, 32), 2.5, cross_contrast=0.7, counterparts=True)
+    assert plain.counterpart is None and plain.counterpart_exact is None
+    for a, b in ((plain.fixed, batch.fixed), (plain.moving, batch.moving), (plain.truth, batch.truth)):
+        assert torch.equal(a, b)
+    cross = ~batch.same_contrast
+    names = np.array([src[0].name for src in batch.sources])
+    expected_exact = torch.as_tensor((names != "case1") | batch.same_contrast.numpy())
+    assert torch.equal(batch.counterpart_exact, expected_exact)
+    real = cross & batch.counterpart_exact
+    kept = cross & ~batch.counterpart_exact
+    assert real.any() and kept.any() and batch.same_contrast.any()
+    assert torch.equal(batch.counterpart[~real], batch.moving[~real])  # same contrast, or not co-registered
+    assert not torch.allclose(batch.counterpart[real], batch.moving[real])  # T1 anatomy, not the T2 slice
+
+    x, f, m, same = training_inputs(batch, batch, None, 0.0, "mi", "ncc")
+    x_mi, f_mi, m_mi, same_mi = training_inputs(batch, batch, None, 0.0, "mi", "mi")
+    assert torch.equal(x, x_mi) and torch.equal(f, f_mi)  # the network sees the T2 slice either way
+    assert torch.equal(m[real], normalise_slices(batch.counterpart)[real]) and same[real].all()
+    assert torch.equal(m[~real], m_mi[~real]) and torch.equal(same[~real], same_mi[~real])
+    assert torch.equal(same_mi, batch.same_contrast)
+    # the counterpart by NCC has its optimum at the truth, as sharp as a same-contrast pair's
+    at_truth, _ = similarity_loss(f[real], m[real], batch.truth[real], same[real], "rigid", 2.5)
+    at_zero, _ = similarity_loss(f[real], m[real], torch.zeros_like(batch.truth[real]), same[real], "rigid", 2.5)
+    assert at_truth < at_zero - 0.05
+    assert training_inputs(plain, plain, None, 0.0, "mi", "ncc")[3] is plain.same_contrast  # no counterparts drawn
+    with pytest.raises(Exception, match="--cross-loss"):
+        TrainConfig(data=["x"], out="o", holdout=["h"], cross_loss="nmi").validate()
+
+
 def test_resampled_moving_slices_follow_each_pairs_own_estimate(tiny_data):
     """Iterative evaluation re-samples every moving slice from its volume through its own
     estimate (grouped by volume for speed): at the truth each same-contrast moving slice is its

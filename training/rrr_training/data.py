@@ -12,7 +12,7 @@ sees a moving volume at inference time.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +119,20 @@ def find_subjects(root: str | Path) -> list[Subject]:
     return subjects
 
 
+#: Subjects with several contrasts that are *not* co-registered as delivered, with the
+#: measurement: each contrast registered to the subject's T1 *without* a motion (the truth is the
+#: identity; the engine's defaults, 2026-12-04; elastix agrees on BraTS2021_90003,
+#: benchmarks/README.md). Across their contrasts a known motion is no truth: the speed benchmark
+#: leaves them out, and the trainer's ``--cross-loss ncc`` scores their cross-contrast pairs by MI
+#: (:attr:`PairBatch.counterpart_exact`). The other multi-contrast subjects measured 0.01-0.19 deg /
+#: 0.01-0.33 mm the same way.
+NOT_CO_REGISTERED = {
+    "BraTS2021_90003": "its T2, FLAIR and T1ce lie 0.7-1.9 deg / 1.0-1.5 mm from its T1 as delivered "
+                       "(ours and elastix alike, registered without motion): no known truth",
+    "spm-templates": "its T2 and PD templates lie 0.3-0.5 deg / 0.4-0.6 mm from its T1 template (ours, registered "
+                     "without motion)",
+}
+
 #: Slice orientations a subject can be seen in (``--orientations``).
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 
@@ -180,13 +194,19 @@ def load_subject(
 class PairBatch:
     """A batch of training pairs. ``fixed``/``moving``: raw network-grid slices ``(B, H, W)``;
     ``truth``: ``(B, P)`` parameters that register them (used for validation metrics only);
-    ``same_contrast``: ``(B,)`` bool."""
+    ``same_contrast``: ``(B,)`` bool. ``counterpart`` (drawn on request, else None): ``(B, H, W)``,
+    the moving slice's anatomy in the *fixed* slice's contrast (the subject's fixed contrast
+    sampled at the moving slice's points), where ``counterpart_exact`` ``(B,)`` is True: a
+    same-contrast pair (the moving slice itself) or a cross-contrast pair of a subject whose
+    contrasts are co-registered (not in :data:`NOT_CO_REGISTERED`); elsewhere the moving slice."""
 
     fixed: torch.Tensor
     moving: torch.Tensor
     truth: torch.Tensor
     same_contrast: torch.Tensor
     sources: list[tuple[LoadedSubject, int, str, np.ndarray]] = field(default_factory=list)
+    counterpart: torch.Tensor | None = None
+    counterpart_exact: torch.Tensor | None = None
 
     def resample_moving(self, estimates: np.ndarray, kind: str, size: tuple[int, int], spacing_mm: float) -> torch.Tensor:
         """Moving slices re-sampled from their volumes after applying the current estimates
@@ -246,13 +266,16 @@ def sample_pairs(
     moving_contrasts: list[str] | None = None,
     small_motion: float = 0.0,
     multi_contrast_share: float = 0.0,
+    counterparts: bool = False,
 ) -> PairBatch:
     """Draw a batch: random slice (all subjects' slices equally likely), contrast pair and motion
     (a share ``small_motion`` of the pairs within a fifth of the ranges, see :func:`random_motion`).
     ``multi_contrast_share`` > 0: that share of the pairs comes from subjects with several
-    contrasts (the only real cross-contrast pairs), every slice equally likely within each group."""
+    contrasts (the only real cross-contrast pairs), every slice equally likely within each group.
+    ``counterparts``: also sample each pair's :attr:`PairBatch.counterpart` (one more slice per
+    cross-contrast pair; the random draws are the same either way)."""
     motion = random_motion(rng, batch_size, kind, max_rotation_deg, max_translation_mm, small_fraction=small_motion)
-    fixed, moving, same, sources = [], [], [], []
+    fixed, moving, same, sources, counterpart, exact = [], [], [], [], [], []
     weights = slice_weights(subjects, multi_contrast_share)
     for b in range(batch_size):
         subj = subjects[int(rng.choice(len(subjects), p=weights))]
@@ -269,15 +292,19 @@ def sample_pairs(
                 c_moving = [c for c in contrasts if c != c_fixed][int(rng.integers(len(contrasts) - 1))]
         pts = geo.network_grid_points(subj.frame, size, spacing_mm, np.array([s]))[0]
         motion_ras = geo.params_to_ras(motion[b], subj.frame, kind, s)
+        moved_pts = geo.apply_to_points(motion_ras, pts)
         fixed.append(sample_volume_at_ras(subj.volumes[c_fixed], subj.ijk_to_ras[c_fixed], pts))
-        moving.append(
-            sample_volume_at_ras(subj.volumes[c_moving], subj.ijk_to_ras[c_moving], geo.apply_to_points(motion_ras, pts))
-        )
+        moving.append(sample_volume_at_ras(subj.volumes[c_moving], subj.ijk_to_ras[c_moving], moved_pts))
         same.append(c_fixed == c_moving)
         sources.append((subj, s, c_moving, motion[b]))
+        if counterparts:
+            exact.append(c_fixed == c_moving or subj.name not in NOT_CO_REGISTERED)
+            counterpart.append(moving[-1] if c_fixed == c_moving or not exact[-1] else
+                               sample_volume_at_ras(subj.volumes[c_fixed], subj.ijk_to_ras[c_fixed], moved_pts))
     # moving(x) = image(A x): the registering (resampling) transform is A^-1
     truth = torch.as_tensor(geo.invert_params_2d(motion, kind), dtype=torch.float32)
-    return PairBatch(torch.stack(fixed), torch.stack(moving), truth, torch.tensor(same), sources)
+    return PairBatch(torch.stack(fixed), torch.stack(moving), truth, torch.tensor(same), sources,
+                     torch.stack(counterpart) if counterparts else None, torch.tensor(exact) if counterparts else None)
 
 
 def slice_weights(subjects: list[LoadedSubject], multi_contrast_share: float = 0.0) -> np.ndarray:
@@ -337,7 +364,7 @@ def remap_same_contrast(batch: PairBatch, generator: torch.Generator, probabilit
         fixed = batch.fixed.clone()
         fixed[both] = synthetic_contrast(batch.fixed[both], generator, synth_options)
         moving[both] = synthetic_contrast(batch.moving[both], generator, synth_options)
-    return PairBatch(fixed, moving, batch.truth, batch.same_contrast & ~pick & ~both, batch.sources)
+    return replace(batch, fixed=fixed, moving=moving, same_contrast=batch.same_contrast & ~pick & ~both)
 
 
 def augment_intensity(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:

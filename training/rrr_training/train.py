@@ -63,6 +63,8 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 #: How ``--remap`` pairs are scored (:func:`training_inputs`).
 REMAP_LOSSES = ("mi", "ncc")
+#: How real cross-contrast pairs are scored (``--cross-loss``, :func:`training_inputs`).
+CROSS_LOSSES = ("mi", "ncc")
 #: ``--precision``: the network's arithmetic in training (bf16: autocast, on CUDA or the CPU).
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 #: The default hold-out list (``--holdout-file``): subjects never trained on, named in the model card.
@@ -92,6 +94,7 @@ class TrainConfig:
     small_motion: float = 0.0
     remap: float = 0.0
     remap_loss: str = "mi"
+    cross_loss: str = "mi"
     synth: float = 0.0
     multi_contrast_share: float = 0.0
     orientations: list[str] = field(default_factory=lambda: ["axial"])
@@ -141,6 +144,8 @@ class TrainConfig:
             raise TrainError(f"--precision must be {', '.join(TRAIN_PRECISIONS)}, not {self.precision!r}")
         if self.remap_loss not in REMAP_LOSSES:
             raise TrainError(f"--remap-loss must be {' or '.join(REMAP_LOSSES)}, not {self.remap_loss!r}")
+        if self.cross_loss not in CROSS_LOSSES:
+            raise TrainError(f"--cross-loss must be {' or '.join(CROSS_LOSSES)}, not {self.cross_loss!r}")
         if not isinstance(self.freeze_bn, bool):
             raise TrainError(f"freeze_bn must be True or False, not {self.freeze_bn!r}")
         if not self.data:
@@ -248,18 +253,29 @@ def prepare_inputs(batch: PairBatch, generator: torch.Generator | None, augment:
 
 
 def training_inputs(batch: PairBatch, remapped: PairBatch, generator: torch.Generator | None, augment: float,
-                    remap_loss: str = "mi") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    remap_loss: str = "mi", cross_loss: str = "mi") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's network input ``(B, 2, H, W)``, loss images (fixed, moving) and ``(B,)``
     same-contrast flags (NCC loss where True, MI where False). ``remapped`` is ``batch`` after
     :func:`data.remap_same_contrast`. ``remap_loss`` ``mi``: a remapped pair is a cross-contrast
     pair in the input and in the loss. ``ncc``: the network sees the remapped moving slice, but the
     loss compares the *original* moving slice (the fixed one's contrast, the same anatomy) by NCC:
-    a cross-contrast input scored as sharply as a same-contrast pair, still without labels."""
+    a cross-contrast input scored as sharply as a same-contrast pair, still without labels.
+    ``cross_loss`` ``ncc`` does the same for the *real* cross-contrast pairs (a T2 slice moved
+    against a T1 slice) whose subject's contrasts are co-registered: the loss compares the moving
+    slice's counterpart in the fixed contrast (``batch.counterpart``, drawn with
+    ``sample_pairs(..., counterparts=True)``) by NCC; ``mi`` (and pairs without an exact
+    counterpart) keep MI on the moving slice itself."""
     x, f, m = prepare_inputs(remapped, generator, augment)
+    same = remapped.same_contrast
     if remap_loss == "ncc":  # --synth also gives the fixed slice a new contrast: score the original
         f = f if remapped.fixed is batch.fixed else normalise_slices(batch.fixed)
-        return x, f, normalise_slices(batch.moving), batch.same_contrast
-    return x, f, m, remapped.same_contrast
+        m, same = normalise_slices(batch.moving), batch.same_contrast
+    if cross_loss == "ncc" and batch.counterpart is not None and batch.counterpart_exact is not None:
+        real = ~batch.same_contrast & batch.counterpart_exact  # never remapped: remapping takes same-contrast pairs
+        if real.any():
+            m = torch.where(real[:, None, None], normalise_slices(batch.counterpart), m)
+            same = same | real
+    return x, f, m, same
 
 
 def motion_ranges(cfg: TrainConfig, step: int) -> tuple[float, float]:
@@ -298,9 +314,10 @@ def draw_training_batch(subjects: list[LoadedSubject], rng: np.random.Generator,
     ``--remap`` / ``--synth`` contrasts, intensity augmentation and ``--flip`` mirroring."""
     rot, trans = motion_ranges(cfg, step)
     batch = sample_pairs(subjects, rng, cfg.batch_size, (cfg.size, cfg.size), cfg.spacing_mm, cfg.transform, rot, trans,
-                         cfg.cross_contrast, small_motion=cfg.small_motion, multi_contrast_share=cfg.multi_contrast_share)
+                         cfg.cross_contrast, small_motion=cfg.small_motion, multi_contrast_share=cfg.multi_contrast_share,
+                         counterparts=cfg.cross_loss == "ncc")
     remapped = remap_same_contrast(batch, gen, cfg.remap, cfg.synth)
-    x, f, m, same = training_inputs(batch, remapped, gen, cfg.augment, cfg.remap_loss)
+    x, f, m, same = training_inputs(batch, remapped, gen, cfg.augment, cfg.remap_loss, cfg.cross_loss)
     both = mirror_pairs(torch.cat([x, torch.stack([f, m], 1)], 1), gen, cfg.flip)  # same mirror for inputs and loss images
     return both[:, :2], both[:, 2], both[:, 3], same
 
@@ -636,6 +653,7 @@ def _training_facts(ck: dict) -> dict:
             "batch_size": cfg["batch_size"], "ranges": {"rotation_deg": cfg["max_rotation_deg"], "translation_mm": cfg["max_translation_mm"]},
             "cross_contrast_fraction": cfg["cross_contrast"], "small_motion_fraction": cfg.get("small_motion", 0.0),
             "remap_fraction": cfg.get("remap", 0.0), "remap_loss": cfg.get("remap_loss", "mi"),
+            "cross_loss": cfg.get("cross_loss", "mi"),
             "batch_norm_frozen": cfg.get("freeze_bn", False),
             "synthetic_contrast_fraction": cfg.get("synth", 0.0),
             "multi_contrast_share": cfg.get("multi_contrast_share", 0.0),
@@ -645,7 +663,9 @@ def _training_facts(ck: dict) -> dict:
                            "start_rotation_deg": cfg.get("curriculum_start_rotation_deg", 5.0),
                            "start_translation_mm": cfg.get("curriculum_start_translation_mm", 5.0)},
             "precision": cfg.get("precision", "auto"),
-            "losses": "1-NCC same contrast, -MI (Parzen, 32 bins) cross contrast",
+            "losses": "1-NCC same contrast, -MI (Parzen, 32 bins) cross contrast" + (
+                "; real cross-contrast pairs of co-registered subjects: 1-NCC against the moving slice's counterpart "
+                "in the fixed contrast" if cfg.get("cross_loss", "mi") == "ncc" else ""),
             "validation_at_checkpoint": ck.get("metrics", {})}
 
 
@@ -772,11 +792,11 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--freeze-bn", action="store_true",
                    help="keep every batch norm's running statistics as they are (for fine-tunes from --init)")
     for key in ("transform", "size", "spacing_mm", "hidden", "batch_size", "steps", "lr", "weight_decay", "max_rotation_deg",
-                "max_translation_mm", "cross_contrast", "small_motion", "remap", "remap_loss", "synth", "multi_contrast_share",
-                "curriculum_steps", "curriculum_start_rotation_deg", "curriculum_start_translation_mm", "precision",
+                "max_translation_mm", "cross_contrast", "small_motion", "remap", "remap_loss", "cross_loss", "synth",
+                "multi_contrast_share", "curriculum_steps", "curriculum_start_rotation_deg", "curriculum_start_translation_mm", "precision",
                 "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
         default = getattr(d, key)
-        choices = {"remap_loss": REMAP_LOSSES, "precision": TRAIN_PRECISIONS}.get(key)
+        choices = {"remap_loss": REMAP_LOSSES, "cross_loss": CROSS_LOSSES, "precision": TRAIN_PRECISIONS}.get(key)
         p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, choices=choices, help=f"default {default}")
     a = p.parse_args(argv)
     if a.stop_after is not None and a.stop_after < 1:

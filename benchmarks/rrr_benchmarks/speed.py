@@ -66,12 +66,9 @@ QUICK = {"pairs": 2, "runs": 1, "warmup": 0}
 #: The known motion of every pair: 6-DOF about the fixed volume's centre.
 MOTION = MotionKind("speed", 5.0, 5.0, False, "3D: rotations about R, A and S, each uniform in +-5 deg about the volume "
                     "centre; translations along R, A and S, each uniform in +-5 mm")
-# Subjects left out of the cases, with why: ``NOT_CO_REGISTERED`` (rrr_training.data). The known
-# motion is the truth only where a subject's contrasts are co-registered as delivered. Registered
-# *without* a motion (truth: the identity), BraTS2021_90003's T2, FLAIR and T1ce end 0.66-1.91 deg /
-# 1.12-1.54 mm from it with ours and 0.75-1.63 deg / 0.99-1.31 mm with the elastix command line
-# (benchmarks/README.md), so under a known motion both methods "miss" it by that offset (the runs of
-# 2026-12-03: 3 of 20 pairs, both).
+# Subjects left out of the cases: ``NOT_CO_REGISTERED`` (rrr_training.data, with the measurements;
+# benchmarks/README.md, "Speed a user feels"). The known motion is the truth only where a subject's
+# contrasts are co-registered as delivered.
 #: Moving contrasts, in order, for a subject's fixed T1.
 MOVING_CONTRASTS = ("t2", "flair", "t1ce")
 #: ``brats2015/`` file names (DeepMedic's z-scored data, which ``rrr_training.data.contrast_of`` does

@@ -61,10 +61,10 @@ from .losses import similarity_loss
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-#: How ``--remap`` pairs are scored (:func:`training_inputs`).
-REMAP_LOSSES = ("mi", "ncc")
-#: How real cross-contrast pairs are scored (``--cross-loss``, :func:`training_inputs`).
-CROSS_LOSSES = ("mi", "ncc")
+#: How a cross-contrast pair is scored, for ``--remap-loss`` (remapped and synthetic pairs) and
+#: ``--cross-loss`` (real ones): by MI, or by NCC against the moving anatomy in the fixed contrast
+#: (:func:`training_inputs`).
+PAIR_LOSSES = ("mi", "ncc")
 #: ``--precision``: the network's arithmetic in training (bf16: autocast, on CUDA or the CPU).
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 #: The default hold-out list (``--holdout-file``): subjects never trained on, named in the model card.
@@ -142,10 +142,10 @@ class TrainConfig:
             raise TrainError(f"--orientations must name distinct orientations among {', '.join(ORIENTATIONS)}, not {self.orientations!r}")
         if self.precision not in TRAIN_PRECISIONS:
             raise TrainError(f"--precision must be {', '.join(TRAIN_PRECISIONS)}, not {self.precision!r}")
-        if self.remap_loss not in REMAP_LOSSES:
-            raise TrainError(f"--remap-loss must be {' or '.join(REMAP_LOSSES)}, not {self.remap_loss!r}")
-        if self.cross_loss not in CROSS_LOSSES:
-            raise TrainError(f"--cross-loss must be {' or '.join(CROSS_LOSSES)}, not {self.cross_loss!r}")
+        if self.remap_loss not in PAIR_LOSSES:
+            raise TrainError(f"--remap-loss must be {' or '.join(PAIR_LOSSES)}, not {self.remap_loss!r}")
+        if self.cross_loss not in PAIR_LOSSES:
+            raise TrainError(f"--cross-loss must be {' or '.join(PAIR_LOSSES)}, not {self.cross_loss!r}")
         if not isinstance(self.freeze_bn, bool):
             raise TrainError(f"freeze_bn must be True or False, not {self.freeze_bn!r}")
         if not self.data:
@@ -270,7 +270,7 @@ def training_inputs(batch: PairBatch, remapped: PairBatch, generator: torch.Gene
     if remap_loss == "ncc":  # --synth also gives the fixed slice a new contrast: score the original
         f = f if remapped.fixed is batch.fixed else normalise_slices(batch.fixed)
         m, same = normalise_slices(batch.moving), batch.same_contrast
-    if cross_loss == "ncc" and batch.counterpart is not None and batch.counterpart_exact is not None:
+    if cross_loss == "ncc" and batch.counterpart is not None:  # drawn with counterpart_exact
         real = ~batch.same_contrast & batch.counterpart_exact  # never remapped: remapping takes same-contrast pairs
         if real.any():
             m = torch.where(real[:, None, None], normalise_slices(batch.counterpart), m)
@@ -796,7 +796,7 @@ def _main(argv: list[str] | None = None) -> int:
                 "multi_contrast_share", "curriculum_steps", "curriculum_start_rotation_deg", "curriculum_start_translation_mm", "precision",
                 "augment", "flip", "init", "val_every", "val_pairs", "patience", "seed", "threads", "device"):
         default = getattr(d, key)
-        choices = {"remap_loss": REMAP_LOSSES, "cross_loss": CROSS_LOSSES, "precision": TRAIN_PRECISIONS}.get(key)
+        choices = {"remap_loss": PAIR_LOSSES, "cross_loss": PAIR_LOSSES, "precision": TRAIN_PRECISIONS}.get(key)
         p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, choices=choices, help=f"default {default}")
     a = p.parse_args(argv)
     if a.stop_after is not None and a.stop_after < 1:

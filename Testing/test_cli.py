@@ -222,3 +222,19 @@ def test_help_lists_the_documented_options():
     for option in ("--device", "--mode", "--axis", "--weights", "--batch-size", "--no-symmetric", "--symmetric-stride", "--refine-slices", "-o",
                    "--init", "--initial-transform"):
         assert option in r.stdout
+
+
+def test_the_command_ends_its_process_at_once_after_flushing_with_mains_exit_code(monkeypatch, capsys):
+    """``rigid-resnet-register`` (and ``python -m``) is :func:`cli.console_main`: :func:`cli.main`,
+    its streams flushed, then ``os._exit`` with its code, skipping Python's 0.4-0.5 s shutdown of
+    torch. Every test above that runs the command in a fresh process reads its output and exit
+    code through this path."""
+    import RigidResNetRegistrationLib.cli as cli_module
+
+    ended: list[int] = []
+    monkeypatch.setattr(cli_module, "main", lambda: print("the summary", end="") or 3)
+    monkeypatch.setattr(cli_module.os, "_exit", ended.append)
+    cli_module.console_main()
+    assert ended == [3] and capsys.readouterr().out == "the summary"
+    assert 'rigid-resnet-register = "RigidResNetRegistrationLib.cli:console_main"' in (ROOT / "pyproject.toml").read_text()
+    assert "console_main()" in (ROOT / "RigidResNetRegistration/RigidResNetRegistrationLib/__main__.py").read_text()

@@ -1,5 +1,5 @@
 """``python -m RigidResNetRegistrationLib ...`` runs the command line (same as ``rigid-resnet-register``)."""
 
-from .cli import main
+from .cli import console_main
 
-raise SystemExit(main())
+console_main()

@@ -621,3 +621,32 @@ def test_intensity_range_is_remembered_per_tensor_and_recomputed_after_an_in_pla
     fresh = torch.zeros(60, 50, 40)  # may reuse the dead tensor's id: its entry is never served
     fresh[30:] = 1.0
     assert preprocess.intensity_range(fresh) == pytest.approx((0.0, 1.0))
+
+
+def test_fortran_ordered_inputs_register_as_c_ordered_ones_and_give_fortran_ordered_outputs(card_factory):
+    """NIfTI readers give Fortran-ordered arrays and the engine keeps their order (no reordering
+    copy; axial planes stay in one block of memory). The same voxels in either order must give the
+    same registration (a trained-like model and the refinement, volume and slices mode), and the
+    outputs are laid out as the moving volume, so that writing them to NIfTI needs no copy."""
+    from RigidResNetRegistrationLib.io import fortran_order
+    from RigidResNetRegistrationLib.preprocess import as_float_tensor
+    from RigidResNetRegistrationLib.resample import is_fortran_ordered
+
+    model = load_model(card_factory(seed=4), "cpu")
+    fixed, moving, _, _ = _case()
+    as_c = [Volume(np.ascontiguousarray(v.array, dtype=np.float32), v.ijk_to_ras, v.name) for v in (fixed, moving)]
+    as_f = [Volume(np.asfortranarray(v.array, dtype=np.float32), v.ijk_to_ras, v.name) for v in (fixed, moving)]
+    assert is_fortran_ordered(as_float_tensor(as_f[1])) and as_float_tensor(as_c[1]).is_contiguous()
+    for mode in ("volume", "slices"):
+        options = RegistrationOptions(device="cpu", mode=mode, iterations=2)
+        c = register_volumes(*as_c, model, options)
+        f = register_volumes(*as_f, model, options)
+        assert np.allclose(f.fixed_to_moving_ras, c.fixed_to_moving_ras, atol=1e-4), mode
+        assert np.allclose(f.slice_params, c.slice_params, atol=1e-3), mode
+        scale = float(np.abs(c.registered.array).max())
+        assert scale > 0 and np.allclose(f.registered.array, c.registered.array, atol=1e-4 * scale), mode
+        assert np.allclose(f.difference.array, c.difference.array, atol=1e-4), mode
+        assert f.registered.array.flags.f_contiguous and f.difference.array.flags.f_contiguous, mode
+        assert c.registered.array.flags.c_contiguous, mode
+        assert fortran_order(f.registered.array) is f.registered.array  # written as it is
+    assert np.array_equal(as_f[1].array, moving.array)  # inputs untouched

@@ -409,3 +409,37 @@ def test_per_slice_resampler_samples_only_near_the_signal_and_equals_every_point
     assert torch.allclose(ours, every, atol=1e-5)
     region = _signal_region_per_slice(transforms, nonzero_box(vol), vol.shape, ref_shape, axis, axis)
     assert region is not None and (region[0].stop - region[0].start) < ref_shape[axis]  # some slices skipped
+
+
+@pytest.mark.parametrize("rotation", [(0, 0, 7), (3, -2, 7)])  # in-plane: plane path; out-of-plane: general path
+def test_fortran_ordered_volumes_resample_as_c_ordered_ones_and_itk_and_keep_their_layout(tmp_path, rotation):
+    """A Fortran-ordered moving volume (a NIfTI file's order, kept by ``as_float_tensor``) is
+    resampled through its reversed-axes view: the voxels must be those of its C-ordered copy and of
+    ITK, through the plane and the general path and one transform per slice, laid out as the
+    input (Fortran-ordered) so that the NIfTI writer needs no copy."""
+    from RigidResNetRegistrationLib.resample import is_fortran_ordered, resample_per_slice
+
+    moving = phantom_volume(shape=(36, 40, 26), codes="LPS", spacing=(1.7, 2.1, 3.0))
+    ref = phantom_volume(shape=(30, 34, 22), **GRIDS["RAS 2mm"])
+    t = geo.rigid_matrix_3d(rotation, (2.5, -1.5, 1.0), geo.volume_centre_ras(ref.ijk_to_ras, ref.shape))
+    c_vol = torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32))
+    f_vol = torch.from_numpy(np.ascontiguousarray(moving.array.T, dtype=np.float32)).permute(2, 1, 0)
+    assert is_fortran_ordered(f_vol) and not is_fortran_ordered(c_vol) and torch.equal(f_vol, c_vol)
+    scale = float(np.abs(moving.array).max())
+    write_volume(moving, tmp_path / "m.nii.gz")
+    write_volume(ref, tmp_path / "f.nii.gz")
+    write_tfm(t, tmp_path / "t.tfm")
+    itk = sitk_resample(tmp_path / "m.nii.gz", tmp_path / "f.nii.gz", tmp_path / "t.tfm")
+    for allow_separable in (True, False):
+        c = resample_volume(c_vol, moving.ijk_to_ras, ref.shape, ref.ijk_to_ras, t, allow_separable=allow_separable)
+        f = resample_volume(f_vol, moving.ijk_to_ras, ref.shape, ref.ijk_to_ras, t, allow_separable=allow_separable)
+        assert is_fortran_ordered(f) and tuple(f.shape) == ref.shape  # axial planes: the plane path's order too
+        assert np.allclose(f.numpy(), c.numpy(), atol=1e-5 * scale)
+        assert np.allclose(f.numpy(), itk, atol=1e-3 * scale) and np.abs(itk).max() > 0
+    frame = geo.slice_frame(ref.ijk_to_ras, ref.shape)
+    n = ref.shape[frame.axis]
+    transforms = np.stack([geo.params_to_ras((s - n / 2, 0.3 * s, -1.0), frame, "rigid", s) for s in range(n)])
+    c = resample_per_slice(c_vol, moving.ijk_to_ras, ref.shape, ref.ijk_to_ras, frame.axis, transforms)
+    f = resample_per_slice(f_vol, moving.ijk_to_ras, ref.shape, ref.ijk_to_ras, frame.axis, transforms)
+    assert is_fortran_ordered(f) and float(c.abs().max()) > 0
+    assert np.allclose(f.numpy(), c.numpy(), atol=1e-5 * scale)

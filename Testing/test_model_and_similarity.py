@@ -371,10 +371,13 @@ def test_point_metrics_score_as_the_functions_they_wrap_and_reject_what_they_can
 
 
 @pytest.mark.parametrize("layout", ["fortran", "flipped", "big-endian int16", "uint16", "bool", "float64 C", "read-only"])
-def test_as_float_tensor_is_a_contiguous_float32_copy_of_any_array_layout(layout):
+def test_as_float_tensor_is_a_dense_float32_copy_of_any_array_layout(layout):
     """NIfTI readers give Fortran-ordered arrays; flips give negative strides; some files are
-    big-endian: every layout becomes the same C-contiguous float32 [i, j, k] copy, input untouched."""
+    big-endian: every layout becomes the same float32 [i, j, k] copy, input untouched, laid out
+    densely: Fortran-ordered when the input is (no reordering pass: the engine reads it along its
+    memory), else C-contiguous."""
     from RigidResNetRegistrationLib.preprocess import Volume, as_float_tensor
+    from RigidResNetRegistrationLib.resample import is_fortran_ordered
 
     rng = np.random.default_rng(3)
     arrays = {
@@ -392,7 +395,11 @@ def test_as_float_tensor_is_a_contiguous_float32_copy_of_any_array_layout(layout
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tensor = as_float_tensor(Volume(array, np.eye(4), layout))
-    assert tensor.dtype == torch.float32 and tensor.is_contiguous() and tuple(tensor.shape) == array.shape
+    assert tensor.dtype == torch.float32 and tuple(tensor.shape) == array.shape
+    if layout in ("fortran", "read-only"):
+        assert is_fortran_ordered(tensor) and not tensor.is_contiguous()
+    else:
+        assert tensor.is_contiguous() and not is_fortran_ordered(tensor)
     assert np.array_equal(tensor.numpy(), array.astype(np.float32))
     tensor.fill_(0)  # a copy: the input is never written through it
     assert np.array_equal(array, before)

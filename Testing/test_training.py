@@ -935,27 +935,42 @@ def test_known_transform_moves_the_anatomy_as_an_analytic_phantom_moves():
     assert err < 0.05 * float(np.abs(fixed.array).max())
 
 
-def test_evaluate_volumes_six_dof_without_refinement_by_group(tiny_data, tmp_path, card_factory, capsys):
+def test_evaluate_volumes_six_dof_without_refinement_by_group(tiny_data, tmp_path, card_factory, capsys, monkeypatch):
     """``rigid-resnet-evaluate --volumes N --volume-motion 6dof --volume-no-refine``: volume rows per
-    subject group, named as 6-DOF and --no-refine; a network that predicts nothing leaves errors of
-    the motions' size."""
+    subject group, named as 6-DOF and --no-refine, every registration made without the refinement;
+    with a network that predicts nothing, what is left is the start's coarse search (which
+    polishes its candidates at 6 mm): larger errors than the same command with the refinement."""
+    import RigidResNetRegistrationLib.engine as engine
     import rrr_training.evaluate as ev
 
+    refined: list[bool] = []
+    real = engine.register_volumes
+    monkeypatch.setattr(engine, "register_volumes",
+                        lambda fixed, moving, model, opts, *a, **k: refined.append(opts.refine) or real(fixed, moving, model, opts, *a, **k))
     groups = tmp_path / "groups.txt"
     groups.write_text("case0 skull-stripped\ncase1 whole-head\n")
     card = card_factory(size=32, spacing=2.5, bias=[0.0, 0.0, 0.0])
     args = ["--data", str(tiny_data), "--weights", str(card), "--subjects-file", str(groups), "--pairs", "2",
             "--volumes", "2", "--volume-motion", "6dof", "--volume-no-refine", "--max-rotation-deg", "15",
             "--max-translation-mm", "15", "--iterations", "1", "--device", "cpu", "--threads", "1"]
-    capsys.readouterr()
-    assert ev.main(args) == 0
-    tables = capsys.readouterr().out.split("engine ms / volume")
-    rows = [line for line in tables[1].splitlines() if line.startswith("| ")]
-    rows = [r for r in rows if "---" not in r]
+
+    def volume_rows(argv: list[str]) -> list[str]:
+        capsys.readouterr()
+        assert ev.main(argv) == 0
+        tables = capsys.readouterr().out.split("engine ms / volume")
+        return [line for line in tables[1].splitlines() if line.startswith("| ") and "---" not in line]
+
+    rows = volume_rows(args)
     assert len(rows) == 4  # 2 groups x (T1 -> T1, T1 -> T2 / FLAIR)
     assert all("+-15 / +-15 6-DOF" in r and ", --no-refine" in r and "| 2 |" in r for r in rows)
     assert {r.split("|")[1].strip() for r in rows} == {"skull-stripped", "whole-head"}
-    assert all(float(r.split("|")[6]) > 1.0 for r in rows)  # median rotation error: the motion stays
+    assert len(refined) == 8 and not any(refined)
+    refined.clear()
+    with_refinement = volume_rows([a for a in args if a != "--volume-no-refine"])
+    assert len(refined) == 8 and all(refined)
+    assert not any("--no-refine" in r for r in with_refinement)
+    median_rotation = [sum(float(r.split("|")[6]) for r in table) for table in (rows, with_refinement)]
+    assert median_rotation[0] > 2 * median_rotation[1], median_rotation
 
 
 def test_evaluate_slices_mode_rows_per_group_and_pairing(tiny_data, tmp_path, card_factory, capsys):

@@ -175,6 +175,19 @@ def _resample_separable(
     return out.movedim(0, r)
 
 
+#: Index map that reverses the array axes: ``(i, j, k, 1) -> (k, j, i, 1)`` (its own inverse).
+#: ``ijk_to_ras @ REVERSE_AXES`` is the index-to-RAS matrix of the reversed-axes view
+#: ``volume.permute(2, 1, 0)``.
+REVERSE_AXES = np.eye(4)[[2, 1, 0, 3]]
+
+
+def is_fortran_ordered(volume: torch.Tensor) -> bool:
+    """True for a 3D tensor laid out with its first axis fastest (``i`` fastest, as a NIfTI or NRRD
+    file and Slicer's arrays hold voxels; :func:`preprocess.as_float_tensor` keeps that order), so
+    that its reversed-axes view ``volume.permute(2, 1, 0)`` is C-contiguous."""
+    return volume.dim() == 3 and not volume.is_contiguous() and volume.permute(2, 1, 0).is_contiguous()
+
+
 def resample_volume(
     moving: torch.Tensor,
     moving_ijk_to_ras: np.ndarray,
@@ -192,13 +205,25 @@ def resample_volume(
     slice direction, the usual case of ``volume`` mode) whole planes are interpolated at once
     (:func:`separable_axes`); otherwise the volume is done slab by slab along the first axis, so
     memory stays bounded for large volumes. Both give ITK's linear interpolation.
+
+    A Fortran-ordered ``moving`` (:func:`is_fortran_ordered`) is resampled as its C-ordered
+    reversed-axes view, so every pass reads it along its memory, and the result is Fortran-ordered
+    too (a NIfTI file's order: written without reordering): on a 240 x 240 x 155 volume the
+    reordering copies alone cost 20 ms each.
     """
     t = np.eye(4) if fixed_to_moving_ras is None else np.asarray(fixed_to_moving_ras, dtype=np.float64)
+    if is_fortran_ordered(moving):  # the same work on the reversed-axes views, with an output laid out as the input
+        return resample_volume(moving.permute(2, 1, 0), moving_ijk_to_ras @ REVERSE_AXES, _reversed(reference_shape),
+                               reference_ijk_to_ras @ REVERSE_AXES, t, slab_voxels, allow_separable).permute(2, 1, 0)
     index_map = compose(invert(moving_ijk_to_ras), t, reference_ijk_to_ras)  # ref ijk -> moving ijk
     axes = separable_axes(index_map, reference_shape=reference_shape, moving_shape=tuple(moving.shape)) if allow_separable else None
     if axes is not None:
         return _resample_separable(moving, index_map, reference_shape, *axes)
     return _resample_general(moving, index_map, reference_shape, slab_voxels)
+
+
+def _reversed(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(int(x) for x in reversed(tuple(shape)))  # type: ignore[return-value]
 
 
 def nonzero_box(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
@@ -348,8 +373,12 @@ def resample_per_slice(
 
     When every slice's grid-to-grid map keeps slices apart (:func:`separable_axes`, same axes for
     all), all slices are interpolated in two batched 2D passes (the planes below and above each
-    slice's position) and blended; otherwise slice by slice with :func:`resample_volume`.
+    slice's position) and blended; otherwise slice by slice with :func:`resample_volume`. A
+    Fortran-ordered ``moving`` gives a Fortran-ordered result, as :func:`resample_volume`.
     """
+    if is_fortran_ordered(moving):  # as resample_volume: the reversed-axes views, the output laid out as the input
+        return resample_per_slice(moving.permute(2, 1, 0), moving_ijk_to_ras @ REVERSE_AXES, _reversed(reference_shape),
+                                  reference_ijk_to_ras @ REVERSE_AXES, 2 - axis, transforms).permute(2, 1, 0)
     n = int(reference_shape[axis])
     maps = np.stack([compose(invert(moving_ijk_to_ras), transforms[s], reference_ijk_to_ras) for s in range(n)])
     # the slices kept apart along ``axis`` by every slice's map (a slice moved by a shift only is

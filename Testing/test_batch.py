@@ -238,6 +238,40 @@ def test_register_many_records_a_failed_pair_and_reads_the_next_pair_while_one_c
     assert list(row) == list(batch.SUMMARY_COLUMNS) and row["status"] == "failed" and row["fixed"] == fixed.name
 
 
+def test_a_fixed_file_named_by_consecutive_pairs_is_read_once_and_a_changed_one_again(images, tmp_path, monkeypatch):
+    """A cohort registered to one template reads the template once: the default reader keeps the
+    fixed image of the previous pair for the next one that names the same unchanged file; a file
+    named again after another one, or rewritten, is read again. Every pair's result is as if each
+    had been read on its own."""
+    import shutil
+
+    from RigidResNetRegistrationLib import io as rio
+
+    reads: list[str] = []
+    real = rio.read_volume
+    monkeypatch.setattr(rio, "read_volume", lambda path, *a, **k: reads.append(Path(path).name) or real(path, *a, **k))
+    other = tmp_path / "other.nii.gz"
+    shutil.copy(images / "fixed.nii.gz", other)
+    fixed, moving = images / "fixed.nii.gz", images / "moving.nii.gz"
+    pairs = [(fixed, moving, "a"), (fixed, moving, "b"), (other, moving, "c"), (fixed, moving, "d"), (fixed, moving, "e")]
+    options = RegistrationOptions(device="cpu", iterations=1, refine=False, symmetric=False, init="header")
+    results = batch.register_many(pairs, ConstantPredictor(ORACLE, MOTION), options)
+    assert [r.status for r in results] == ["ok"] * 5
+    assert [r for r in reads if r != "moving.nii.gz"] == ["fixed.nii.gz", "other.nii.gz", "fixed.nii.gz"]
+    assert reads.count("moving.nii.gz") == 5
+    first = results[0].result.fixed_to_moving_ras
+    assert all(np.array_equal(r.result.fixed_to_moving_ras, first) for r in results)
+    # the cache itself: the same Volume while the file is unchanged, a new read once it is rewritten
+    cache = batch.LastImage()
+    one = cache.read(other, "fixed")
+    assert cache.read(other, "fixed") is one
+    vol = phantom_volume(shape=(10, 12, 8))
+    rio.write_volume(vol, other)
+    os.utime(other, ns=(1, 1))  # a different modification time, whatever the clock's resolution
+    again = cache.read(other, "fixed")
+    assert again is not one and np.array_equal(again.array, vol.array.astype(np.float32))
+
+
 @pytest.mark.parametrize("write_behind", [True, False])
 def test_outputs_are_written_while_the_next_pair_computes_and_recorded_in_order(images, write_behind):
     """With ``write_behind`` pair i's outputs are written in another thread while pair i+1 is

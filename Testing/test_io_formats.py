@@ -110,6 +110,11 @@ def test_nii_gz_written_with_either_gzip_is_read_by_nibabel_and_simpleitk(tmp_pa
     path = tmp_path / "v.nii.gz"
     write_volume(vol, path)
     assert path.read_bytes()[:2] == b"\x1f\x8b"
+    # streamed into the compressor: exactly the bytes nibabel makes of the same image
+    img = nib.Nifti1Image(vol.array.astype(np.float32), vol.ijk_to_ras)
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    assert gzip.decompress(path.read_bytes()) == img.to_bytes()
     back = nib.load(str(path))
     assert np.array_equal(np.asarray(back.dataobj), vol.array.astype(np.float32))
     assert np.allclose(back.affine, vol.ijk_to_ras)
@@ -420,8 +425,9 @@ def test_output_format_writes_readable_volumes_on_the_fixed_grid(tmp_path, forma
 
 @pytest.mark.parametrize("layout", ["C", "F", "flipped", "big-endian", "read-only"])
 def test_fortran_order_gives_the_nifti_voxel_order_and_the_written_file_reads_back(tmp_path, layout):
-    """The engine's outputs are C-ordered; NIfTI stores i fastest: the reordering is made once
-    (torch, every thread) and the file holds the same voxels whatever the input's layout."""
+    """NIfTI stores i fastest: an array in another order (the engine's outputs from C-ordered
+    inputs, numpy arrays, flips) is reordered once (torch, every thread), a Fortran-ordered one is
+    written as it is, and the file holds the same voxels whatever the input's layout."""
     from RigidResNetRegistrationLib.io import fortran_order, read_volume, write_volume
     from RigidResNetRegistrationLib.volume import Volume
 

@@ -231,14 +231,46 @@ def label(image: Any) -> str:
     return str(getattr(image, "name", None) or type(image).__name__)
 
 
-def read_pair(pair: Pair) -> PairInputs:
+class LastImage:
+    """The image file read last, kept for the next pair that names the same file unchanged (same
+    resolved path, size and modification time): a cohort registered to one template, or several
+    contrasts of a subject to its T1, reads that file once (0.08 s of a 1 s pair for a
+    240 x 240 x 155 ``.nii.gz``). Sharing the :class:`~.volume.Volume` is safe: the engine never
+    modifies its inputs. One entry: memory stays that of one more volume at most."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.volume: Volume | None = None
+
+    @staticmethod
+    def file_key(path: str | os.PathLike) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except OSError:  # the reader says what is wrong with it
+            return None
+        return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+    def read(self, path: str | os.PathLike, label: str) -> Volume:
+        from .io import read_volume
+
+        key = self.file_key(path)
+        if key is not None and key == self.key and self.volume is not None:
+            return self.volume
+        volume = read_volume(path, label)
+        self.key, self.volume = key, volume
+        return volume
+
+
+def read_pair(pair: Pair, fixed_cache: LastImage | None = None) -> PairInputs:
     """The default ``read``: a path is read with :func:`io.read_volume` (as the command line reads
-    FIXED and MOVING), a :class:`~.volume.Volume` is used as it is."""
+    FIXED and MOVING), a :class:`~.volume.Volume` is used as it is. ``fixed_cache``: the fixed
+    image is taken from it when the previous pair read the same file (:class:`LastImage`)."""
     from .io import read_volume
 
     def volume(image: Any, role: str) -> Volume:
         if isinstance(image, (str, os.PathLike)):
-            return read_volume(image, f"{role} image {image}")
+            label = f"{role} image {image}"
+            return fixed_cache.read(image, label) if role == "fixed" and fixed_cache is not None else read_volume(image, label)
         if hasattr(image, "array") and hasattr(image, "ijk_to_ras"):
             return image
         raise TypeError(f"the {role} image of pair {pair.name!r} is neither a path nor a Volume ({type(image).__name__})")
@@ -344,7 +376,7 @@ def register_many(
         options: the options of every pair whose own are None (default ``RegistrationOptions()``);
             checked before any pair (a bad option raises ``InputError``).
         read: ``read(pair)`` -> :class:`PairInputs` or ``(fixed, moving)`` volumes; default
-            :func:`read_pair`.
+            :func:`read_pair`, with a fixed file named by consecutive pairs read once (:class:`LastImage`).
         write: ``write(pair, inputs, result, started)``, called after a pair's registration
             (``started``: ``time.perf_counter()`` when its turn began); its return value is the
             result's ``output``. The command line writes the pair's files here, Slicer its nodes.
@@ -377,7 +409,11 @@ def register_many(
         from .model import load_model
 
         predictor = load_model(None, base.device)
-    reader = read or read_pair
+    if read is None:  # pairs read one after the other (one reading thread): a fixed file read once in a row
+        cache = LastImage()
+        reader: ReadHook = lambda pair: read_pair(pair, cache)  # noqa: E731
+    else:
+        reader = read
     loader = _Prefetch(items, reader, prefetch)
     if write_behind is None:
         write_behind = computes_off_the_cpu(predictor)

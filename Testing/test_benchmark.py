@@ -495,6 +495,14 @@ def test_speed_helpers_stats_csv_parsers_and_commands(tmp_path):
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["fixed", "moving", "name"] and [r["name"] for r in rows] == ["01-a-t1-t2", "02-a-t1-flair"]
     assert rows[0]["moving"] == str(tmp_path / "m,1.nii.gz")
+    # --batch interleaved with elastix: each run of ours followed by its consecutive share of the pairs
+    assert speed.batch_schedule(20, 2) == [list(range(10)), list(range(10, 20))]
+    assert speed.batch_schedule(5, 2) == [[0, 1, 2], [3, 4]] and speed.batch_schedule(2, 5) == [[0], [1]]
+    assert speed.batch_schedule(3, 1) == [[0, 1, 2]] and speed.batch_schedule(3, 0) == [[0, 1, 2]]
+    batch_row = dict(_speed_measures()["batch"], ours_runs_s=[2.2, 1.8], ours_total_s=2.0)
+    ours_cell = speed.measured_cells("batch", batch_row)[0]
+    assert ours_cell == "1.00 s / pair (mean 2.0 s of 2.2, 1.8 s for 2, one process)", ours_cell
+    assert speed.measured_cells("batch", _speed_measures()["batch"])[0] == "1.00 s / pair (2.0 s for 2, one process)"
     # --batch is told apart from --batch-size
     assert not speed.batch_available("  --batch-size N        slices per network batch (default 32)")
     assert speed.batch_available("  --batch-size N  ...\n  --batch PAIRS.csv     register every pair of PAIRS.csv")

@@ -2,7 +2,8 @@
 the same files and threads; writes ``speed.md`` and ``speed.json``.
 
     python3 -m rrr_benchmarks.speed [--data ../shared/data] [-o benchmarks/results-speed] [--pairs 20]
-                                    [--runs 5] [--threads 2] [--seed 2024] [--quick] [--keep-cases]
+                                    [--runs 5] [--batch-rounds 2] [--threads 2] [--seed 2024] [--quick]
+                                    [--keep-cases]
 
 Cases: real 240x240x155 BraTS pairs: fixed = a subject's T1 (brats2015: its T1ce, the only T1 there),
 moving = another contrast of the same subject (T2, FLAIR, T1ce) resampled under a known random rigid
@@ -19,9 +20,10 @@ ours did not register within 1 deg / 1 mm of the known motion is *not met* whate
    rigid map; ``--runs`` each, interleaved; the engine's stage table;
 2. the whole ``rigid-resnet-register F M -o DIR --quiet`` process against the ``elastix`` command
    line (``-p rigid.txt -threads N``, the same map written from itk-elastix), with ``hyperfine``;
-3. ``rigid-resnet-register --batch PAIRS.csv`` over all pairs (whole process / N) against the
-   elastix command line run once per pair (sum / N); "not available" where the installed command
-   has no ``--batch``;
+3. ``rigid-resnet-register --batch PAIRS.csv`` over all pairs (whole process / N, the mean of
+   ``--batch-rounds`` runs) against the elastix command line run once per pair (sum / N), each of
+   our runs followed by its share of elastix's pairs (this machine's speed drifts over minutes);
+   "not available" where the installed command has no ``--batch``;
 4. ``slices`` mode per used slice pair (default options);
 5. the peak memory (``/usr/bin/time -v``, maximum RSS) of one single-pair process, elastix's for
    reference.
@@ -61,7 +63,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results-speed"
 HELD_OUT = "BraTS2021_90004"
-QUICK = {"pairs": 2, "runs": 1, "warmup": 0}
+QUICK = {"pairs": 2, "runs": 1, "warmup": 0, "batch_rounds": 1}
 
 #: The known motion of every pair: 6-DOF about the fixed volume's centre.
 MOTION = MotionKind("speed", 5.0, 5.0, False, "3D: rotations about R, A and S, each uniform in +-5 deg about the volume "
@@ -231,7 +233,7 @@ def measured_cells(key: str, m: dict[str, Any] | None) -> tuple[str, str, str]:
     if key == "batch":
         ours = (f"not available ({m['ours_unavailable']})" if m.get("ours_unavailable") else
                 "—" if m.get("ours_per_pair_s") is None else
-                f"{m['ours_per_pair_s']:.2f} s / pair ({m['ours_total_s']:.1f} s for {m['n']}, one process)")
+                f"{m['ours_per_pair_s']:.2f} s / pair ({_batch_runs_text(m)} for {m['n']}, one process)")
         elx = ("—" if m.get("elastix_per_pair_s") is None else
                f"{m['elastix_per_pair_s']:.2f} s / pair ({m['elastix_total_s']:.1f} s for {m['n']}, one process each)")
         return ours, elx, faster_text(m.get("elastix_per_pair_s"), m.get("ours_per_pair_s"), " per pair")
@@ -241,6 +243,14 @@ def measured_cells(key: str, m: dict[str, Any] | None) -> tuple[str, str, str]:
     if key == "memory":
         return f"{_f(m.get('ours_mb'), 0)} MB", f"{_f(m.get('elastix_mb'), 0)} MB", "—"
     raise KeyError(key)
+
+
+def _batch_runs_text(m: dict[str, Any]) -> str:
+    """Our batch's time for all pairs: ``26.3 s``, or with several runs ``mean 25.6 s of 26.3, 24.9 s``."""
+    runs = m.get("ours_runs_s") or [m["ours_total_s"]]
+    if len(runs) == 1:
+        return f"{m['ours_total_s']:.1f} s"
+    return f"mean {m['ours_total_s']:.1f} s of " + ", ".join(f"{v:.1f}" for v in runs) + " s"
 
 
 def goal_rows(measures: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
@@ -561,43 +571,63 @@ def measure_memory(pair: dict[str, Any], ours_cmd: list[str], elastix: str, elas
     return measure
 
 
+def batch_schedule(n: int, rounds: int) -> list[list[int]]:
+    """The elastix pairs (indices) timed after each of ``rounds`` runs of our ``--batch``: the ``n``
+    pairs in ``rounds`` consecutive groups as equal as can be (at most ``n`` rounds, at least one),
+    so that both methods' times come from the same stretches of a machine whose speed drifts
+    over minutes."""
+    rounds = max(1, min(int(rounds), n))
+    return [[int(i) for i in part] for part in np.array_split(np.arange(n), rounds)]
+
+
 def measure_batch(pairs: list[dict[str, Any]], ours_cmd: list[str], has_batch: bool, elastix: str, elastix_map: Path,
-                  threads: int, work: Path, env: dict[str, str]) -> dict[str, Any]:
+                  threads: int, work: Path, env: dict[str, str], rounds: int = 2) -> dict[str, Any]:
     """``rigid-resnet-register --batch PAIRS.csv -o OUTROOT --quiet`` (one process, timed whole, / N)
-    against the elastix command line once per pair (sum / N); ours is "not available" without
-    ``--batch``, elastix is measured all the same."""
+    against the elastix command line once per pair (sum / N), interleaved: ``rounds`` runs of our
+    batch (each into a fresh folder), each followed by its group of the elastix pairs
+    (:func:`batch_schedule`); ours per pair is the mean of its runs / N. Ours is "not available"
+    without ``--batch``, elastix is measured all the same."""
     n = len(pairs)
     measure: dict[str, Any] = {"n": n, "accuracy": {"ours": [], "elastix": []}}
-    if has_batch:
-        csv_path = write_pairs_csv(pairs, work / "pairs.csv")
-        root = work / "batch-ours"
-        shutil.rmtree(root, ignore_errors=True)
-        argv = [*ours_cmd, "--batch", str(csv_path), "-o", str(root), "--quiet"]
-        log(f"[batch] {shlex.join(argv)}")
-        t0 = time.perf_counter()
-        proc = subprocess.run(argv, env=env, text=True, capture_output=True, check=False)
-        total = time.perf_counter() - t0
-        measure.update({"ours_command": shlex.join(argv), "ours_exit": proc.returncode, "ours_total_s": total, "ours_per_pair_s": total / n})
-        if proc.returncode != 0:
-            measure["ours_stderr"] = proc.stderr.strip()[-500:]
-        measure["accuracy"]["ours"] = [_error_from_file(p, root / p["name"], _ours_tfm) for p in pairs]
-        log(f"[batch] ours: {total:.1f} s for {n} pairs = {total / n:.2f} s / pair (exit {proc.returncode})")
-    else:
+    schedule = batch_schedule(n, rounds)
+    csv_path = write_pairs_csv(pairs, work / "pairs.csv") if has_batch else None
+    if not has_batch:
         measure["ours_unavailable"] = "the installed rigid-resnet-register has no --batch"
         log(f"[batch] ours: not available ({measure['ours_unavailable']})")
-    elastix_s = []
-    for k, p in enumerate(pairs, 1):
-        folder = work / "batch-elastix" / p["name"]
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run([elastix, "-f", p["fixed"], "-m", p["moving"], "-p", str(elastix_map), "-out", str(folder),
-                               "-threads", str(threads)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
-        elastix_s.append(time.perf_counter() - t0)
-        err = (_error_from_file(p, folder, _elastix_tfm) if proc.returncode == 0 else
-               error_row(p["name"], error=f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}"))
-        measure["accuracy"]["elastix"].append(err)
-        log(f"[batch] elastix {k}/{n} {p['name']}: {elastix_s[-1]:.2f} s, error {err['rot_err_deg']:.3f} deg / {err['trans_err_mm']:.3f} mm")
+    ours_s: list[float] = []
+    elastix_s: list[float] = []
+    for r, group in enumerate(schedule, 1):
+        if has_batch:
+            root = work / "batch-ours"
+            shutil.rmtree(root, ignore_errors=True)
+            argv = [*ours_cmd, "--batch", str(csv_path), "-o", str(root), "--quiet"]
+            log(f"[batch] round {r}/{len(schedule)}: {shlex.join(argv)}")
+            t0 = time.perf_counter()
+            proc = subprocess.run(argv, env=env, text=True, capture_output=True, check=False)
+            ours_s.append(time.perf_counter() - t0)
+            measure.update({"ours_command": shlex.join(argv), "ours_exit": proc.returncode})
+            if proc.returncode != 0:
+                measure["ours_stderr"] = proc.stderr.strip()[-500:]
+            measure["accuracy"]["ours"] = [_error_from_file(p, root / p["name"], _ours_tfm) for p in pairs]
+            log(f"[batch] ours: {ours_s[-1]:.1f} s for {n} pairs = {ours_s[-1] / n:.2f} s / pair (exit {proc.returncode})")
+        for k in group:
+            p = pairs[k]
+            folder = work / "batch-elastix" / p["name"]
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run([elastix, "-f", p["fixed"], "-m", p["moving"], "-p", str(elastix_map), "-out", str(folder),
+                                   "-threads", str(threads)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  check=False)
+            elastix_s.append(time.perf_counter() - t0)
+            err = (_error_from_file(p, folder, _elastix_tfm) if proc.returncode == 0 else
+                   error_row(p["name"], error=f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}"))
+            measure["accuracy"]["elastix"].append(err)
+            log(f"[batch] elastix {k + 1}/{n} {p['name']}: {elastix_s[-1]:.2f} s, error {err['rot_err_deg']:.3f} deg / "
+                f"{err['trans_err_mm']:.3f} mm")
+    if ours_s:
+        total = float(np.mean(ours_s))
+        measure.update({"ours_runs_s": ours_s, "ours_total_s": total, "ours_per_pair_s": total / n})
     measure.update({"elastix_runs_s": elastix_s, "elastix_total_s": float(sum(elastix_s)), "elastix_per_pair_s": float(sum(elastix_s)) / n})
     measure["ratio"] = ratio(measure["elastix_per_pair_s"], measure.get("ours_per_pair_s"))
     if not has_batch:
@@ -617,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=None, metavar="R", help="timed runs of the engine call, the whole process and "
                    "slices mode (default 5; --quick 1)")
     p.add_argument("--warmup", type=int, default=None, help="hyperfine warm-up runs of each command (default 1; --quick 0)")
+    p.add_argument("--batch-rounds", type=int, default=None, metavar="K",
+                   help="runs of our --batch, each followed by its share of the elastix pairs (default 2; --quick 1)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every tool (default 2)")
     p.add_argument("--seed", type=int, default=2024, help="seed of the motions (default 2024)")
     p.add_argument("--elastix", default=None, help="the elastix command (default: elastix on PATH)")
@@ -634,8 +666,9 @@ def _main(argv: list[str]) -> int:
     n = a.pairs if a.pairs is not None else (QUICK["pairs"] if a.quick else 20)
     runs = a.runs if a.runs is not None else (QUICK["runs"] if a.quick else 5)
     warmup = a.warmup if a.warmup is not None else (QUICK["warmup"] if a.quick else 1)
-    if n < 1 or runs < 1 or warmup < 0 or a.threads < 1:
-        raise SpeedError("--pairs, --runs and --threads must be at least 1 and --warmup at least 0")
+    rounds = a.batch_rounds if a.batch_rounds is not None else (QUICK["batch_rounds"] if a.quick else 2)
+    if n < 1 or runs < 1 or warmup < 0 or a.threads < 1 or rounds < 1:
+        raise SpeedError("--pairs, --runs, --batch-rounds and --threads must be at least 1 and --warmup at least 0")
     data = Path(a.data) if a.data else DEFAULT_DATA
     if not data.is_dir():
         raise SpeedError(f"data folder not found: {data} (give the shared data folder with --data FOLDER)")
@@ -679,7 +712,7 @@ def _main(argv: list[str]) -> int:
         log("--- peak memory (/usr/bin/time -v)")
         measures["memory"] = measure_memory(pairs[0], ours_cmd, elastix, elastix_map, a.threads, work, env)
         log(f"--- batch of {n} pairs")
-        measures["batch"] = measure_batch(pairs, ours_cmd, has_batch, elastix, elastix_map, a.threads, work, env)
+        measures["batch"] = measure_batch(pairs, ours_cmd, has_batch, elastix, elastix_map, a.threads, work, env, rounds)
 
         rows = goal_rows(measures)
         meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -691,7 +724,8 @@ def _main(argv: list[str]) -> int:
                 "data": f"{data}: {n} pairs, first {pairs[0]['name']}",
                 "left out": "; ".join(f"{k}: {v}" for k, v in NOT_CO_REGISTERED.items() if (data / "brats" / k).is_dir())
                             or "none", "motion": MOTION.description + f"; seed {a.seed}",
-                "runs": f"{runs} timed runs (engine call: after one warm-up call each, interleaved; hyperfine: --warmup {warmup})",
+                "runs": f"{runs} timed runs (engine call: after one warm-up call each, interleaved; hyperfine: --warmup {warmup}); "
+                        f"--batch: {len(batch_schedule(n, rounds))} runs of ours, each followed by its share of elastix's pairs",
                 "wall time of the benchmark": f"{time.perf_counter() - started:.0f} s",
                 "load average (1, 5, 15 min)": f"{load_start} at the start, {_load()} at the end (anything else running skews the times)"}
         text = markdown(meta, rows, measures, pairs)

@@ -969,8 +969,8 @@ def test_evaluate_volumes_six_dof_without_refinement_by_group(tiny_data, tmp_pat
     with_refinement = volume_rows([a for a in args if a != "--volume-no-refine"])
     assert len(refined) == 8 and all(refined)
     assert not any("--no-refine" in r for r in with_refinement)
-    median_rotation = [sum(float(r.split("|")[6]) for r in table) for table in (rows, with_refinement)]
-    assert median_rotation[0] > 2 * median_rotation[1], median_rotation
+    rotation_medians = [sum(float(r.split("|")[6]) for r in table) for table in (rows, with_refinement)]  # summed over the rows
+    assert rotation_medians[0] > 2 * rotation_medians[1], rotation_medians
 
 
 def test_evaluate_slices_mode_rows_per_group_and_pairing(tiny_data, tmp_path, card_factory, capsys):

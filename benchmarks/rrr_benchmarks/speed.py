@@ -605,10 +605,10 @@ def measure_batch(pairs: list[dict[str, Any]], ours_cmd: list[str], has_batch: b
             t0 = time.perf_counter()
             proc = subprocess.run(argv, env=env, text=True, capture_output=True, check=False)
             ours_s.append(time.perf_counter() - t0)
-            measure.update({"ours_command": shlex.join(argv), "ours_exit": proc.returncode})
-            if proc.returncode != 0:
+            measure["ours_command"] = shlex.join(argv)
+            if proc.returncode != 0 and not measure.get("ours_exit"):  # the first failing run's status is kept
                 measure["ours_stderr"] = proc.stderr.strip()[-500:]
-            measure["accuracy"]["ours"] = [_error_from_file(p, root / p["name"], _ours_tfm) for p in pairs]
+            measure["ours_exit"] = measure.get("ours_exit") or proc.returncode
             log(f"[batch] ours: {ours_s[-1]:.1f} s for {n} pairs = {ours_s[-1] / n:.2f} s / pair (exit {proc.returncode})")
         for k in group:
             p = pairs[k]
@@ -625,7 +625,8 @@ def measure_batch(pairs: list[dict[str, Any]], ours_cmd: list[str], has_batch: b
             measure["accuracy"]["elastix"].append(err)
             log(f"[batch] elastix {k + 1}/{n} {p['name']}: {elastix_s[-1]:.2f} s, error {err['rot_err_deg']:.3f} deg / "
                 f"{err['trans_err_mm']:.3f} mm")
-    if ours_s:
+    if ours_s:  # the runs are alike (deterministic): the last one's transforms are read
+        measure["accuracy"]["ours"] = [_error_from_file(p, work / "batch-ours" / p["name"], _ours_tfm) for p in pairs]
         total = float(np.mean(ours_s))
         measure.update({"ours_runs_s": ours_s, "ours_total_s": total, "ours_per_pair_s": total / n})
     measure.update({"elastix_runs_s": elastix_s, "elastix_total_s": float(sum(elastix_s)), "elastix_per_pair_s": float(sum(elastix_s)) / n})

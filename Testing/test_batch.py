@@ -204,11 +204,12 @@ def test_register_many_records_a_failed_pair_and_reads_the_next_pair_while_one_c
     fixed = phantom_volume(shape=(44, 50, 30), codes="LPS")
     flat = type(fixed)(np.zeros_like(fixed.array), fixed.ijk_to_ras, "flat")
     main = threading.main_thread()
-    read_threads, overlapped = {}, []
+    read_threads, overlapped, niceness = {}, [], {}
     second_read = threading.Event()
 
     def read(pair):
         read_threads[pair.name] = threading.current_thread()
+        niceness[pair.name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         if pair.name == "second":
             second_read.set()
         return batch.read_pair(pair)
@@ -225,17 +226,38 @@ def test_register_many_records_a_failed_pair_and_reads_the_next_pair_while_one_c
              (fixed, flat), batch.Pair(images / "fixed.nii.gz", images / "nowhere.nii.gz")]
     done = []
     options = RegistrationOptions(device="cpu", iterations=1, refine=False, symmetric=False, init="header")
+    main_niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     results = batch.register_many(pairs, Waiting(ORACLE, MOTION), options, read=read, done=done.append)
     assert [r.name for r in results] == ["first", "second", "flat", "nowhere"] and done == results
     assert [r.status for r in results] == ["ok", "ok", "failed", "failed"]
     assert "the volume is constant" in results[2].error and "file not found" in results[3].error
     assert overlapped == [True], "the second pair was not read while the first one computed"
     assert read_threads["second"] is not main
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_niceness, "the main thread's priority changed"
+    if sys.platform.startswith("linux"):  # the reading thread yields the CPU to the registration's threads
+        assert niceness["second"] == batch.READER_NICENESS > main_niceness, niceness
     ok = results[1]
     assert ok.result is not None and ok.verdict == ok.result.verdict and ok.similarity == ok.result.similarity
     assert np.allclose(results[0].result.fixed_to_moving_ras, ok.result.fixed_to_moving_ras, atol=1e-4)
     row = results[2].summary_row()
     assert list(row) == list(batch.SUMMARY_COLUMNS) and row["status"] == "failed" and row["fixed"] == fixed.name
+
+
+def test_a_threads_priority_is_lowered_only_on_linux_where_niceness_is_per_thread(monkeypatch):
+    """Elsewhere ``setpriority`` takes a process id: a thread's id there could name another process."""
+    calls = []
+    monkeypatch.setattr(batch.os, "setpriority", lambda *a: calls.append(a))
+    monkeypatch.setattr(batch.sys, "platform", "darwin")
+    assert batch.lower_thread_priority() is False and calls == []
+    monkeypatch.setattr(batch.sys, "platform", "linux")
+    assert batch.lower_thread_priority(12) is True
+    assert calls == [(os.PRIO_PROCESS, threading.get_native_id(), 12)]
+
+    def refused(*a):
+        raise PermissionError("not allowed")
+
+    monkeypatch.setattr(batch.os, "setpriority", refused)
+    assert batch.lower_thread_priority() is False
 
 
 def test_a_fixed_file_named_by_consecutive_pairs_is_read_once_and_a_changed_one_again(images, tmp_path, monkeypatch):

@@ -623,6 +623,37 @@ def test_intensity_range_is_remembered_per_tensor_and_recomputed_after_an_in_pla
     assert preprocess.intensity_range(fresh) == pytest.approx((0.0, 1.0))
 
 
+def test_intensity_range_of_a_fortran_ordered_volume_samples_in_row_major_order_without_importing_sympy() -> None:
+    """A NIfTI volume's tensor is Fortran-ordered; its range samples the same values, in the same
+    row-major order, as the C-ordered copy's (the indices as numpy unravels them), and a fresh
+    interpreter computing it does not import sympy (``torch.unravel_index`` did on its first call:
+    0.4 s of every command line run)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from RigidResNetRegistrationLib import preprocess
+
+    for shape in [(7,), (3, 4), (5, 6, 7), (2, 3, 4, 5)]:
+        picks = torch.arange(1, int(np.prod(shape)), 3)
+        got = preprocess.row_major_indices(picks, shape)
+        assert [list(a) for a in got] == [list(b) for b in np.unravel_index(picks.numpy(), shape)], shape
+    g = torch.Generator().manual_seed(3)
+    c_ordered = torch.rand((90, 80, 70), generator=g) ** 3 * 100
+    f_ordered = c_ordered.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    assert not f_ordered.is_contiguous() and torch.equal(f_ordered, c_ordered)
+    assert preprocess.intensity_range(f_ordered) == preprocess.intensity_range(c_ordered)
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, torch; from RigidResNetRegistrationLib.preprocess import intensity_range; "
+            "v = torch.rand(90, 80, 70).permute(2, 1, 0); assert not v.is_contiguous(); intensity_range(v); "
+            "print('sympy' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(root / "RigidResNetRegistration")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False", "intensity_range imported sympy"
+
+
 def test_fortran_ordered_inputs_register_as_c_ordered_ones_and_give_fortran_ordered_outputs(card_factory):
     """NIfTI readers give Fortran-ordered arrays and the engine keeps their order (no reordering
     copy; axial planes stay in one block of memory). The same voxels in either order must give the

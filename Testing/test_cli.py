@@ -216,6 +216,46 @@ def test_bad_input_gives_one_error_line(tmp_path, pair, case, expect, monkeypatc
     assert "Traceback" not in r.stderr + r.stdout
 
 
+def test_the_inputs_are_read_in_a_thread_while_torch_is_imported_and_errors_keep_their_order(pair, tmp_path, monkeypatch):
+    """``run`` starts reading FIXED and MOVING before importing torch (``io`` needs no torch), in
+    another thread; the volumes are those ``read_volume`` gives, a bad fixed file is reported
+    before a bad moving one, and CUDA asked for but absent is still reported before either."""
+    import threading
+
+    import RigidResNetRegistrationLib.io as rio
+    from RigidResNetRegistrationLib import cli as cli_module
+
+    code = ("import sys; from RigidResNetRegistrationLib import cli, io; assert 'torch' not in sys.modules; "
+            f"f = cli.read_in_background({str(pair / 'fixed.nii.gz')!r}, {str(pair / 'moving.nii.gz')!r}); "
+            "import torch; fixed, moving = f.result(); print(fixed.shape, moving.shape)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    read_volume = rio.read_volume
+    in_main: list[bool] = []
+
+    def spy(*a):
+        in_main.append(threading.current_thread() is threading.main_thread())
+        return read_volume(*a)
+
+    monkeypatch.setattr(rio, "read_volume", spy)
+    fixed, moving = cli_module.read_in_background(str(pair / "fixed.nii.gz"), str(pair / "moving.nii.gz")).result()
+    assert in_main == [False, False], "the inputs were read in the main thread"
+    for got, name in ((fixed, "fixed.nii.gz"), (moving, "moving.nii.gz")):
+        want = read_volume(pair / name)
+        assert np.array_equal(got.array, want.array) and np.array_equal(got.ijk_to_ras, want.ijk_to_ras)
+    assert r.stdout.strip() == f"{fixed.shape} {moving.shape}"
+    missing = str(tmp_path / "nope.nii.gz")
+    with pytest.raises(Exception, match="fixed image .*file not found"):
+        cli_module.read_in_background(missing, missing).result()
+    r = cli(missing, missing, "-o", str(tmp_path / "out"))
+    assert r.returncode != 0 and r.stderr.startswith("error: fixed image") and "file not found" in r.stderr, r.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        r = cli(missing, missing, "-o", str(tmp_path / "out"), "--device", "cuda")
+        assert r.returncode != 0 and "CUDA was requested" in r.stderr and "file not found" not in r.stderr, r.stderr
+
+
 def test_help_lists_the_documented_options():
     r = cli("--help")
     assert r.returncode == 0

@@ -27,7 +27,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .geometry import lps_to_ras, ras_to_lps
-from .preprocess import InputError, Volume
+from .errors import InputError
+from .volume import Volume
 from .volume import volume_from_sitk, volume_to_sitk
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

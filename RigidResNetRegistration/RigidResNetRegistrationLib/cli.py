@@ -30,6 +30,8 @@ CLI_OPTION_NAMES = {"refine": "--no-refine", "mode=slices": "--mode slices", "re
                     "tolerance": "--tolerance", "iterations": "--iterations"}
 
 if TYPE_CHECKING:  # pragma: no cover
+    import concurrent.futures
+
     import numpy as np
 
     from .batch import PairResult, PairRow
@@ -310,7 +312,7 @@ def registration_options(args: argparse.Namespace) -> RegistrationOptions:
     return options
 
 
-def read_in_background(fixed: str, moving: str) -> "concurrent.futures.Future[tuple[Volume, Volume]]":
+def read_in_background(fixed: str, moving: str) -> concurrent.futures.Future[tuple[Volume, Volume]]:
     """Start reading the FIXED and MOVING files (:func:`io.read_volume`, which needs no torch) in a
     thread, so that they are read while the main thread imports torch (1.2 s, one CPU core);
     ``result()`` gives ``(fixed, moving)`` or raises the first one's reading error."""
@@ -337,10 +339,9 @@ def run(args: argparse.Namespace) -> dict:
     failed or interrupted run leaves OUTDIR as it was (no partial outputs, no temporary files, not
     even OUTDIR itself when it did not exist). The input files are only read.
     """
-    from .profiling import timed
-
     from .io import staged_outputs
     from .model_card import DEFAULT_CARD, read_model_card
+    from .profiling import timed
 
     t0 = time.perf_counter()
     stages: dict[str, float] = {}  # the command's own stages (--profile; report.json "command_timings_s")

@@ -28,8 +28,7 @@ import numpy as np
 
 from .geometry import lps_to_ras, ras_to_lps
 from .errors import InputError
-from .volume import Volume
-from .volume import volume_from_sitk, volume_to_sitk
+from .volume import Volume, volume_from_sitk, volume_to_sitk
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

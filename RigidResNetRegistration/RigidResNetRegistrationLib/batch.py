@@ -264,8 +264,8 @@ class LastImage:
 
 
 def read_pair(pair: Pair, fixed_cache: LastImage | None = None) -> PairInputs:
-    """The default ``read``: a path is read with :func:`io.read_volume` (as the command line reads
-    FIXED and MOVING), a :class:`~.volume.Volume` is used as it is. ``fixed_cache``: the fixed
+    """The default ``read`` (and how the command line reads FIXED and MOVING: ``cli.read_in_background``):
+    a path is read with :func:`io.read_volume`, a :class:`~.volume.Volume` is used as it is. ``fixed_cache``: the fixed
     image is taken from it when the previous pair read the same file (:class:`LastImage`)."""
     from .io import read_volume
 

@@ -313,15 +313,16 @@ def registration_options(args: argparse.Namespace) -> RegistrationOptions:
 
 
 def read_in_background(fixed: str, moving: str) -> concurrent.futures.Future[tuple[Volume, Volume]]:
-    """Start reading the FIXED and MOVING files (:func:`io.read_volume`, which needs no torch) in a
-    thread, so that they are read while the main thread imports torch (1.2 s, one CPU core);
-    ``result()`` gives ``(fixed, moving)`` or raises the first one's reading error."""
+    """Start reading the FIXED and MOVING files (as ``--batch`` reads a pair: :func:`batch.read_pair`,
+    which needs no torch) in a thread, so that they are read while the main thread imports torch
+    (1.2 s, one CPU core); ``result()`` gives ``(fixed, moving)`` or raises the first one's reading error."""
     import concurrent.futures
 
-    from .io import read_volume
+    from .batch import Pair, read_pair
 
     def read() -> tuple[Volume, Volume]:
-        return read_volume(fixed, f"fixed image {fixed}"), read_volume(moving, f"moving image {moving}")
+        inputs = read_pair(Pair(fixed, moving))
+        return inputs.fixed, inputs.moving
 
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rigid-resnet-read")
     try:

@@ -519,14 +519,18 @@ def measure_slices(pair: dict[str, Any], model, runs: int, seed: int, folder: Pa
             "slice_accuracy": run["accuracy"]["one motion"]}
 
 
+def elastix_argv(elastix: str, fixed: str, moving: str, elastix_map: Path, out: Path, threads: int) -> list[str]:
+    """The elastix command line every measure times: ``elastix -f F -m M -p MAP -out DIR -threads N``."""
+    return [elastix, "-f", fixed, "-m", moving, "-p", str(elastix_map), "-out", str(out), "-threads", str(threads)]
+
+
 def measure_process(pair: dict[str, Any], ours_cmd: list[str], elastix: str, elastix_map: Path, threads: int, warmup: int,
                     runs: int, work: Path, out: Path, env: dict[str, str]) -> dict[str, Any]:
     """The whole ``rigid-resnet-register F M -o DIR --quiet`` against ``elastix -f F -m M -p MAP
     -out DIR -threads N``, in one ``hyperfine`` call (fresh output folders before every run)."""
     ours_dir, elastix_dir = work / "process-ours", work / "process-elastix"
     ours = shlex.join([*ours_cmd, pair["fixed"], pair["moving"], "-o", str(ours_dir), "--quiet"])
-    elx = shlex.join([elastix, "-f", pair["fixed"], "-m", pair["moving"], "-p", str(elastix_map), "-out", str(elastix_dir),
-                      "-threads", str(threads)])
+    elx = shlex.join(elastix_argv(elastix, pair["fixed"], pair["moving"], elastix_map, elastix_dir, threads))
     json_path = out / "hyperfine-process.json"
     argv = hyperfine_argv([("rigid-resnet-register", ours, f"rm -rf {shlex.quote(str(ours_dir))}"),
                            ("elastix", elx, f"rm -rf {shlex.quote(str(elastix_dir))} && mkdir {shlex.quote(str(elastix_dir))}")],
@@ -552,8 +556,8 @@ def measure_memory(pair: dict[str, Any], ours_cmd: list[str], elastix: str, elas
     for reference, of one elastix command line."""
     measure: dict[str, Any] = {"pair": pair["name"], "accuracy": {"ours": [], "elastix": []}}
     runs = {"ours": ([*ours_cmd, pair["fixed"], pair["moving"], "-o", str(work / "memory-ours"), "--quiet"], work / "memory-ours", _ours_tfm),
-            "elastix": ([elastix, "-f", pair["fixed"], "-m", pair["moving"], "-p", str(elastix_map), "-out",
-                         str(work / "memory-elastix"), "-threads", str(threads)], work / "memory-elastix", _elastix_tfm)}
+            "elastix": (elastix_argv(elastix, pair["fixed"], pair["moving"], elastix_map, work / "memory-elastix", threads),
+                        work / "memory-elastix", _elastix_tfm)}
     for who, (argv, folder, reader) in runs.items():
         shutil.rmtree(folder, ignore_errors=True)
         if who == "elastix":
@@ -616,9 +620,8 @@ def measure_batch(pairs: list[dict[str, Any]], ours_cmd: list[str], has_batch: b
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             t0 = time.perf_counter()
-            proc = subprocess.run([elastix, "-f", p["fixed"], "-m", p["moving"], "-p", str(elastix_map), "-out", str(folder),
-                                   "-threads", str(threads)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                  check=False)
+            proc = subprocess.run(elastix_argv(elastix, p["fixed"], p["moving"], elastix_map, folder, threads), env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
             elastix_s.append(time.perf_counter() - t0)
             err = (_error_from_file(p, folder, _elastix_tfm) if proc.returncode == 0 else
                    error_row(p["name"], error=f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}"))

@@ -343,9 +343,14 @@ def test_nonzero_box_is_the_box_of_the_nonzero_voxels():
         hi = np.minimum(lo + rng.integers(0, 5, 3), [8, 10, 6])
         vol[tuple(lo)] = -2.0  # a negative value at one corner of the box
         vol[tuple(hi)] = 3.0
-        first, last = nonzero_box(torch.from_numpy(vol))
-        where = np.argwhere(vol != 0)
-        assert np.array_equal(first, where.min(axis=0)) and np.array_equal(last, where.max(axis=0)), trial
+        if trial % 3 == 1:  # a lone NaN counts as signal
+            vol[tuple(rng.integers(0, [9, 11, 7]))] = np.nan
+        if trial % 3 == 2:  # scattered voxels of both signs, some columns only negative
+            vol[rng.random(vol.shape) < 0.01] = -1.0
+        where = np.argwhere(vol != 0)  # NaN != 0
+        for layout in (torch.from_numpy(vol), torch.from_numpy(np.asfortranarray(vol))):
+            first, last = nonzero_box(layout)
+            assert np.array_equal(first, where.min(axis=0)) and np.array_equal(last, where.max(axis=0)), trial
     assert nonzero_box(torch.zeros(4, 5, 6)) is None
     full = torch.rand(4, 5, 6) + 0.1  # nonzero on every face: the whole volume, from the faces
     first, last = nonzero_box(full)

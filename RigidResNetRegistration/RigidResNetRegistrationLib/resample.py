@@ -229,19 +229,26 @@ def _reversed(shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 def nonzero_box(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
     """The smallest box of array indices ``(i, j, k)`` holding every nonzero voxel of a 3D
-    ``volume``: ``(first, last)`` int arrays (inclusive), or None when every voxel is 0. A volume
-    with a nonzero voxel on each of its six faces (a head with its background noise) is its own
-    box, found from the faces alone."""
+    ``volume`` (NaN counts as nonzero): ``(first, last)`` int arrays (inclusive), or None when every
+    voxel is 0. A volume with a nonzero voxel on each of its six faces (a head with its background
+    noise) is its own box, found from the faces alone. Otherwise two passes of max/min reductions
+    (no boolean copy of the volume): along ``i`` for the ``(j, k)`` extent, then over that extent's
+    planes for ``i``."""
     if all(bool(volume.select(axis, end).any()) for axis in range(3) for end in (0, -1)):
         return _whole_box(tuple(volume.shape))
-    nonzero = volume != 0
-    ij = nonzero.any(dim=2)
-    hits = (ij.any(dim=1), ij.any(dim=0), nonzero.any(dim=1).any(dim=0))
-    found = [torch.nonzero(h).flatten() for h in hits]
-    if found[0].numel() == 0:
+    jk = _any_nonzero(volume, (0,))
+    found_j, found_k = torch.nonzero(jk.any(dim=1)).flatten(), torch.nonzero(jk.any(dim=0)).flatten()
+    if found_j.numel() == 0:
         return None
-    return (np.asarray([int(f[0]) for f in found], dtype=np.int64),
-            np.asarray([int(f[-1]) for f in found], dtype=np.int64))
+    j0, j1, k0, k1 = int(found_j[0]), int(found_j[-1]), int(found_k[0]), int(found_k[-1])
+    found_i = torch.nonzero(_any_nonzero(volume[:, j0 : j1 + 1, k0 : k1 + 1], (1, 2))).flatten()
+    return np.asarray([int(found_i[0]), j0, k0], dtype=np.int64), np.asarray([int(found_i[-1]), j1, k1], dtype=np.int64)
+
+
+def _any_nonzero(volume: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Whether any voxel along ``dims`` is nonzero (or NaN: max and min propagate it), by a max and a
+    min reduction."""
+    return (volume.amax(dim=dims) != 0) | (volume.amin(dim=dims) != 0)
 
 
 def _whole_box(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

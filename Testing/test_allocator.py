@@ -61,7 +61,7 @@ def test_nothing_is_changed_without_glibc(monkeypatch) -> None:
     monkeypatch.setattr(allocator.sys, "platform", "darwin")
     assert allocator.uses_glibc() is False
     monkeypatch.setattr(allocator, "uses_glibc", lambda: False)
-    assert allocator._set_thresholds(allocator.REUSE_BYTES) is False
+    assert allocator._set_thresholds(allocator.REUSE_BYTES, allocator.KEEP_FREE_BYTES) is False
 
 
 def test_every_registration_asks_for_it(monkeypatch) -> None:

@@ -56,10 +56,9 @@ def uses_glibc() -> bool:
 
 def reuse_freed_memory(limit_bytes: int = REUSE_BYTES, keep_free_bytes: int = KEEP_FREE_BYTES) -> bool:
     """Set glibc's mmap threshold to ``limit_bytes`` and its trim threshold to ``keep_free_bytes``
-    (module docstring), once per process;
-    later calls return the first call's outcome. True when they are set (now or before), False where
-    nothing was changed (not glibc, the user's own ``MALLOC_*_THRESHOLD_`` variables, or ``mallopt``
-    refused)."""
+    (module docstring), once per process; later calls return the first call's outcome. True when
+    they are set (now or before), False where nothing was changed (not glibc, the user's own
+    ``MALLOC_*_THRESHOLD_`` variables, or ``mallopt`` refused)."""
     global _state
     with _lock:
         if _state is None:

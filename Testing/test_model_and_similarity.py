@@ -420,3 +420,23 @@ def test_initialise_false_leaves_the_network_for_loaded_weights():
     assert float(conv.std()) < 0.5 * (2.0 / fan_out) ** 0.5  # PyTorch's kaiming-uniform(a=sqrt 5) default, not He-normal
     with torch.device("meta"):
         assert ResNetRegressor(3, initialise=False).features.conv1.weight.is_meta
+
+
+def test_the_weights_are_hashed_in_a_thread_while_torch_reads_them(card_factory, monkeypatch):
+    """load_state overlaps the sha256 with torch.load (hashlib releases the GIL): the hash runs off
+    the calling thread, and the check still refuses a file that does not match (above)."""
+    import threading
+
+    from RigidResNetRegistrationLib import model as model_module
+
+    card = card_factory(seed=2)
+    threads = []
+    real = model_module.sha256_of
+
+    def spy(path):
+        threads.append(threading.get_ident())
+        return real(path)
+
+    monkeypatch.setattr(model_module, "sha256_of", spy)
+    state = model_module.load_state(model_module.read_model_card(card))
+    assert state and threads and threading.get_ident() not in threads

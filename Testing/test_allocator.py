@@ -39,13 +39,22 @@ def _faults(mode: str, **env: str) -> dict:
     return json.loads(run.stdout)
 
 
+def _huge_pages_always() -> bool:
+    """Transparent huge pages for every anonymous mapping: a fresh 48 MB block then faults about
+    24 times, not 11,719, and the counts below cannot show the difference."""
+    try:
+        return "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not allocator.uses_glibc(), reason="the setting applies to glibc's malloc (Linux) only")
 def test_a_freed_volume_sized_block_is_reused_without_page_faults_once_set() -> None:
     untuned, tuned = _faults("keep"), _faults("tune")
-    # 48 MB is 11,719 pages of 4 KB: without the setting, each is faulted in again
-    assert untuned["faults"] > 5_000, untuned
     assert tuned["applied"] is True
     assert tuned["faults"] < 500, tuned
+    # 48 MB is 11,719 pages of 4 KB: without the setting, each is faulted in again
+    assert untuned["faults"] > (tuned["faults"] if _huge_pages_always() else 5_000), untuned
 
 
 @pytest.mark.skipif(not allocator.uses_glibc(), reason="the setting applies to glibc's malloc (Linux) only")
@@ -54,7 +63,8 @@ def test_the_users_own_glibc_threshold_variables_are_respected() -> None:
     # what matters is that the call changes nothing and says so
     kept = _faults("tune", MALLOC_TRIM_THRESHOLD_="131072")
     assert kept["applied"] is False
-    assert kept["faults"] > 5_000, kept
+    if not _huge_pages_always():
+        assert kept["faults"] > 5_000, kept
 
 
 def test_nothing_is_changed_without_glibc(monkeypatch) -> None:

@@ -600,9 +600,9 @@ def measure_batch(pairs: list[dict[str, Any]], ours_cmd: list[str], has_batch: b
         log(f"[batch] ours: not available ({measure['ours_unavailable']})")
     ours_s: list[float] = []
     elastix_s: list[float] = []
+    root = work / "batch-ours"  # every run of ours writes here afresh
     for r, group in enumerate(schedule, 1):
         if has_batch:
-            root = work / "batch-ours"
             shutil.rmtree(root, ignore_errors=True)
             argv = [*ours_cmd, "--batch", str(csv_path), "-o", str(root), "--quiet"]
             log(f"[batch] round {r}/{len(schedule)}: {shlex.join(argv)}")
@@ -629,7 +629,7 @@ def measure_batch(pairs: list[dict[str, Any]], ours_cmd: list[str], has_batch: b
             log(f"[batch] elastix {k + 1}/{n} {p['name']}: {elastix_s[-1]:.2f} s, error {err['rot_err_deg']:.3f} deg / "
                 f"{err['trans_err_mm']:.3f} mm")
     if ours_s:  # the runs are alike (deterministic): the last one's transforms are read
-        measure["accuracy"]["ours"] = [_error_from_file(p, work / "batch-ours" / p["name"], _ours_tfm) for p in pairs]
+        measure["accuracy"]["ours"] = [_error_from_file(p, root / p["name"], _ours_tfm) for p in pairs]
         total = float(np.mean(ours_s))
         measure.update({"ours_runs_s": ours_s, "ours_total_s": total, "ours_per_pair_s": total / n})
     measure.update({"elastix_runs_s": elastix_s, "elastix_total_s": float(sum(elastix_s)), "elastix_per_pair_s": float(sum(elastix_s)) / n})

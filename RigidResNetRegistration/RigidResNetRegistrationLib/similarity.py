@@ -41,10 +41,33 @@ def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, eps:
     return torch.where(var > eps, cov / torch.sqrt(var + eps), torch.zeros_like(cov))
 
 
-def _cubic_bspline(d: torch.Tensor) -> torch.Tensor:
-    """Cubic B-spline kernel (support ``|d| < 2``), the Parzen window of Mattes et al. (2003)."""
-    a = d.abs()
-    return torch.where(a < 1, (4 - 6 * a**2 + 3 * a**3) / 6, torch.where(a < 2, (2 - a) ** 3 / 6, torch.zeros_like(a)))
+def _window(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Where each intensity ``x`` (clamped to ``[0, 1]``) falls among ``bins`` bin centres
+    ``0, 1/(bins-1), ..., 1``: the first of the 4 bins its cubic B-spline window touches (int64,
+    ``floor(s) - 1`` with ``s = x (bins - 1)``; the others follow it, and each is clamped to
+    ``0 .. bins-1`` where it is used), and the distances ``|d|`` from the 4, one tensor each, each
+    on one side of the kernel's knots: ``1 <= |d0| <= 2``, ``0 <= |d1| < 1``, ``0 < |d2| <= 1``,
+    ``1 <= |d3| <= 2``. Each distance is computed as ``|s - bin|`` would be, bit for bit, and
+    keeps ``x``'s autograd history (the bins have none)."""
+    s = x.clamp(0, 1) * (bins - 1)
+    floor = torch.floor(s).detach()
+    return floor.long() - 1, (s - (floor - 1), s - floor, (floor + 1) - s, (floor + 2) - s)
+
+
+def _bspline_weights(dist: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The cubic B-spline (the Parzen window of Mattes et al. 2003) at the 4 distances of
+    :func:`_window`, summing to 1: ``(4 - 6 a^2 + 3 a^3) / 6`` for ``a = |d| < 1``,
+    ``(2 - a)^3 / 6`` for ``1 <= a < 2``, 0 beyond; each distance's side of the knots is known,
+    so no branch is evaluated (at ``a = 1`` both pieces give 1/6, at ``a = 2`` the outer one 0)."""
+    a0, a1, a2, a3 = dist
+    return (2 - a0) ** 3 / 6, (4 - 6 * a1**2 + 3 * a1**3) / 6, (4 - 6 * a2**2 + 3 * a2**3) / 6, (2 - a3) ** 3 / 6
+
+
+def _bspline_weight_derivatives(dist: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Derivatives of :func:`_bspline_weights` with respect to the intensity position ``s``
+    (``d = s - bin``: bins 0 and 1 lie below ``s``, 2 and 3 above), summing to 0."""
+    a0, a1, a2, a3 = dist
+    return -0.5 * (2 - a0) ** 2, (9 * a1**2 - 12 * a1) / 6, -((9 * a2**2 - 12 * a2) / 6), 0.5 * (2 - a3) ** 2
 
 
 def parzen_window(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,13 +76,11 @@ def parzen_window(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tenso
     touches ``(..., 4)`` (int64; the edge bins absorb what falls beyond them), their weights
     (summing to 1) and the weights' derivatives with respect to ``x`` (zero where ``x`` was clamped).
     """
-    s = x.clamp(0, 1) * (bins - 1)
-    base = torch.floor(s) - 1
-    offsets = torch.arange(4, device=s.device)
-    d = s[..., None] - (base[..., None] + offsets.to(s.dtype))
-    slope = ((x >= 0) & (x <= 1)).to(s.dtype) * (bins - 1)
-    idx = (base[..., None].long() + offsets).clamp(0, bins - 1)
-    return idx, _cubic_bspline(d), _cubic_bspline_derivative(d) * slope[..., None]
+    first, dist = _window(x, bins)
+    idx = (first[..., None] + torch.arange(4, device=first.device)).clamp_(0, bins - 1)
+    slope = ((x >= 0) & (x <= 1)).to(dist[0].dtype) * (bins - 1)
+    return (idx, torch.stack(_bspline_weights(dist), dim=-1),
+            torch.stack(_bspline_weight_derivatives(dist), dim=-1) * slope[..., None])
 
 
 def fixed_bins(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -92,7 +113,7 @@ class _MattesMI(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         joint_idx, dw, weights, log_ratio, total = ctx.saved_tensors
-        g = (dw * log_ratio[joint_idx].reshape(dw.shape)).sum(dim=-1) * weights / total[:, None]
+        g = (dw * log_ratio.index_select(0, joint_idx).reshape(dw.shape)).sum(dim=-1) * weights / total[:, None]
         return grad_out[:, None] * g, None, None, None
 
 
@@ -110,23 +131,16 @@ def mattes_mutual_information(fixed_bin: torch.Tensor, moving: torch.Tensor, wei
     return _MattesMI.apply(moving, fixed_bin, weights.to(moving.dtype), int(bins))
 
 
-def _cubic_bspline_derivative(d: torch.Tensor) -> torch.Tensor:
-    """Derivative of :func:`_cubic_bspline` with respect to ``d``."""
-    a = d.abs()
-    return torch.sign(d) * torch.where(a < 1, (9 * a**2 - 12 * a) / 6, torch.where(a < 2, -0.5 * (2 - a) ** 2, torch.zeros_like(a)))
-
-
 def joint_histogram(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, bins: int = 32) -> torch.Tensor:
     """Joint histogram of intensities in ``[0, 1]`` with a cubic B-spline Parzen window,
     ``(B, bins, bins)``, normalised to sum to 1 per batch item. Each pixel adds to 4 x 4 bins, so
     the cost is linear in the number of pixels, and it is differentiable in the intensities."""
-    a, b = _flatten(a).clamp(0, 1) * (bins - 1), _flatten(b).clamp(0, 1) * (bins - 1)
+    a, b = _flatten(a), _flatten(b)
     w = torch.ones_like(a) if mask is None else _flatten(mask)
-    base_a, base_b = torch.floor(a).detach() - 1, torch.floor(b).detach() - 1
-    wa = [_cubic_bspline(a - (base_a + k)) for k in range(4)]
-    wb = [_cubic_bspline(b - (base_b + k)) for k in range(4)]
-    ia = [(base_a + k).clamp(0, bins - 1).long() for k in range(4)]
-    ib = [(base_b + k).clamp(0, bins - 1).long() for k in range(4)]
+    (first_a, da), (first_b, db) = _window(a, bins), _window(b, bins)
+    wa, wb = _bspline_weights(da), _bspline_weights(db)
+    ia = [(first_a + k).clamp(0, bins - 1) for k in range(4)]
+    ib = [(first_b + k).clamp(0, bins - 1) for k in range(4)]
     joint = a.new_zeros(a.shape[0], bins * bins)
     for ka in range(4):
         for kb in range(4):

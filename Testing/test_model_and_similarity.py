@@ -242,6 +242,29 @@ def test_parzen_window_weights_sum_to_one_and_their_derivative_is_the_slope():
     assert torch.all(dw[(x < 0) | (x > 1)] == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parzen_window_is_the_piecewise_kernel_at_each_bin_bit_for_bit(dtype):
+    """The closed form (each bin's piece chosen by its side of the knots) against the kernel
+    evaluated branch by branch at ``|s - bin|``: equal bit for bit, weights and derivatives, also
+    at bin centres, at the range's ends, beyond them and one float step either side of each."""
+    bins = 48
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.rand(20_000, generator=g, dtype=dtype) * 1.3 - 0.15,
+                   torch.arange(bins, dtype=dtype) / (bins - 1), torch.tensor([0.0, 1.0, -0.5, 2.0], dtype=dtype)])
+    x = torch.cat([x, torch.nextafter(x, torch.full_like(x, 9.0)), torch.nextafter(x, torch.full_like(x, -9.0))])
+    s = x.clamp(0, 1) * (bins - 1)
+    bin_index = torch.floor(s)[:, None] - 1 + torch.arange(4, dtype=dtype)
+    d = s[:, None] - bin_index
+    a = d.abs()
+    kernel = torch.where(a < 1, (4 - 6 * a**2 + 3 * a**3) / 6, torch.where(a < 2, (2 - a) ** 3 / 6, torch.zeros_like(a)))
+    slope = ((x >= 0) & (x <= 1)).to(dtype) * (bins - 1)
+    derivative = torch.sign(d) * torch.where(a < 1, (9 * a**2 - 12 * a) / 6, torch.where(a < 2, -0.5 * (2 - a) ** 2, torch.zeros_like(a)))
+    idx, w, dw = parzen_window(x, bins)
+    assert torch.equal(idx, bin_index.long().clamp(0, bins - 1))
+    assert torch.equal(w, kernel)
+    assert torch.equal(dw, derivative * slope[:, None])
+
+
 def _mattes_reference(fixed: np.ndarray, moving: np.ndarray, weights: np.ndarray, bins: int) -> float:
     """Mattes MI written out point by point and bin by bin (numpy, float64): the fixed value in
     its nearest bin, the moving value spread by the cubic B-spline over bins 0..bins-1."""

@@ -5,7 +5,9 @@
 Known-good registrations (the engine with default options on held-out volumes moved by a known
 motion: BraTS2021_90004 T1 -> T1 / T2 / FLAIR in 3D and as single 2D slices, IXI whole-head T1
 (same contrast and a synthetic T2-like contrast), ``whole-head/`` T1, Kirby21 T1 -> T2 / FLAIR
-(skull-stripped, sagittal), ANTsPy 2D whole-head slices) and known-bad ones:
+(skull-stripped, sagittal), ANTsPy 2D whole-head slices; and, not held out from the network's
+training, four other glioma cases across contrasts: BraTS-GLI-00001-000 and -90002-000 T1 -> T2 /
+FLAIR, BRATS 2015 pat0001 and pat0003 T1ce -> FLAIR) and known-bad ones:
 
 - ``noise``: the moving volume replaced by uniform noise on its grid;
 - ``object``: an unrelated body part: a synthetic limb-like object (a cylinder of "muscle" with
@@ -142,9 +144,9 @@ def good_pairs(data: Path, rng: np.random.Generator) -> list[dict[str, Any]]:
 
     out: list[dict[str, Any]] = []
 
-    def add(name, group, dims, pairing, fixed, source, in_plane=False, **extra):
-        params = (np.r_[rng.uniform(-5, 5), rng.uniform(-5, 5, 2)] if in_plane
-                  else np.r_[rng.uniform(-10, 10, 3), rng.uniform(-10, 10, 3)])
+    def add(name, group, dims, pairing, fixed, source, in_plane=False, gen=rng, **extra):
+        params = (np.r_[gen.uniform(-5, 5), gen.uniform(-5, 5, 2)] if in_plane
+                  else np.r_[gen.uniform(-10, 10, 3), gen.uniform(-10, 10, 3)])
         moving, truth = _moved(source, params, in_plane)
         out.append({"name": name, "group": group, "dims": dims, "pairing": pairing, "fixed": fixed, "moving": moving,
                     "truth": truth, **extra})
@@ -186,6 +188,24 @@ def good_pairs(data: Path, rng: np.random.Generator) -> list[dict[str, Any]]:
     for p in ants[:2]:
         v = _read(p)
         add(f"ANTsPy {p.stem} 2D T1->T1", "whole head", "2D", "same", v, v, in_plane=True)
+    # other glioma cases across contrasts (added 2026-12-05: two T1 -> T2 pairs of BraTS-GLI-00001-000
+    # had been judged 'failed' at their truth); their motions from a generator of their own, so the
+    # cases above and their perturbations stay those of earlier runs. The network trained on these
+    # subjects; the verdict judges the refined result.
+    more = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
+    for folder, t1_name, others in (("brats/BraTS-GLI-00001-000", "BraTS-GLI-00001-000-t1n", ("t2w", "t2f")),
+                                    ("brats/BraTS-GLI-90002-000", "BraTS-GLI-90002-000-t1n", ("t2w", "t2f")),
+                                    ("brats2015/brats_2013_pat0001_1", "T1c_subtrMeanDivStd", ("Flair",)),
+                                    ("brats2015/brats_2013_pat0003_1", "T1c_subtrMeanDivStd", ("Flair",))):
+        d = data / folder
+        if not (d / f"{t1_name}.nii.gz").exists():
+            continue
+        fixed = _read(d / f"{t1_name}.nii.gz")
+        for c in others:
+            source = sorted(d.glob(f"*{c}*.nii.gz"))[0]
+            label = {"t2w": "T2", "t2f": "FLAIR", "Flair": "FLAIR"}[c]
+            add(f"{d.name} {'T1ce' if 'T1c' in t1_name else 'T1'}->{label}", "skull-stripped", "3D", "cross", fixed,
+                _read(source), gen=more)
     return out
 
 

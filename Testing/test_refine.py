@@ -204,6 +204,9 @@ def test_dilate_is_a_3x3x3_max_filter():
         before = mask.clone()
         assert torch.equal(_dilate(mask), expected)
         assert torch.equal(mask, before)  # the input is not modified
+        # in the planes of a stack of slices only (the quality probe's edge): a 3 x 3 square per slice
+        in_plane = torch.nn.functional.max_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+        assert torch.equal(_dilate(mask, axes=(1, 2)), in_plane)
 
 
 def test_coarse_levels_stop_at_a_tolerance_that_grows_with_the_level(scene, monkeypatch):

@@ -221,6 +221,7 @@ class SimilarityProbe:
         import torch
 
         from .preprocess import foreground_threshold, intensity_range
+        from .refine import _dilate
         from .resample import index_to_grid, sample_volume_at_ras
 
         self.bins, self.device = int(bins), moving.device
@@ -230,7 +231,9 @@ class SimilarityProbe:
         pts = pts.reshape(-1, 3)
         values = sample_volume_at_ras(fixed, fixed_ijk_to_ras, pts).float().cpu()
         self.f_threshold = foreground_threshold(fixed)
-        near = _grow_in_plane((values > self.f_threshold).reshape(grid_shape), int(edge_pixels))
+        near = (values > self.f_threshold).reshape(grid_shape)
+        for _ in range(int(edge_pixels)):  # the foreground's edge, in each slice's plane
+            near = _dilate(near, axes=(1, 2))
         keep = torch.nonzero(near.reshape(-1)).flatten()
         if keep.numel() > max_points:
             gen = torch.Generator().manual_seed(0)
@@ -340,16 +343,6 @@ class SimilarityProbe:
                 sims.append(s.double().cpu().numpy())
                 inside_frac.append(inside.mean(dim=1).double().cpu().numpy())
         return np.concatenate(sims), np.concatenate(inside_frac)
-
-
-def _grow_in_plane(mask: "torch.Tensor", pixels: int) -> "torch.Tensor":
-    """A boolean ``(S, H, W)`` stack of slice masks, each grown by ``pixels`` in its plane (a square
-    of ``2 pixels + 1`` around every set pixel)."""
-    import torch.nn.functional as F
-
-    if pixels <= 0:
-        return mask
-    return F.max_pool2d(mask[:, None].float(), 2 * pixels + 1, stride=1, padding=pixels)[:, 0] > 0
 
 
 def _mutual_information(fixed_bin: "torch.Tensor", moving: "torch.Tensor", weights: "torch.Tensor", bins: int) -> "torch.Tensor":

@@ -95,11 +95,12 @@ def _block_matrix(factors: tuple[int, ...]) -> np.ndarray:
     return m
 
 
-def _dilate(mask: torch.Tensor) -> torch.Tensor:
-    """A 3D boolean mask grown by one voxel along every axis and diagonal (a 3 x 3 x 3 cube),
-    as three one-axis passes of shifted ORs: a max filter without its cost."""
+def _dilate(mask: torch.Tensor, axes: tuple[int, ...] = (0, 1, 2)) -> torch.Tensor:
+    """A boolean mask grown by one voxel along each of ``axes`` and their diagonals (all three of a
+    3D mask: a 3 x 3 x 3 cube; ``(1, 2)`` of a stack of slices ``(S, H, W)``: a 3 x 3 square in each
+    slice), as one-axis passes of shifted ORs: a max filter without its cost."""
     out = mask
-    for axis in range(3):
+    for axis in axes:
         grown = out.clone()
         n = out.shape[axis]
         if n > 1:
